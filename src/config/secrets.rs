@@ -1,0 +1,142 @@
+//! `${VAR}` / `${VAR:-default}` interpolation, `*_file` secrets, and a `Secret` type that never
+//! prints.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+/// A credential (client secret, API key). `Debug` and `Display` print `[redacted]`, so a secret
+/// can sit in any struct that derives `Debug` without reaching a log line by accident.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The only way to read the value; grep for it when auditing where secrets go.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// First 8 hex characters of the SHA-256 of `value`: enough to tell two tokens apart in logs,
+/// useless for reconstructing either.
+pub fn fingerprint(value: &[u8]) -> String {
+    let digest = Sha256::digest(value);
+    let mut out = String::with_capacity(8);
+    for byte in &digest[..4] {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` in `input` from `lookup`. `$$` is a literal `$`.
+/// An unset variable without a default is an error naming it.
+pub fn interpolate(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    if !input.contains('$') {
+        return Ok(input.to_owned());
+    }
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
+            let expr = &body[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (expr, None),
+            };
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!("invalid variable name {name:?} in `${{{expr}}}`"));
+            }
+            match (lookup(name), default) {
+                (Some(value), _) => out.push_str(&value),
+                (None, Some(default)) => out.push_str(default),
+                (None, None) => {
+                    return Err(format!("environment variable {name} is not set"));
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Reads a secret file, dropping one trailing newline (as written by `echo` or most secret
+/// stores) but nothing else: a secret may legitimately contain spaces.
+pub fn read_secret_file(path: &std::path::Path) -> Result<Secret, String> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let value = raw
+        .strip_suffix("\r\n")
+        .or_else(|| raw.strip_suffix('\n'))
+        .unwrap_or(&raw);
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Secret::new(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "A" => Some("alpha".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expands_variables_and_defaults() {
+        assert_eq!(interpolate("x${A}y", &env).unwrap(), "xalphay");
+        assert_eq!(interpolate("${B:-dflt}", &env).unwrap(), "dflt");
+        assert_eq!(interpolate("${A:-dflt}", &env).unwrap(), "alpha");
+        assert_eq!(interpolate("${EMPTY:-d}", &env).unwrap(), "");
+        assert_eq!(interpolate("$$ {A} $x", &env).unwrap(), "$ {A} $x");
+    }
+
+    #[test]
+    fn unset_variable_is_named() {
+        let err = interpolate("${EGAIN_SECRET}", &env).unwrap_err();
+        assert_eq!(err, "environment variable EGAIN_SECRET is not set");
+        assert!(interpolate("${A", &env).is_err());
+        assert!(interpolate("${A B}", &env).is_err());
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?} {s}").contains("hunter2"));
+        assert_eq!(fingerprint(b"abc"), "ba7816bf");
+    }
+}

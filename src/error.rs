@@ -1,0 +1,114 @@
+//! The proxy's own errors: one variant per situation, mapped to a status and a JSON body in
+//! one place (contract §5). Upstream responses never pass through here.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::token::TokenUnavailable;
+use crate::ProxyBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("this proxy requires an API key in the {0} header")]
+    ProxyAuthRequired(String),
+    #[error("your address is not allowed to use this proxy")]
+    Forbidden,
+    #[error("no route matches {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("CONNECT is not supported: this is a reverse proxy, not a forward proxy")]
+    MethodNotAllowed,
+    #[error("the upstream of route {route:?} could not be reached: {detail}")]
+    UpstreamUnreachable { route: String, detail: String },
+    #[error("{0}")]
+    TokenUnavailable(TokenUnavailable),
+    #[error("the upstream of route {route:?} did not answer within {}", humantime::format_duration(*timeout))]
+    UpstreamTimeout { route: String, timeout: Duration },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ProxyAuthRequired(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::ProxyAuthRequired(_) => "proxy_auth_required",
+            ProxyError::Forbidden => "forbidden",
+            ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::TokenUnavailable(_) => "token_unavailable",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+        }
+    }
+
+    pub fn into_response(self, request_id: &HeaderValue) -> Response<ProxyBody> {
+        let id = request_id.to_str().unwrap_or("");
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.to_string(),
+            "request_id": id,
+        });
+        let mut response = json_response(self.status(), &body);
+        let headers = response.headers_mut();
+        headers.insert(
+            crate::proxy::headers::X_REQUEST_ID.clone(),
+            request_id.clone(),
+        );
+        match &self {
+            ProxyError::TokenUnavailable(t) => {
+                let secs = t.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ProxyError::ProxyAuthRequired(_) => {
+                // RFC 9110 §11.6.1: a 401 carries a challenge. A custom scheme keeps browsers
+                // from popping up a password dialog.
+                headers.insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("ProxyKey"),
+                );
+            }
+            ProxyError::MethodNotAllowed => {
+                headers.insert(
+                    http::header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut response = Response::new(full(bytes));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}

@@ -1,0 +1,85 @@
+//! egain-proxy: a reverse proxy that obtains eGain OAuth2 client-credentials tokens, keeps them
+//! fresh, injects `Authorization: Bearer …` and streams each call to the right eGain API.
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod mock;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod state;
+pub mod tls;
+pub mod token;
+pub mod upstream;
+
+pub use config::{Config, ConfigError};
+pub use server::{Proxy, StartError};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every request and response the proxy produces.
+pub type ProxyBody = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+
+/// Resolves when the process is asked to stop (SIGTERM or SIGINT/Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// Reloads the configuration on every SIGHUP, for the life of the process.
+pub fn spawn_sighup_reloader(shared: std::sync::Arc<state::Shared>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot install the SIGHUP handler; use POST /reload");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading configuration");
+            let _ = shared.reload().await;
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = shared;
+}
+
+/// Sets up `tracing` on stderr: `text` or `json` (one object per line); `RUST_LOG` wins over
+/// the configured level.
+pub fn init_logging(format: config::LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Text => builder.try_init(),
+        config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
+}

@@ -1,0 +1,297 @@
+//! The `egain-proxy` command line: argument parsing, logging set-up and exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use egain_proxy::config::{Config, LogFormat};
+use egain_proxy::mock::{MockEgain, MockOptions};
+use egain_proxy::{Proxy, StartError};
+
+#[derive(Parser)]
+#[command(
+    name = "egain-proxy",
+    version,
+    about = "Reverse proxy that injects eGain OAuth2 client-credentials tokens"
+)]
+struct Cli {
+    /// Config file [default: $EGAIN_PROXY_CONFIG, then ./proxy.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default when no command is given)
+    Run,
+    /// Validate the config fully and print a summary
+    Check,
+    /// Fetch one token for a profile and describe it
+    Token {
+        #[arg(long)]
+        profile: String,
+        /// Also print the token itself
+        #[arg(long)]
+        show: bool,
+    },
+    /// Zero-setup demo: an embedded mock eGain and the proxy in front of it
+    Demo {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Run the mock eGain alone (token endpoints and a small API), for integration tests
+    MockEgain {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        /// Lifetime of issued tokens, in seconds
+        #[arg(long, default_value_t = 3600)]
+        token_ttl: u64,
+    },
+}
+
+const CONFIG_ERROR: u8 = 2;
+const FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("egain-proxy: cannot start the runtime: {e}");
+            return ExitCode::from(FAILURE);
+        }
+    };
+    let config_path = cli.config.unwrap_or_else(Config::default_path);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => runtime.block_on(run(config_path)),
+        Command::Check => check(&config_path),
+        Command::Token { profile, show } => runtime.block_on(token(&config_path, &profile, show)),
+        Command::Demo { port } => runtime.block_on(demo(port)),
+        Command::MockEgain { listen, token_ttl } => runtime.block_on(mock_egain(listen, token_ttl)),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("egain-proxy: {e}");
+        ExitCode::from(CONFIG_ERROR)
+    })
+}
+
+async fn run(path: PathBuf) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    egain_proxy::init_logging(config.log.format, &config.log.level);
+    serve(config, Some(path)).await
+}
+
+async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
+    let proxy = match Proxy::bind(config, path).await {
+        Ok(p) => p,
+        Err(e) => return start_failed(&e),
+    };
+    egain_proxy::spawn_sighup_reloader(proxy.shared());
+    proxy.run(egain_proxy::shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+fn start_failed(e: &StartError) -> ExitCode {
+    eprintln!("egain-proxy: {e}");
+    tracing::error!(error = %e, "cannot start");
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(FAILURE))
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let s = &config.server;
+    println!("{}: OK", path.display());
+    let scheme = if s.tls.is_some() { "https" } else { "http" };
+    for addr in &s.listen {
+        println!("listen   {scheme}://{addr}");
+    }
+    match &s.access {
+        Some(a) => println!(
+            "access   {} API key(s) in {}, {} allowed network(s)",
+            a.api_keys.len(),
+            a.api_key_header,
+            a.allow.len()
+        ),
+        None if s.open => println!("access   open (server.open = true)"),
+        None => println!("access   loopback only"),
+    }
+    match &config.admin {
+        Some(a) => println!("admin    http://{}", a.listen),
+        None => println!("admin    disabled"),
+    }
+    for (name, p) in &config.profiles {
+        let t = &p.token;
+        println!(
+            "profile  {name}: {} {} scopes [{}]",
+            t.kind.as_str(),
+            t.token_url,
+            t.scopes.join(" ")
+        );
+        if !config.uses_profile(name) {
+            println!("         (not used by any route)");
+        }
+    }
+    for r in &config.routes {
+        let u = &r.upstream;
+        println!(
+            "route    {}: {}{} -> {}://{}{}{} (profile {})",
+            r.name,
+            r.path_prefix,
+            r.host
+                .as_ref()
+                .map(|h| format!(" host {h}"))
+                .unwrap_or_default(),
+            u.scheme,
+            u.authority,
+            u.base_path,
+            if r.strip_prefix {
+                " (prefix stripped)"
+            } else {
+                ""
+            },
+            r.profile.as_deref().unwrap_or("none"),
+        );
+    }
+    if config.routes.is_empty() {
+        println!("warning  no routes: every request will get 404");
+    }
+    ExitCode::SUCCESS
+}
+
+async fn token(path: &std::path::Path, profile: &str, show: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    egain_proxy::init_logging(LogFormat::Text, "warn");
+    let Some(p) = config.profiles.get(profile) else {
+        let known: Vec<&str> = config.profiles.keys().map(String::as_str).collect();
+        eprintln!(
+            "egain-proxy: {}: no profile {profile:?} (defined: {})",
+            path.display(),
+            known.join(", ")
+        );
+        return ExitCode::from(CONFIG_ERROR);
+    };
+    match egain_proxy::token::fetch_once(&p.token).await {
+        Ok(t) => {
+            println!("profile     {profile}");
+            println!("kind        {}", p.token.kind.as_str());
+            println!("token_url   {}", p.token.token_url);
+            println!(
+                "scopes      {}",
+                t.scope.clone().unwrap_or_else(|| p.token.scopes.join(" "))
+            );
+            println!(
+                "expires_in  {}s (from {})",
+                t.lifetime.as_secs(),
+                t.lifetime_source
+            );
+            println!(
+                "fingerprint {}",
+                egain_proxy::config::secrets::fingerprint(t.access_token.as_bytes())
+            );
+            if show {
+                println!("token       {}", t.access_token);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("egain-proxy: profile {profile}: {e}");
+            ExitCode::from(FAILURE)
+        }
+    }
+}
+
+async fn demo(port: u16) -> ExitCode {
+    egain_proxy::init_logging(LogFormat::Text, "info");
+    let mock = match MockEgain::start(([127, 0, 0, 1], 0).into(), MockOptions::default()).await {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("egain-proxy: cannot start the mock eGain: {e}");
+            return ExitCode::from(FAILURE);
+        }
+    };
+    let config = match Config::from_toml_str(&egain_proxy::demo::config_text(&mock, port)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("egain-proxy: demo config: {e}");
+            return ExitCode::from(FAILURE);
+        }
+    };
+    let proxy = match Proxy::bind(config, None).await {
+        Ok(p) => p,
+        Err(e @ StartError::Bind { .. }) => {
+            eprintln!("egain-proxy: {e} (is something else on port {port}? try `egain-proxy demo --port 18080`)");
+            return ExitCode::from(FAILURE);
+        }
+        Err(e) => return start_failed(&e),
+    };
+    let shared = proxy.shared();
+    // Print the commands once the tokens are there, so the first curl already succeeds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !shared.load().unready_profiles().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = proxy
+        .local_addrs()
+        .first()
+        .copied()
+        .unwrap_or(([127, 0, 0, 1], port).into());
+    println!(
+        "{}",
+        egain_proxy::demo::banner(addr, proxy.admin_addr(), &mock)
+    );
+    proxy.run(egain_proxy::shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+async fn mock_egain(listen: std::net::SocketAddr, ttl: u64) -> ExitCode {
+    egain_proxy::init_logging(LogFormat::Text, "info");
+    let options = MockOptions {
+        token_ttl: Duration::from_secs(ttl.max(1)),
+        ..MockOptions::default()
+    };
+    let mock = match MockEgain::start(listen, options).await {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("egain-proxy: cannot listen on {listen}: {e}");
+            return ExitCode::from(FAILURE);
+        }
+    };
+    let o = mock.options();
+    println!("mock eGain listening on {}", mock.base_url());
+    println!(
+        "  client app token URL:  {}  (client_id {}, client_secret {})",
+        mock.client_app_token_url(),
+        o.client_app.0,
+        o.client_app.1
+    );
+    println!(
+        "  anonymous token URL:   {}?user_type=customer&domain_hint={}  (client_id {}, client_secret {})",
+        mock.anonymous_token_url(),
+        o.tenant,
+        o.anonymous.0,
+        o.anonymous.1
+    );
+    println!(
+        "  API: any other path; requires a live bearer token it issued (token lifetime {ttl}s)"
+    );
+    egain_proxy::shutdown_signal().await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,159 @@
+//! Prometheus metrics (prometheus-client). Label values are bounded: route and profile names
+//! come from the config, methods are folded to the standard set, statuses are numbers; never
+//! a path.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    pub route: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    pub profile: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProfileLabels {
+    pub profile: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram>,
+    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    pub token_fetches: Family<FetchLabels, Counter>,
+    pub token_expiry: Family<ProfileLabels, Gauge<f64, AtomicU64>>,
+    pub forced_refreshes: Family<ProfileLabels, Counter>,
+    pub config_reloads: Family<OutcomeLabels, Counter>,
+    pub inflight: Gauge,
+    pub replays: Family<RouteLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_requests",
+            "Requests answered, by route, method and status",
+            requests.clone(),
+        );
+        let request_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+        });
+        registry.register(
+            "egain_proxy_request_duration_seconds",
+            "Time from request head received to response head sent, by route",
+            request_duration.clone(),
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_upstream_errors",
+            "Upstream failures by route and kind (connect, timeout, protocol)",
+            upstream_errors.clone(),
+        );
+        let token_fetches = Family::<FetchLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_token_fetches",
+            "Token requests by profile and outcome (success, oauth_error, http_error, timeout, connect, bad_response)",
+            token_fetches.clone(),
+        );
+        let token_expiry = Family::<ProfileLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "egain_proxy_token_expiry_seconds",
+            "Seconds until the current token of a profile expires (0 when there is none)",
+            token_expiry.clone(),
+        );
+        let forced_refreshes = Family::<ProfileLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_token_forced_refreshes",
+            "Tokens invalidated after an upstream 401",
+            forced_refreshes.clone(),
+        );
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_config_reloads",
+            "Config reloads by outcome (success, error)",
+            config_reloads.clone(),
+        );
+        let inflight = Gauge::default();
+        registry.register(
+            "egain_proxy_inflight_requests",
+            "Requests being served now",
+            inflight.clone(),
+        );
+        let replays = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_replays",
+            "Requests replayed with a fresh token after an upstream 401",
+            replays.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_errors,
+            token_fetches,
+            token_expiry,
+            forced_refreshes,
+            config_reloads,
+            inflight,
+            replays,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Folds methods to a fixed set so a client cannot grow the label space.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}

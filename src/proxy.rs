@@ -1,0 +1,444 @@
+//! The request path: validate, match, inject the token, forward, map errors, log.
+
+pub mod headers;
+pub mod path;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame};
+use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
+use hyper::body::Incoming;
+
+use crate::error::ProxyError;
+use crate::metrics::{method_label, RequestLabels, RouteLabels, UpstreamErrorLabels};
+use crate::routes::Route;
+use crate::state::{Generation, Shared};
+use crate::token::{AccessToken, TokenHolder};
+use crate::{BoxError, ProxyBody};
+
+/// Bodies up to this size are kept so the request can be replayed after a 401.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// Facts about the client connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// What the access log reports about one request.
+#[derive(Default)]
+struct RequestLog {
+    route: Option<String>,
+    profile: Option<String>,
+    upstream_status: Option<u16>,
+    fingerprint: Option<String>,
+    replayed: bool,
+    error: Option<String>,
+}
+
+struct InflightGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The hyper service function for the proxy listener.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let metrics = &shared.metrics;
+    metrics.inflight.inc();
+    let _inflight = InflightGuard(&metrics.inflight);
+    let generation = shared.load();
+    let request_id = headers::request_id(req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut log = RequestLog::default();
+
+    let response = match forward(&shared, &generation, conn, req, &request_id, &mut log).await {
+        Ok(response) => response,
+        Err(e) => {
+            log.error = Some(e.to_string());
+            e.into_response(&request_id)
+        }
+    };
+
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    let route = log.route.clone().unwrap_or_else(|| "none".to_owned());
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: route.clone(),
+            method: method_label(&method).to_owned(),
+            status,
+        })
+        .inc();
+    metrics
+        .request_duration
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+        })
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "egain_proxy::access",
+        request_id = request_id.to_str().unwrap_or(""),
+        client = %conn.peer.ip(),
+        method = %method,
+        path = %path,
+        route = %route,
+        profile = log.profile.as_deref().unwrap_or("none"),
+        status,
+        upstream_status = log.upstream_status,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        token = log.fingerprint.as_deref().unwrap_or(""),
+        replayed = log.replayed,
+        error = log.error.as_deref(),
+        "request"
+    );
+    Ok(response)
+}
+
+async fn forward(
+    shared: &Shared,
+    generation: &Generation,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    log: &mut RequestLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    // No open proxy: CONNECT and absolute-form targets are refused (RFC 9112 §3.2.2 lets a
+    // server accept absolute-form, but a reverse proxy that did could be aimed elsewhere).
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    if req.version() < Version::HTTP_2 && req.uri().scheme().is_some() {
+        return Err(ProxyError::BadRequest(
+            "absolute-form request targets are not accepted: this is a reverse proxy; send the path only".into(),
+        ));
+    }
+    let path = req.uri().path();
+    path::validate(path).map_err(|e| ProxyError::BadRequest(e.message().into()))?;
+
+    if let Some(access) = &generation.access {
+        access.check(conn.peer.ip(), req.headers())?;
+    }
+
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let (index, route) = generation
+        .routes
+        .find(req.method(), host, path)
+        .ok_or_else(|| ProxyError::NoRoute {
+            method: req.method().to_string(),
+            path: path.to_owned(),
+        })?;
+    log.route = Some(route.config.name.clone());
+    log.profile = route.config.profile.clone();
+    let client =
+        generation
+            .upstreams
+            .for_route(index)
+            .ok_or_else(|| ProxyError::UpstreamUnreachable {
+                route: route.config.name.clone(),
+                detail: "no client".into(),
+            })?;
+
+    let holder = match &route.config.profile {
+        Some(profile) => Some((
+            profile.as_str(),
+            generation
+                .tokens
+                .get(profile)
+                .ok_or_else(|| ProxyError::UpstreamUnreachable {
+                    route: route.config.name.clone(),
+                    detail: format!("profile {profile} has no token holder"),
+                })?,
+        )),
+        None => None,
+    };
+    let token = match holder {
+        Some((profile, holder)) => Some(
+            holder
+                .get(profile)
+                .await
+                .map_err(ProxyError::TokenUnavailable)?,
+        ),
+        None => None,
+    };
+    log.fingerprint = token.as_ref().map(|t| t.fingerprint.clone());
+
+    let (parts, body) = req.into_parts();
+    let uri = upstream_uri(route, &parts.uri)?;
+    let mut head = parts.headers;
+    rewrite_request_headers(&mut head, route, generation, conn, request_id);
+
+    let retry = route.config.retry_on_401 && token.is_some();
+    let body = if retry {
+        prepare_body(body, &head).await?
+    } else {
+        Prepared::Stream(map_incoming(body))
+    };
+
+    let build = |token: Option<&Arc<AccessToken>>, body: ProxyBody, headers: http::HeaderMap| {
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = headers;
+        if let Some(t) = token {
+            request
+                .headers_mut()
+                .insert(AUTHORIZATION, t.header.clone());
+        }
+        request
+    };
+
+    let (first_body, replay) = match body {
+        Prepared::Replayable(bytes) => (full_body(bytes.clone()), Some((bytes, head.clone()))),
+        Prepared::Stream(body) => (body, None),
+    };
+    let response = send(
+        client,
+        route,
+        build(token.as_ref(), first_body, head),
+        log,
+        shared,
+    )
+    .await?;
+
+    if response.status() == StatusCode::UNAUTHORIZED && retry {
+        if let (Some((profile, holder)), Some(sent)) = (holder, &token) {
+            match replay {
+                Some((bytes, headers)) => {
+                    if let Some(fresh) = fresh_token_after_401(holder, profile, sent).await {
+                        drop(response);
+                        log.replayed = true;
+                        log.fingerprint = Some(fresh.fingerprint.clone());
+                        shared
+                            .metrics
+                            .replays
+                            .get_or_create(&RouteLabels {
+                                route: route.config.name.clone(),
+                            })
+                            .inc();
+                        let again = send(
+                            client,
+                            route,
+                            build(Some(&fresh), full_body(bytes), headers),
+                            log,
+                            shared,
+                        )
+                        .await?;
+                        return Ok(finish_response(again));
+                    }
+                }
+                None => {
+                    // Too large to replay: the client gets the 401, the next request a new token.
+                    holder.invalidate(sent);
+                }
+            }
+        }
+    }
+    Ok(finish_response(response))
+}
+
+/// After a 401 for `sent`: invalidate it (rate-limited) and return a different usable token,
+/// if one can be had within the usual wait.
+async fn fresh_token_after_401(
+    holder: &TokenHolder,
+    profile: &str,
+    sent: &Arc<AccessToken>,
+) -> Option<Arc<AccessToken>> {
+    if !holder.invalidate(sent) {
+        return None;
+    }
+    match holder.get(profile).await {
+        Ok(fresh) if !Arc::ptr_eq(&fresh, sent) => Some(fresh),
+        _ => None,
+    }
+}
+
+async fn send(
+    client: &crate::upstream::HttpClient,
+    route: &Route,
+    request: Request<ProxyBody>,
+    log: &mut RequestLog,
+    shared: &Shared,
+) -> Result<Response<Incoming>, ProxyError> {
+    let name = &route.config.name;
+    let upstream_error = |kind: &'static str| {
+        shared
+            .metrics
+            .upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                route: name.clone(),
+                kind,
+            })
+            .inc();
+    };
+    match tokio::time::timeout(route.config.timeout, client.request(request)).await {
+        Ok(Ok(response)) => {
+            log.upstream_status = Some(response.status().as_u16());
+            Ok(response)
+        }
+        Ok(Err(e)) => {
+            let kind = if e.is_connect() {
+                "connect"
+            } else {
+                "protocol"
+            };
+            upstream_error(kind);
+            Err(ProxyError::UpstreamUnreachable {
+                route: name.clone(),
+                detail: error_chain(&e),
+            })
+        }
+        Err(_) => {
+            upstream_error("timeout");
+            Err(ProxyError::UpstreamTimeout {
+                route: name.clone(),
+                timeout: route.config.timeout,
+            })
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+fn upstream_uri(route: &Route, original: &Uri) -> Result<Uri, ProxyError> {
+    let target = &route.config.upstream;
+    let path_and_query = route.upstream_path_and_query(original.path(), original.query());
+    Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
+}
+
+fn rewrite_request_headers(
+    head: &mut http::HeaderMap,
+    route: &Route,
+    generation: &Generation,
+    conn: ConnInfo,
+    request_id: &HeaderValue,
+) {
+    headers::remove_hop_by_hop(head);
+    let original_host = head.remove(HOST);
+    // The client's own credentials never reach the upstream; the proxy's token replaces them.
+    head.remove(AUTHORIZATION);
+    if let Some(access) = &generation.access {
+        head.remove(access.header());
+    }
+    for name in &route.config.remove_headers {
+        head.remove(name);
+    }
+    headers::set_forwarded(
+        head,
+        &headers::Forwarded {
+            client_ip: conn.peer.ip().to_canonical(),
+            proto: if conn.tls { "https" } else { "http" },
+            host: original_host.as_ref(),
+        },
+    );
+    head.insert(headers::X_REQUEST_ID.clone(), request_id.clone());
+    for (name, value) in &route.config.set_headers {
+        head.insert(name.clone(), value.clone());
+    }
+    // `Host` is left unset: the client writes it (HTTP/1.1) or `:authority` (h2) from the
+    // upstream URI, so it always names the upstream authority.
+}
+
+fn finish_response(response: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, map_incoming(body))
+}
+
+fn map_incoming(body: Incoming) -> ProxyBody {
+    body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+}
+
+fn full_body(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+enum Prepared {
+    /// The whole body, small enough to send twice.
+    Replayable(Bytes),
+    Stream(ProxyBody),
+}
+
+/// Keeps bodies up to `REPLAY_LIMIT` in memory so a 401 can be replayed; anything larger (by
+/// `Content-Length`, or found while reading) streams on without further buffering.
+async fn prepare_body(mut body: Incoming, head: &http::HeaderMap) -> Result<Prepared, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Prepared::Replayable(Bytes::new()));
+    }
+    let declared = head
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > REPLAY_LIMIT as u64) {
+        return Ok(Prepared::Stream(map_incoming(body)));
+    }
+    let mut buffered = BytesMut::new();
+    let mut prefix: Vec<Frame<Bytes>> = Vec::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(Prepared::Replayable(buffered.freeze())),
+            Some(Err(e)) => {
+                return Err(ProxyError::BadRequest(format!(
+                    "could not read the request body: {e}"
+                )))
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    buffered.extend_from_slice(&data);
+                    if buffered.len() > REPLAY_LIMIT {
+                        prefix.push(Frame::data(buffered.split().freeze()));
+                        break;
+                    }
+                }
+                Err(trailers) => {
+                    // Trailers end the body; keep everything as a stream (not replayable).
+                    prefix.push(Frame::data(buffered.split().freeze()));
+                    prefix.push(trailers);
+                    break;
+                }
+            },
+        }
+    }
+    let head_frames = futures_util::stream::iter(prefix.into_iter().map(Ok::<_, BoxError>));
+    let rest = futures_util::StreamExt::map(BodyStream::new(body), |r| {
+        r.map_err(|e| -> BoxError { Box::new(e) })
+    });
+    let stream = futures_util::StreamExt::chain(head_frames, rest);
+    Ok(Prepared::Stream(StreamBody::new(stream).boxed()))
+}

@@ -1,0 +1,272 @@
+//! Listeners, accept loops, inbound TLS, connection limits and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, ConfigError};
+use crate::proxy::ConnInfo;
+use crate::state::Shared;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server.tls: {0}")]
+    Tls(String),
+}
+
+impl StartError {
+    /// Exit code per contract §1: 2 for configuration problems, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_) | StartError::Tls(_) => 2,
+            StartError::Bind { .. } => 1,
+        }
+    }
+}
+
+/// A bound, not yet serving proxy. Binding first lets callers (tests, `demo`) learn the
+/// addresses of `:0` listeners before traffic starts.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Proxy {
+    /// Binds every listener and starts fetching tokens. Start-up does not wait for tokens:
+    /// an unreachable token endpoint shows in `/readyz`, not as a failed start.
+    pub async fn bind(config: Config, config_path: Option<PathBuf>) -> Result<Proxy, StartError> {
+        let tls = match &config.server.tls {
+            Some(files) => Some(TlsAcceptor::from(
+                crate::tls::server_config(&files.cert, &files.key).map_err(StartError::Tls)?,
+            )),
+            None => None,
+        };
+        let mut listeners = Vec::new();
+        for addr in &config.server.listen {
+            listeners.push(bind(*addr).await?);
+        }
+        let admin = match &config.admin {
+            Some(a) => Some(bind(a.listen).await?),
+            None => None,
+        };
+        let shared = Shared::start(config, config_path)?;
+        Ok(Proxy {
+            shared,
+            listeners,
+            admin,
+            tls,
+        })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+    /// (up to `server.shutdown_grace`) and stops the token refreshers.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let generation = self.shared.load();
+        let server = &generation.config.server;
+        let grace = server.shutdown_grace;
+        let max_connections = server.max_connections;
+        let builder = Arc::new(http_builder(
+            server.header_read_timeout,
+            server.max_header_bytes,
+        ));
+        let connections = Arc::new(Semaphore::new(max_connections));
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        for listener in self.listeners {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, tls = self.tls.is_some(), "proxy listening");
+            }
+            let ctx = AcceptContext {
+                shared: Arc::clone(&self.shared),
+                tls: self.tls.clone(),
+                builder: Arc::clone(&builder),
+                connections: Arc::clone(&connections),
+                stop: stop_rx.clone(),
+                header_read_timeout: server.header_read_timeout,
+            };
+            tokio::spawn(accept_loop(listener, ctx));
+        }
+        if let Some(listener) = self.admin {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "admin listening");
+            }
+            tokio::spawn(crate::admin::serve(
+                listener,
+                Arc::clone(&self.shared),
+                stop_rx.clone(),
+            ));
+        }
+
+        shutdown.await;
+        tracing::info!(
+            grace_s = grace.as_secs_f64(),
+            "shutting down: no new connections; draining in-flight requests"
+        );
+        let _ = stop_tx.send(true);
+        // Every open connection holds a permit; all permits back means all connections closed.
+        let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+        match tokio::time::timeout(grace, connections.acquire_many(all)).await {
+            Ok(_) => tracing::info!("all connections closed"),
+            Err(_) => tracing::warn!(
+                open = max_connections - connections.available_permits(),
+                "shutdown grace period over; closing remaining connections"
+            ),
+        }
+        self.shared.shutdown();
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn http_builder(
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        // The read buffer bounds the request head: larger heads get 431.
+        .max_buf_size(max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+struct AcceptContext {
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    connections: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+}
+
+async fn accept_loop(listener: TcpListener, ctx: AcceptContext) {
+    let mut stop = ctx.stop.clone();
+    loop {
+        // At the connection limit, stop accepting: new clients wait in the kernel backlog.
+        let permit = tokio::select! {
+            p = Arc::clone(&ctx.connections).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&ctx.shared);
+        let builder = Arc::clone(&ctx.builder);
+        let stop = ctx.stop.clone();
+        let tls = ctx.tls.clone();
+        let handshake_timeout = ctx.header_read_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => {
+                    serve_connection(
+                        stream,
+                        ConnInfo { peer, tls: false },
+                        shared,
+                        &builder,
+                        stop,
+                    )
+                    .await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            serve_connection(
+                                tls_stream,
+                                ConnInfo { peer, tls: true },
+                                shared,
+                                &builder,
+                                stop,
+                            )
+                            .await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve_connection<IO>(
+    io: IO,
+    conn: ConnInfo,
+    shared: Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: hyper::Request<Incoming>| {
+        crate::proxy::handle(Arc::clone(&shared), conn, req)
+    });
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        r = connection.as_mut() => r,
+        _ = stop.changed() => {
+            // Finish the request in flight, then close (h2: GOAWAY).
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    }
+}

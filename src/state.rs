@@ -1,0 +1,160 @@
+//! The running state: one `Generation` (config + route table + clients + token holders)
+//! behind an `ArcSwap`. A request loads one snapshot and finishes on it; a reload builds the
+//! next generation beside it and swaps.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Mutex;
+
+use crate::access::Access;
+use crate::config::{Config, ConfigError};
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::routes::RouteTable;
+use crate::token::Tokens;
+use crate::upstream::Upstreams;
+
+pub struct Generation {
+    pub number: u64,
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+    pub upstreams: Upstreams,
+    pub tokens: Tokens,
+    pub access: Option<Access>,
+}
+
+impl Generation {
+    fn build(
+        number: u64,
+        config: Config,
+        previous: Option<&Generation>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Generation, ConfigError> {
+        let err = |m: String| ConfigError {
+            file: None,
+            location: String::new(),
+            message: m,
+        };
+        let upstreams = Upstreams::build(&config, previous.map(|p| &p.upstreams)).map_err(err)?;
+        let tokens = Tokens::build(&config, previous.map(|p| &p.tokens), metrics).map_err(err)?;
+        Ok(Generation {
+            number,
+            routes: RouteTable::new(&config.routes),
+            access: config.server.access.as_ref().map(Access::new),
+            config: Arc::new(config),
+            upstreams,
+            tokens,
+        })
+    }
+
+    /// Profiles used by at least one route that have no usable token.
+    pub fn unready_profiles(&self) -> Vec<String> {
+        self.tokens
+            .iter()
+            .filter(|(name, holder)| self.config.uses_profile(name) && holder.usable().is_none())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+pub struct Shared {
+    current: ArcSwap<Generation>,
+    pub metrics: Arc<Metrics>,
+    /// Where reloads read from; `None` for in-memory configs (demo, tests).
+    pub config_path: Option<PathBuf>,
+    next_number: AtomicU64,
+    reload_lock: Mutex<()>,
+}
+
+impl Shared {
+    /// Builds generation 1 and starts its token refreshers (tokens are fetched at start-up).
+    pub fn start(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Shared>, ConfigError> {
+        let metrics = Arc::new(Metrics::new());
+        let generation = Generation::build(1, config, None, &metrics)?;
+        generation.tokens.start_all();
+        Ok(Arc::new(Shared {
+            current: ArcSwap::from_pointee(generation),
+            metrics,
+            config_path,
+            next_number: AtomicU64::new(2),
+            reload_lock: Mutex::new(()),
+        }))
+    }
+
+    pub fn load(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the config file (SIGHUP, `POST /reload`). On any error the old generation
+    /// keeps serving and the error is returned.
+    pub async fn reload(&self) -> Result<u64, ConfigError> {
+        let result = match &self.config_path {
+            Some(path) => {
+                let path = path.clone();
+                match tokio::task::spawn_blocking(move || Config::load(&path)).await {
+                    Ok(r) => r,
+                    Err(e) => Err(ConfigError {
+                        file: None,
+                        location: String::new(),
+                        message: format!("reload task failed: {e}"),
+                    }),
+                }
+            }
+            None => Err(ConfigError {
+                file: None,
+                location: String::new(),
+                message: "this instance has no config file to reload".into(),
+            }),
+        };
+        let result = match result {
+            Ok(config) => self.install(config).await,
+            Err(e) => Err(e),
+        };
+        let outcome = if result.is_ok() { "success" } else { "error" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        match &result {
+            Ok(n) => tracing::info!(generation = n, "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; still serving the previous configuration")
+            }
+        }
+        result
+    }
+
+    /// Swaps in `config`, keeping token holders and upstream pools whose settings are unchanged.
+    pub async fn install(&self, config: Config) -> Result<u64, ConfigError> {
+        let _serial = self.reload_lock.lock().await;
+        let old = self.load();
+        warn_restart_only_changes(&old.config, &config);
+        let number = self.next_number.fetch_add(1, Ordering::Relaxed);
+        let next = Generation::build(number, config, Some(&old), &self.metrics)?;
+        next.tokens.start_all();
+        old.tokens.retire_unused(&next.tokens);
+        self.current.store(Arc::new(next));
+        Ok(number)
+    }
+
+    pub fn shutdown(&self) {
+        self.load().tokens.stop_all();
+    }
+}
+
+fn warn_restart_only_changes(old: &Config, new: &Config) {
+    if old.server.listen != new.server.listen {
+        tracing::warn!(old = ?old.server.listen, new = ?new.server.listen, "server.listen changed; restart to apply it");
+    }
+    if old.server.tls != new.server.tls {
+        tracing::warn!("server.tls changed; restart to apply it");
+    }
+    if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
+        tracing::warn!("admin.listen changed; restart to apply it");
+    }
+    if old.log.level != new.log.level || old.log.format != new.log.format {
+        tracing::warn!("[log] changed; restart to apply it");
+    }
+}

@@ -1,0 +1,423 @@
+//! Tokens: `AccessToken` (ready-made header + expiry), `TokenHolder` (one per distinct token
+//! settings, read lock-free through `arc-swap`), and `Tokens` (profile name -> holder).
+//!
+//! Only the holder's background refresher (`refresh.rs`) ever requests a token, which makes
+//! fetches single-flight by construction; requests only read, wait, or ask for a refresh.
+
+pub mod fetch;
+pub mod refresh;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::HeaderValue;
+use tokio::sync::Notify;
+
+use crate::config::{Config, TokenSettings};
+use crate::metrics::{Metrics, ProfileLabels};
+pub use fetch::FetchError;
+
+/// How long a request waits for a token before it gets 503 `token_unavailable`.
+pub const WAIT_FOR_TOKEN: Duration = Duration::from_secs(5);
+/// Forced refreshes after upstream 401s are limited to one per this interval per holder.
+pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A token ready to be sent: everything that changes together, behind one swap.
+pub struct AccessToken {
+    /// `Bearer <token>`, marked sensitive so hyper's HPACK never indexes it and Debug hides it.
+    pub header: HeaderValue,
+    /// Send time of the token request + lifetime (RFC 6749 §5.1 `expires_in` counts from
+    /// issue, which is after we sent; so this is never later than the real expiry).
+    pub expires_at: Instant,
+    /// A little before `expires_at`, so a token is not sent in its last moments and expires
+    /// on the wire.
+    pub usable_until: Instant,
+    pub refresh_at: Instant,
+    pub fingerprint: String,
+    pub scope: Option<String>,
+    pub lifetime: Duration,
+    pub obtained_at: SystemTime,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("fingerprint", &self.fingerprint)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AccessToken {
+    pub fn new(
+        token: &str,
+        lifetime: Duration,
+        sent_at: Instant,
+        scope: Option<String>,
+    ) -> Option<Self> {
+        let mut header = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+        header.set_sensitive(true);
+        // Safety margin against expiring in flight: a tenth of the lifetime, at most 2 s.
+        let margin = (lifetime / 10).min(Duration::from_secs(2));
+        Some(AccessToken {
+            header,
+            expires_at: sent_at + lifetime,
+            usable_until: sent_at + lifetime - margin,
+            // Refresh once 80% of the lifetime has passed.
+            refresh_at: sent_at + lifetime.mul_f64(0.8),
+            fingerprint: crate::config::secrets::fingerprint(token.as_bytes()),
+            scope,
+            lifetime,
+            obtained_at: SystemTime::now(),
+        })
+    }
+
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+}
+
+/// Why a request could not get a token; becomes 503 `token_unavailable`.
+#[derive(Debug, Clone)]
+pub struct TokenUnavailable {
+    pub profile: String,
+    pub last_error: Option<FetchError>,
+    pub retry_after: Duration,
+}
+
+impl std::fmt::Display for TokenUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no valid token for profile {:?}", self.profile)?;
+        match &self.last_error {
+            Some(e @ FetchError::OAuth { error, .. }) => {
+                write!(f, ": the token endpoint answered {error} ({e})")
+            }
+            Some(e) => write!(f, ": {e}"),
+            None => write!(f, ": the token request has not completed yet"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HolderState {
+    Empty,
+    Valid,
+    Refreshing,
+    Failed,
+}
+
+impl HolderState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HolderState::Empty => "empty",
+            HolderState::Valid => "valid",
+            HolderState::Refreshing => "refreshing",
+            HolderState::Failed => "failed",
+        }
+    }
+}
+
+/// What `/status` and 503 messages read; updated by the refresher, never on the hot path.
+#[derive(Debug, Default, Clone)]
+pub struct HolderStatus {
+    pub fetching: bool,
+    pub fetch_count: u64,
+    pub failures_in_a_row: u32,
+    pub last_error: Option<FetchError>,
+    pub last_refresh: Option<SystemTime>,
+    pub next_attempt: Option<Instant>,
+}
+
+pub struct TokenHolder {
+    pub settings: TokenSettings,
+    /// Profiles sharing this holder (for logs and metrics); updated on reload.
+    profiles: ArcSwap<Vec<String>>,
+    current: ArcSwapOption<AccessToken>,
+    /// Wakes requests waiting for a token.
+    changed: Notify,
+    /// Wakes the refresher: a token was invalidated or is missing.
+    wake: Notify,
+    status: Mutex<HolderStatus>,
+    last_forced: Mutex<Option<Instant>>,
+    client: reqwest::Client,
+    metrics: Arc<Metrics>,
+    task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl std::fmt::Debug for TokenHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenHolder")
+            .field("profiles", &self.profiles.load())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenHolder {
+    pub fn new(
+        settings: TokenSettings,
+        profiles: Vec<String>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, String> {
+        let client = token_client(&settings)?;
+        Ok(Arc::new(TokenHolder {
+            settings,
+            profiles: ArcSwap::from_pointee(profiles),
+            current: ArcSwapOption::empty(),
+            changed: Notify::new(),
+            wake: Notify::new(),
+            status: Mutex::new(HolderStatus::default()),
+            last_forced: Mutex::new(None),
+            client,
+            metrics,
+            task: Mutex::new(None),
+        }))
+    }
+
+    /// Starts the background refresher (which fetches the first token right away).
+    pub fn start(self: &Arc<Self>) {
+        let mut task = lock(&self.task);
+        if task.is_none() {
+            let handle = tokio::spawn(refresh::run(Arc::clone(self)));
+            *task = Some(handle.abort_handle());
+        }
+    }
+
+    /// Stops the refresher; used when a reload drops the profile.
+    pub fn stop(&self) {
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+    }
+
+    pub fn profile_names(&self) -> Arc<Vec<String>> {
+        self.profiles.load_full()
+    }
+
+    /// The profile name used in logs for this holder.
+    pub fn label(&self) -> String {
+        self.profiles.load().join(",")
+    }
+
+    /// The current token if it may still be sent. Lock-free.
+    pub fn usable(&self) -> Option<Arc<AccessToken>> {
+        let guard = self.current.load();
+        match &*guard {
+            Some(t) if t.is_usable(Instant::now()) => Some(Arc::clone(t)),
+            _ => None,
+        }
+    }
+
+    /// The current token (possibly expired), for status and tests.
+    pub fn current(&self) -> Option<Arc<AccessToken>> {
+        self.current.load_full()
+    }
+
+    /// A usable token, waiting up to `WAIT_FOR_TOKEN` for the refresher when there is none.
+    pub async fn get(&self, profile: &str) -> Result<Arc<AccessToken>, TokenUnavailable> {
+        if let Some(t) = self.usable() {
+            return Ok(t);
+        }
+        self.wake.notify_one();
+        let deadline = tokio::time::Instant::now() + WAIT_FOR_TOKEN;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(t) = self.usable() {
+                return Ok(t);
+            }
+            // No point waiting when the next attempt is scheduled after our deadline.
+            let next = lock(&self.status).next_attempt;
+            if next.is_some_and(|n| n > deadline.into_std()) {
+                return Err(self.unavailable(profile));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(self.unavailable(profile));
+            }
+        }
+    }
+
+    fn unavailable(&self, profile: &str) -> TokenUnavailable {
+        let status = lock(&self.status);
+        let retry_after = status
+            .next_attempt
+            .map(|n| n.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+            .max(Duration::from_secs(1));
+        TokenUnavailable {
+            profile: profile.to_owned(),
+            last_error: status.last_error.clone(),
+            retry_after,
+        }
+    }
+
+    /// After an upstream 401 for `sent`: invalidate it if it is still current (at most once per
+    /// `FORCED_REFRESH_INTERVAL`) and wake the refresher. Returns true when a token other than
+    /// `sent` is, or soon will be, available, i.e. a replay makes sense.
+    pub fn invalidate(&self, sent: &Arc<AccessToken>) -> bool {
+        let current = self.current.load_full();
+        match &current {
+            Some(c) if Arc::ptr_eq(c, sent) => {}
+            // Already replaced (or already invalidated and being refetched).
+            _ => return true,
+        }
+        {
+            let mut last = lock(&self.last_forced);
+            if last.is_some_and(|t| t.elapsed() < FORCED_REFRESH_INTERVAL) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        let previous = self.current.compare_and_swap(&current, None);
+        let swapped = match (&*previous, &current) {
+            (Some(p), Some(c)) => Arc::ptr_eq(p, c),
+            _ => false,
+        };
+        if swapped {
+            for profile in self.profile_names().iter() {
+                self.metrics
+                    .forced_refreshes
+                    .get_or_create(&ProfileLabels {
+                        profile: profile.clone(),
+                    })
+                    .inc();
+            }
+            tracing::warn!(
+                profile = %self.label(),
+                fingerprint = %sent.fingerprint,
+                "upstream rejected the token (401); invalidated it and fetching a new one"
+            );
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    pub fn status(&self) -> HolderStatus {
+        lock(&self.status).clone()
+    }
+
+    pub fn state(&self) -> HolderState {
+        let status = self.status();
+        if status.fetching {
+            HolderState::Refreshing
+        } else if self.usable().is_some() {
+            HolderState::Valid
+        } else if status.last_error.is_some() {
+            HolderState::Failed
+        } else {
+            HolderState::Empty
+        }
+    }
+
+    /// Seconds until the current token expires, 0 when there is none.
+    pub fn expiry_seconds(&self) -> f64 {
+        self.current()
+            .map(|t| {
+                t.expires_at
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64()
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+/// The HTTP client for one token endpoint: its own TLS roots (`ca_file`) and timeout.
+pub fn token_client(settings: &TokenSettings) -> Result<reqwest::Client, String> {
+    // The token endpoint is spoken to over HTTP/1.1; one small POST gains nothing from h2.
+    let tls = crate::tls::client_config(settings.ca_file.as_deref(), &[b"http/1.1"])?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout)
+        // A redirect from a token endpoint is a misconfiguration; following it could post the
+        // secret somewhere unexpected.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("egain-proxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the token client: {e}"))
+}
+
+/// One token request outside any holder (`egain-proxy token`).
+pub async fn fetch_once(settings: &TokenSettings) -> Result<fetch::TokenResponse, FetchError> {
+    let client = token_client(settings).map_err(FetchError::Connect)?;
+    fetch::fetch(&client, settings).await
+}
+
+/// Locks a std mutex, recovering from poisoning: the data is plain status that stays
+/// consistent even if a holder panicked mid-update.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Profile name -> holder for one config generation. Profiles with equal `TokenSettings`
+/// share a holder; a reload keeps holders whose settings did not change.
+#[derive(Debug, Default, Clone)]
+pub struct Tokens {
+    by_profile: BTreeMap<String, Arc<TokenHolder>>,
+}
+
+impl Tokens {
+    /// Builds the holders for `config`, reusing those of `previous` with identical settings.
+    /// New holders are not started; call `start_all`.
+    pub fn build(
+        config: &Config,
+        previous: Option<&Tokens>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Tokens, String> {
+        let mut by_settings: HashMap<&TokenSettings, Vec<String>> = HashMap::new();
+        for (name, profile) in &config.profiles {
+            by_settings
+                .entry(&profile.token)
+                .or_default()
+                .push(name.clone());
+        }
+        let reusable: HashMap<&TokenSettings, &Arc<TokenHolder>> = previous
+            .map(|p| p.by_profile.values().map(|h| (&h.settings, h)).collect())
+            .unwrap_or_default();
+        let mut by_profile = BTreeMap::new();
+        for (settings, names) in by_settings {
+            let holder = match reusable.get(settings) {
+                Some(h) => {
+                    h.profiles.store(Arc::new(names.clone()));
+                    Arc::clone(h)
+                }
+                None => TokenHolder::new(settings.clone(), names.clone(), Arc::clone(metrics))?,
+            };
+            for name in names {
+                by_profile.insert(name, Arc::clone(&holder));
+            }
+        }
+        Ok(Tokens { by_profile })
+    }
+
+    pub fn start_all(&self) {
+        for h in self.by_profile.values() {
+            h.start();
+        }
+    }
+
+    /// Stops holders of `self` that `next` no longer uses.
+    pub fn retire_unused(&self, next: &Tokens) {
+        for h in self.by_profile.values() {
+            if !next.by_profile.values().any(|n| Arc::ptr_eq(n, h)) {
+                h.stop();
+            }
+        }
+    }
+
+    pub fn stop_all(&self) {
+        for h in self.by_profile.values() {
+            h.stop();
+        }
+    }
+
+    pub fn get(&self, profile: &str) -> Option<&Arc<TokenHolder>> {
+        self.by_profile.get(profile)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<TokenHolder>)> {
+        self.by_profile.iter()
+    }
+}

@@ -1,0 +1,187 @@
+//! The background refresher of one `TokenHolder`: fetch at start-up, refresh at 80% of the
+//! lifetime, back off on failure (250 ms doubling to 30 s, with jitter, at least
+//! `Retry-After`), refetch at once when a 401 invalidated the token.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+
+use super::{fetch, lock, AccessToken, FetchError, TokenHolder};
+use crate::metrics::{FetchLabels, ProfileLabels};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Delay before attempt `failures + 1`: 250 ms doubling per failure, capped at 30 s, each
+/// scaled by a random factor in [0.8, 1.2) (then capped again) so that many proxies restarted
+/// together do not hit the endpoint in lock-step. A `Retry-After` is a floor.
+pub fn backoff(failures: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let base = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_CAP);
+    let jittered = base.mul_f64(jitter.clamp(0.8, 1.2)).min(BACKOFF_CAP);
+    match retry_after {
+        Some(r) => jittered.max(r),
+        None => jittered,
+    }
+}
+
+pub async fn run(holder: Arc<TokenHolder>) {
+    loop {
+        let ok = attempt(&holder).await;
+        if !ok {
+            let (failures, retry_after) = {
+                let s = lock(&holder.status);
+                (
+                    s.failures_in_a_row,
+                    s.last_error.as_ref().and_then(FetchError::retry_after),
+                )
+            };
+            let delay = backoff(
+                failures,
+                retry_after,
+                rand::thread_rng().gen_range(0.8..1.2),
+            );
+            lock(&holder.status).next_attempt = Some(Instant::now() + delay);
+            tracing::info!(profile = %holder.label(), retry_in_ms = delay.as_millis() as u64, failures, "token fetch will be retried");
+            tokio::time::sleep(delay).await;
+            continue;
+        }
+        // Wait for the refresh point, or an early wake-up because the token was invalidated.
+        loop {
+            let Some(token) = holder.current() else { break };
+            let now = Instant::now();
+            if now >= token.refresh_at || !token.is_usable(now) {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(token.refresh_at.into()) => break,
+                _ = holder.wake.notified() => {
+                    // Spurious unless the token is gone or no longer usable: check again.
+                }
+            }
+        }
+    }
+}
+
+/// One token request; installs the token on success. Returns whether it succeeded.
+async fn attempt(holder: &TokenHolder) -> bool {
+    {
+        let mut s = lock(&holder.status);
+        s.fetching = true;
+        s.next_attempt = None;
+    }
+    let profile = holder.label();
+    // The lifetime counts from the moment the request is sent, not from the answer.
+    let sent_at = Instant::now();
+    let result = fetch::fetch(&holder.client, &holder.settings).await;
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(e) => e.outcome(),
+    };
+    for name in holder.profile_names().iter() {
+        holder
+            .metrics
+            .token_fetches
+            .get_or_create(&FetchLabels {
+                profile: name.clone(),
+                outcome,
+            })
+            .inc();
+    }
+    let token = result.and_then(|r| {
+        AccessToken::new(&r.access_token, r.lifetime, sent_at, r.scope.clone())
+            .map(|t| (t, r.lifetime_source))
+            .ok_or_else(|| {
+                FetchError::BadResponse("access_token cannot be sent in a header".into())
+            })
+    });
+    let mut s = lock(&holder.status);
+    s.fetching = false;
+    s.fetch_count += 1;
+    match token {
+        Ok((token, source)) => {
+            tracing::info!(
+                profile = %profile,
+                outcome,
+                fingerprint = %token.fingerprint,
+                expires_in_s = token.lifetime.as_secs(),
+                lifetime_from = source,
+                elapsed_ms = sent_at.elapsed().as_millis() as u64,
+                "token fetched"
+            );
+            s.failures_in_a_row = 0;
+            s.last_error = None;
+            s.last_refresh = Some(SystemTime::now());
+            drop(s);
+            for name in holder.profile_names().iter() {
+                holder
+                    .metrics
+                    .token_expiry
+                    .get_or_create(&ProfileLabels {
+                        profile: name.clone(),
+                    })
+                    .set(token.lifetime.as_secs_f64());
+            }
+            holder.current.store(Some(Arc::new(token)));
+            holder.changed.notify_waiters();
+            true
+        }
+        Err(e) => {
+            s.failures_in_a_row += 1;
+            let still_valid = holder.usable().is_some();
+            match &e {
+                FetchError::OAuth {
+                    error,
+                    description,
+                    status,
+                    ..
+                } => tracing::error!(
+                    profile = %profile,
+                    outcome,
+                    status,
+                    error = %error,
+                    error_description = description.as_deref().unwrap_or(""),
+                    current_token_still_valid = still_valid,
+                    "token endpoint refused the request"
+                ),
+                _ => tracing::warn!(
+                    profile = %profile,
+                    outcome,
+                    error = %e,
+                    current_token_still_valid = still_valid,
+                    "token fetch failed"
+                ),
+            }
+            s.last_error = Some(e);
+            drop(s);
+            // Waiters re-check: with no token coming soon they answer 503 without waiting.
+            holder.changed.notify_waiters();
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_honours_retry_after() {
+        let ms = |d: Duration| d.as_millis();
+        assert_eq!(ms(backoff(1, None, 1.0)), 250);
+        assert_eq!(ms(backoff(2, None, 1.0)), 500);
+        assert_eq!(ms(backoff(3, None, 1.0)), 1000);
+        assert_eq!(ms(backoff(8, None, 1.0)), 30_000);
+        assert_eq!(ms(backoff(100, None, 1.19)), 30_000);
+        assert_eq!(ms(backoff(1, None, 0.8)), 200);
+        assert_eq!(
+            backoff(1, Some(Duration::from_secs(3)), 1.0),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            backoff(9, Some(Duration::from_secs(3)), 1.0),
+            Duration::from_secs(30)
+        );
+    }
+}

@@ -1,0 +1,76 @@
+//! Pooled keep-alive clients to upstreams: HTTP/1.1 or h2 by ALPN over rustls, plain HTTP/1.1
+//! for `http://` upstreams. One client per distinct (ca_file, connect_timeout), shared by
+//! routes and kept across reloads so pools stay warm.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::Config;
+use crate::ProxyBody;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    ca_file: Option<PathBuf>,
+    connect_timeout: Duration,
+}
+
+#[derive(Clone, Default)]
+pub struct Upstreams {
+    clients: HashMap<ClientKey, HttpClient>,
+    /// Index into `clients` per route, in route order.
+    per_route: Vec<ClientKey>,
+}
+
+impl Upstreams {
+    pub fn build(config: &Config, previous: Option<&Upstreams>) -> Result<Upstreams, String> {
+        let mut clients = HashMap::new();
+        let mut per_route = Vec::new();
+        for route in &config.routes {
+            let key = ClientKey {
+                ca_file: route.ca_file.clone(),
+                connect_timeout: route.connect_timeout,
+            };
+            if !clients.contains_key(&key) {
+                let client = match previous.and_then(|p| p.clients.get(&key)) {
+                    Some(c) => c.clone(),
+                    None => new_client(&key).map_err(|e| format!("route {}: {e}", route.name))?,
+                };
+                clients.insert(key.clone(), client);
+            }
+            per_route.push(key);
+        }
+        Ok(Upstreams { clients, per_route })
+    }
+
+    pub fn for_route(&self, index: usize) -> Option<&HttpClient> {
+        self.per_route.get(index).and_then(|k| self.clients.get(k))
+    }
+}
+
+fn new_client(key: &ClientKey) -> Result<HttpClient, String> {
+    let tls = crate::tls::client_config(key.ca_file.as_deref(), &[])?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(key.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(https))
+}
