@@ -373,7 +373,9 @@ impl Config {
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
-            ConfigError::at(path, e.into_inner().to_string())
+            // toml appends "in `<table>`" on a second line; the key path already says where.
+            let message = e.into_inner().to_string();
+            ConfigError::at(path, message.lines().next().unwrap_or_default().to_owned())
         })?;
         resolve(raw, base)
     }

@@ -186,7 +186,7 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let uri = upstream_uri(route, &parts.uri)?;
     let mut head = parts.headers;
-    rewrite_request_headers(&mut head, route, generation, conn, request_id);
+    rewrite_request_headers(&mut head, &parts.uri, route, generation, conn, request_id);
 
     let retry = route.config.retry_on_401 && token.is_some();
     let body = if retry {
@@ -344,13 +344,18 @@ fn upstream_uri(route: &Route, original: &Uri) -> Result<Uri, ProxyError> {
 
 fn rewrite_request_headers(
     head: &mut http::HeaderMap,
+    uri: &Uri,
     route: &Route,
     generation: &Generation,
     conn: ConnInfo,
     request_id: &HeaderValue,
 ) {
     headers::remove_hop_by_hop(head);
-    let original_host = head.remove(HOST);
+    // HTTP/2 clients name the host in `:authority` rather than `Host` (RFC 9113 §8.3.1).
+    let original_host = head.remove(HOST).or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     // The client's own credentials never reach the upstream; the proxy's token replaces them.
     head.remove(AUTHORIZATION);
     if let Some(access) = &generation.access {

@@ -1,0 +1,590 @@
+//! Forwarding: token flows on the wire, header and path rewriting, streaming, concurrency.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use egain_proxy::mock::{MockEgain, MockOptions};
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use sha2::{Digest, Sha256};
+use support::*;
+
+const HEAD: &str = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+#[tokio::test]
+async fn client_app_token_request_is_exactly_egains() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile(
+            "portal",
+            &tokens,
+            "scopes = [\"knowledge.portalmgr.manage\", \"core.aiservices.read\"]"
+        )
+        .replace("scopes = [\"knowledge.portalmgr.manage\"]\n", ""),
+        route("r", "/", &upstream.url(), "portal", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+    let requests = tokens.requests();
+    assert_eq!(requests.len(), 1);
+    let r = &requests[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.path, "/oauth2/token");
+    assert_eq!(r.query, None);
+    assert_eq!(
+        r.headers["content-type"],
+        "application/x-www-form-urlencoded"
+    );
+    assert!(r.headers.get("authorization").is_none());
+    let form = r.form();
+    assert_eq!(form["grant_type"], "client_credentials");
+    assert_eq!(
+        form["scope"],
+        "knowledge.portalmgr.manage core.aiservices.read"
+    );
+    assert_eq!(form["client_id"], "id-portal");
+    assert_eq!(form["client_secret"], "secret-portal");
+    assert_eq!(form.len(), 4);
+}
+
+#[tokio::test]
+async fn anonymous_customer_token_request_is_exactly_egains() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}[profiles.anon]\nkind = \"anonymous_customer\"\ntenant = \"TMPRODB88619984\"\ntoken_url = \"{}\"\nclient_id = \"anon-id\"\nclient_secret = \"anon-secret\"\nscopes = [\"core.aiservices.read\", \"core.aiservices.manage\"]\n{}",
+        tokens.url("/core/authmgr/v3/oauth2/v2.0/anonymous/token"),
+        route("r", "/", &upstream.url(), "anon", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+    let r = &tokens.requests()[0];
+    assert_eq!(r.path, "/core/authmgr/v3/oauth2/v2.0/anonymous/token");
+    assert_eq!(
+        r.query.as_deref(),
+        Some("user_type=customer&domain_hint=TMPRODB88619984")
+    );
+    assert_eq!(
+        r.headers["content-type"],
+        "application/x-www-form-urlencoded"
+    );
+    let form = r.form();
+    assert_eq!(form["grant_type"], "client_credentials");
+    assert_eq!(form["client_id"], "anon-id");
+    assert_eq!(form["client_secret"], "anon-secret");
+    assert_eq!(
+        form["scope"],
+        "https://api.ai.egain.cloud/auth/core.aiservices.read https://api.ai.egain.cloud/auth/core.aiservices.manage"
+    );
+}
+
+#[tokio::test]
+async fn upstream_sees_the_proxy_token_never_the_clients() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let response = client()
+        .get(proxy.url("/x"))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = upstream.last();
+    let auth: Vec<_> = seen.headers.get_all("authorization").iter().collect();
+    assert_eq!(auth.len(), 1);
+    assert!(tokens.is_live(seen.header("authorization")), "{auth:?}");
+}
+
+#[tokio::test]
+async fn paths_queries_and_prefixes_join_byte_for_byte() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let base = format!("{}/base/v4/", upstream.url());
+    let config = format!(
+        "{HEAD}{}{}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("strip", "/api/", &base, "p", "strip_prefix = true"),
+        route("keep", "/keep", &base, "p", ""),
+        route("root", "/", &upstream.url(), "p", ""),
+    );
+    let proxy = TestProxy::start(&config).await;
+    let cases = [
+        (
+            "/api/portals/1?b=2&a=1&a=%20x+y&empty=&",
+            "/base/v4/portals/1?b=2&a=1&a=%20x+y&empty=&",
+        ),
+        ("/api", "/base/v4"),
+        ("/api/", "/base/v4/"),
+        (
+            "/keep/x%2Fy/%E2%82%AC?q=%zz",
+            "/base/v4/keep/x%2Fy/%E2%82%AC?q=%zz",
+        ),
+        ("/apix?", "/apix?"),
+        ("/a//b;p=1", "/a//b;p=1"),
+    ];
+    for (sent, expected) in cases {
+        let r = client().get(proxy.url(sent)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{sent}");
+        assert_eq!(upstream.last().target, expected, "{sent}");
+    }
+}
+
+#[tokio::test]
+async fn hop_by_hop_and_forwarding_headers() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::with(|_| {
+        json_response(
+            200,
+            "{}",
+            &[
+                ("connection", "x-up-hop".into()),
+                ("x-up-hop", "1".into()),
+                ("keep-alive", "timeout=5".into()),
+                ("x-up-keep", "1".into()),
+            ],
+        )
+    })
+    .await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route(
+            "r",
+            "/",
+            &upstream.url(),
+            "p",
+            "set_headers = { \"Accept-Language\" = \"en-US\" }\nremove_headers = [\"Cookie\"]"
+        )
+    );
+    let proxy = TestProxy::start(&config).await;
+    let response = client()
+        .get(proxy.url("/h"))
+        .header("connection", "x-client-hop")
+        .header("x-client-hop", "1")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic x")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-request-id", "req-123")
+        .header("cookie", "session=1")
+        .header("accept-language", "fr")
+        .header("host", "app.internal:8080")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("x-up-hop").is_none());
+    assert!(response.headers().get("keep-alive").is_none());
+    assert_eq!(response.headers()["x-up-keep"], "1");
+    let seen = upstream.last();
+    for gone in ["x-client-hop", "te", "proxy-authorization", "cookie"] {
+        assert!(seen.headers.get(gone).is_none(), "{gone} was forwarded");
+    }
+    assert_eq!(
+        seen.header("host"),
+        Some(upstream.addr.to_string().as_str())
+    );
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("app.internal:8080"));
+    assert_eq!(seen.header("x-request-id"), Some("req-123"));
+    assert_eq!(seen.header("accept-language"), Some("en-US"));
+
+    // Without a client id, one is generated and passed on.
+    client().get(proxy.url("/h")).send().await.unwrap();
+    assert_eq!(
+        upstream.last().header("x-request-id").map(str::len),
+        Some(32)
+    );
+}
+
+#[tokio::test]
+async fn unmatched_request_gets_no_route_json() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route(
+            "r",
+            "/knowledge",
+            &upstream.url(),
+            "p",
+            "methods = [\"GET\"]"
+        )
+    );
+    let proxy = TestProxy::start(&config).await;
+    for (method, path) in [
+        ("GET", "/knowledgebase"),
+        ("GET", "/other"),
+        ("POST", "/knowledge/x"),
+    ] {
+        let r = client()
+            .request(method.parse().unwrap(), proxy.url(path))
+            .header("x-request-id", "rid-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "no_route");
+        assert_eq!(body["request_id"], "rid-1");
+        assert!(body["message"].as_str().unwrap().contains(path));
+    }
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn cold_start_concurrency_makes_one_token_request_per_profile() {
+    // A slow token endpoint keeps every request waiting on the same fetch.
+    let tokens = TokenServer::start(|_| Reply::Slow(Duration::from_millis(300))).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}{}{}{}{}",
+        client_app_profile("a", &tokens, ""),
+        client_app_profile("b", &tokens, ""),
+        route("ra", "/a", &upstream.url(), "a", ""),
+        route("rb", "/b", &upstream.url(), "b", ""),
+    );
+    let proxy = TestProxy::start(&config).await;
+    let client = client();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = proxy.url(if i % 2 == 0 { "/a/x" } else { "/b/x" });
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client.get(url).send().await.unwrap().status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let ids: Vec<String> = tokens
+        .requests()
+        .iter()
+        .map(|r| r.form()["client_id"].clone())
+        .collect();
+    assert_eq!(ids.iter().filter(|i| *i == "id-a").count(), 1, "{ids:?}");
+    assert_eq!(ids.iter().filter(|i| *i == "id-b").count(), 1, "{ids:?}");
+    assert_eq!(upstream.seen().len(), 200);
+}
+
+const BIG: u64 = 200 * 1024 * 1024;
+const CHUNK: usize = 1024 * 1024;
+
+fn chunk(i: u64) -> Bytes {
+    Bytes::from(vec![(i % 251) as u8; CHUNK])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_upload_streams_through_intact() {
+    let tokens = TokenServer::healthy(3600).await;
+    let received = Arc::new(AtomicU64::new(0));
+    let r2 = Arc::clone(&received);
+    let (addr, _guard) = serve(move |req: http::Request<hyper::body::Incoming>| {
+        let received = Arc::clone(&r2);
+        async move {
+            let mut body = req.into_body();
+            let mut hash = Sha256::new();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    hash.update(&data);
+                    received.fetch_add(data.len() as u64, Ordering::SeqCst);
+                }
+            }
+            json_response(200, &format!("{:x}", hash.finalize()), &[])
+        }
+    })
+    .await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &format!("http://{addr}"), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+
+    // The client sends the first MiB, then waits until the upstream has it before sending the
+    // rest: a proxy that buffered the body would never let this finish.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let mut expected = Sha256::new();
+    for i in 0..(BIG / CHUNK as u64) {
+        expected.update(chunk(i));
+    }
+    let sender = {
+        let received = Arc::clone(&received);
+        tokio::spawn(async move {
+            tx.send(Ok(chunk(0))).await.unwrap();
+            eventually(Duration::from_secs(10), || {
+                received.load(Ordering::SeqCst) >= CHUNK as u64
+            })
+            .await;
+            for i in 1..(BIG / CHUNK as u64) {
+                tx.send(Ok(chunk(i))).await.unwrap();
+            }
+        })
+    };
+    let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
+    let response = client()
+        .put(proxy.url("/upload"))
+        .header("content-length", BIG.to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    sender.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.text().await.unwrap(),
+        format!("{:x}", expected.finalize())
+    );
+    assert_eq!(received.load(Ordering::SeqCst), BIG);
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_download_streams_through_intact() {
+    let tokens = TokenServer::healthy(3600).await;
+    let client_got = Arc::new(AtomicU64::new(0));
+    let got = Arc::clone(&client_got);
+    let (addr, _guard) = serve(move |_req: http::Request<hyper::body::Incoming>| {
+        let got = Arc::clone(&got);
+        async move {
+            // The upstream sends the first MiB, then waits until the client has it.
+            let stream = futures_util::stream::unfold(0u64, move |i| {
+                let got = Arc::clone(&got);
+                async move {
+                    if i == BIG / CHUNK as u64 {
+                        return None;
+                    }
+                    if i == 1 {
+                        eventually(Duration::from_secs(10), || {
+                            got.load(Ordering::SeqCst) >= CHUNK as u64
+                        })
+                        .await;
+                    }
+                    Some((
+                        Ok::<_, egain_proxy::BoxError>(http_body::Frame::data(chunk(i))),
+                        i + 1,
+                    ))
+                }
+            });
+            let mut r = http::Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut().insert("content-length", BIG.into());
+            r
+        }
+    })
+    .await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &format!("http://{addr}"), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let response = client().get(proxy.url("/download")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let mut hash = Sha256::new();
+    while let Some(data) = stream.next().await {
+        let data = data.unwrap();
+        hash.update(&data);
+        client_got.fetch_add(data.len() as u64, Ordering::SeqCst);
+    }
+    let mut expected = Sha256::new();
+    for i in 0..(BIG / CHUNK as u64) {
+        expected.update(chunk(i));
+    }
+    assert_eq!(client_got.load(Ordering::SeqCst), BIG);
+    assert_eq!(hash.finalize(), expected.finalize());
+}
+
+#[tokio::test]
+async fn server_sent_events_arrive_one_by_one() {
+    let tokens = TokenServer::healthy(3600).await;
+    let (release_tx, release_rx) = tokio::sync::watch::channel(0u32);
+    let (addr, _guard) = serve(move |_req: http::Request<hyper::body::Incoming>| {
+        let release = release_rx.clone();
+        async move {
+            // Event n is sent only after the client confirmed event n-1.
+            let stream =
+                futures_util::stream::unfold((0u32, release), |(n, mut release)| async move {
+                    if n == 3 {
+                        return None;
+                    }
+                    while *release.borrow() < n {
+                        if release.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                    let frame = http_body::Frame::data(Bytes::from(format!("data: event {n}\n\n")));
+                    Some((Ok::<_, egain_proxy::BoxError>(frame), (n + 1, release)))
+                });
+            let mut r = http::Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+    })
+    .await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &format!("http://{addr}"), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let response = client().get(proxy.url("/events")).send().await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    for n in 0..3u32 {
+        while !text.contains(&format!("data: event {n}\n\n")) {
+            let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("event {n} did not arrive on its own"))
+                .unwrap()
+                .unwrap();
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        release_tx.send(n + 1).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2
+        .get(proxy.url("/h2?x=1"))
+        .header("authorization", "Bearer client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/h2?x=1");
+    assert!(tokens.is_live(seen.header("authorization")));
+    assert_eq!(
+        seen.header("x-forwarded-host"),
+        Some(proxy.addr.to_string().as_str())
+    );
+}
+
+#[tokio::test]
+async fn upstream_failures_map_to_502_and_504() {
+    let tokens = TokenServer::healthy(3600).await;
+    // A port with nothing listening.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let ok = Upstream::start().await;
+    let (hang_addr, _g) = serve(|_req: http::Request<hyper::body::Incoming>| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        json_response(200, "{}", &[])
+    })
+    .await;
+    let config = format!(
+        "{HEAD}{}{}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("dead", "/dead", &format!("http://{dead}"), "p", ""),
+        route(
+            "hang",
+            "/hang",
+            &format!("http://{hang_addr}"),
+            "p",
+            "timeout = \"300ms\""
+        ),
+        route("ok", "/ok", &ok.url(), "p", ""),
+    );
+    let proxy = TestProxy::start(&config).await;
+    let r = client().get(proxy.url("/dead")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_unreachable");
+    let r = client().get(proxy.url("/hang")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_timeout");
+    // And the proxy keeps serving.
+    assert_eq!(
+        client()
+            .get(proxy.url("/ok"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn embedded_mock_egain_works_end_to_end_with_both_flows() {
+    let mock = MockEgain::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
+        .await
+        .unwrap();
+    let text = egain_proxy::demo::config_text(&mock, 0);
+    let proxy = TestProxy::start(&text).await;
+    let portals: serde_json::Value = client()
+        .get(proxy.url("/knowledge/portalmgr/v4/portals"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(portals["portal"][0]["id"], "PROD-1000");
+    let anon: serde_json::Value = client()
+        .get(proxy.url("/customer/x?q=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(anon["token_kind"], "anonymous_customer");
+    assert_eq!(anon["path"], "/x");
+    // Straight to the mock without a token: eGain's error body.
+    let r = client()
+        .get(format!(
+            "{}/knowledge/portalmgr/v4/portals",
+            mock.base_url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "401-101");
+    assert_eq!(mock.token_requests(), 2);
+}
