@@ -1,0 +1,671 @@
+//! Operations: admin endpoints, metrics, reload (SIGHUP and POST /reload), graceful shutdown,
+//! and logs. Signal tests run the real binary as a child process.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+
+const HEAD: &str = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+// ---------------------------------------------------------------------------------------------
+// In-process
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_token_validity() {
+    let tokens = TokenServer::start(|n| match n {
+        0 => Reply::Raw {
+            status: 503,
+            headers: vec![],
+            body: "down".into(),
+        },
+        1 => Reply::Token { ttl: Some(2) },
+        _ => Reply::Raw {
+            status: 500,
+            headers: vec![],
+            body: "down again".into(),
+        },
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("r", "/", &upstream.url(), "portal", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let client = client();
+
+    let r = client.get(proxy.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["not_ready"], serde_json::json!(["portal"]));
+
+    proxy.ready().await;
+    assert_eq!(
+        client
+            .get(proxy.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(proxy.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "ok\n"
+    );
+
+    // The 2 s token expires and cannot be refreshed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = client
+            .get(proxy.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 503 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz stayed 200 after the token expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Minimal Prometheus text parser: (name, labels, value) per sample line.
+fn parse_prometheus(text: &str) -> Vec<(String, String, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n.to_owned(), l.trim_end_matches('}').to_owned()),
+            None => (series.to_owned(), String::new()),
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        samples.push((name, labels, value));
+    }
+    samples
+}
+
+#[tokio::test]
+async fn metrics_count_what_was_served() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("api", "/api", &upstream.url(), "portal", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+    let client = client();
+    for i in 0..7 {
+        client
+            .get(proxy.url(&format!("/api/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        client.post(proxy.url("/nope")).send().await.unwrap();
+    }
+    let text = client
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let samples = parse_prometheus(&text);
+    let value = |name: &str, labels: &[&str]| -> f64 {
+        samples
+            .iter()
+            .filter(|(n, l, _)| n == name && labels.iter().all(|want| l.contains(want)))
+            .map(|(_, _, v)| v)
+            .sum()
+    };
+    assert_eq!(value("egain_proxy_requests_total", &[]), 10.0, "{text}");
+    assert_eq!(
+        value(
+            "egain_proxy_requests_total",
+            &["route=\"api\"", "method=\"GET\"", "status=\"200\""]
+        ),
+        7.0
+    );
+    assert_eq!(
+        value(
+            "egain_proxy_requests_total",
+            &["route=\"none\"", "status=\"404\""]
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            "egain_proxy_request_duration_seconds_count",
+            &["route=\"api\""]
+        ),
+        7.0
+    );
+    assert_eq!(
+        value(
+            "egain_proxy_token_fetches_total",
+            &["profile=\"portal\"", "outcome=\"success\""]
+        ),
+        1.0
+    );
+    let expiry = value("egain_proxy_token_expiry_seconds", &["profile=\"portal\""]);
+    assert!(expiry > 3500.0 && expiry <= 3600.0, "{expiry}");
+    assert_eq!(value("egain_proxy_inflight_requests", &[]), 0.0);
+    assert!(!text.contains("/api/"), "paths must not become labels");
+}
+
+#[tokio::test]
+async fn status_lists_profiles_and_never_secrets_or_tokens() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}{}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        client_app_profile("unused", &tokens, "scopes = [\"other\"]")
+            .replace("scopes = [\"knowledge.portalmgr.manage\"]\n", ""),
+        route("r", "/", &upstream.url(), "portal", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+    client().get(proxy.url("/x")).send().await.unwrap();
+    let token = upstream
+        .last()
+        .header("authorization")
+        .unwrap()
+        .strip_prefix("Bearer ")
+        .unwrap()
+        .to_owned();
+    let text = client()
+        .get(proxy.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status["profiles"]["portal"]["state"], "valid");
+    assert_eq!(status["profiles"]["portal"]["kind"], "client_app");
+    assert_eq!(status["profiles"]["portal"]["fetch_count"], 1);
+    assert!(
+        status["profiles"]["portal"]["expires_in_seconds"]
+            .as_f64()
+            .unwrap()
+            > 3000.0
+    );
+    assert!(status["profiles"]["portal"]["last_refresh"].is_string());
+    assert!(status["profiles"]["unused"].is_object());
+    assert_eq!(status["routes"][0]["name"], "r");
+    assert_eq!(status["generation"], 1);
+    assert!(!text.contains(&token), "token in /status");
+    assert!(
+        !text.contains("secret-portal") && !text.contains("secret-unused"),
+        "secret in /status"
+    );
+}
+
+#[tokio::test]
+async fn post_reload_swaps_routes_keeps_tokens_and_rejects_bad_files() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let base = format!(
+        "{HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("one", "/one", &upstream.url(), "portal", "")
+    );
+    std::fs::write(&path, &base).unwrap();
+    let config = egain_proxy::Config::load(&path).unwrap();
+    let proxy = TestProxy::start_config(config, Some(path.clone())).await;
+    proxy.ready().await;
+    let client = client();
+    assert_eq!(
+        client.get(proxy.url("/two")).send().await.unwrap().status(),
+        404
+    );
+
+    std::fs::write(
+        &path,
+        format!(
+            "{base}{}",
+            route("two", "/two", &upstream.url(), "portal", "")
+        ),
+    )
+    .unwrap();
+    let r = client
+        .post(proxy.admin_url("/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["generation"],
+        2
+    );
+    assert_eq!(
+        client.get(proxy.url("/two")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        tokens.count(),
+        1,
+        "an unchanged profile must keep its token"
+    );
+
+    std::fs::write(
+        &path,
+        format!("{base}\n[[routes]]\npath_prefix = \"/three\"\nupstreem = \"x\"\n"),
+    )
+    .unwrap();
+    let r = client
+        .post(proxy.admin_url("/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("routes[1].upstreem"),
+        "{body}"
+    );
+    assert_eq!(
+        client.get(proxy.url("/two")).send().await.unwrap().status(),
+        200,
+        "old config must keep serving"
+    );
+    let status: serde_json::Value = client
+        .get(proxy.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["generation"], 2);
+
+    // A changed secret is a new token.
+    std::fs::write(&path, base.replace("secret-portal", "rotated-secret")).unwrap();
+    assert_eq!(
+        client
+            .post(proxy.admin_url("/reload"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    eventually(Duration::from_secs(5), || tokens.count() == 2).await;
+    assert_eq!(
+        tokens.requests()[1].form()["client_secret"],
+        "rotated-secret"
+    );
+    let metrics = client
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("egain_proxy_config_reloads_total{outcome=\"success\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("egain_proxy_config_reloads_total{outcome=\"error\"} 1"),
+        "{metrics}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary
+
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl Running {
+    fn start(config: &str, env: &[(&str, &str)]) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_egain-proxy"));
+        cmd.args(["run", "--config", path.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Running {
+            child,
+            lines,
+            _dir: dir,
+            path,
+        }
+    }
+
+    fn logs(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.logs().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?}: {:?}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Listener addresses from the JSON start-up logs.
+    async fn addr(&self, message: &str) -> SocketAddr {
+        let line = self.wait_for_log(message).await;
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["addr"].as_str().unwrap().parse().unwrap()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    async fn exit_code(&mut self) -> Option<i32> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the process did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const JSON_HEAD: &str = "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_a_route_without_a_new_token_and_survives_a_bad_file() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let base = format!(
+        "{JSON_HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("one", "/one", &upstream.url(), "portal", "")
+    );
+    let proc = Running::start(&base, &[]);
+    let addr = proc.addr("proxy listening").await;
+    proc.wait_for_log("token fetched").await;
+    let client = client();
+    assert_eq!(
+        client
+            .get(format!("http://{addr}/one"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("http://{addr}/two"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    std::fs::write(
+        &proc.path,
+        format!(
+            "{base}{}",
+            route("two", "/two", &upstream.url(), "portal", "")
+        ),
+    )
+    .unwrap();
+    proc.signal("HUP");
+    proc.wait_for_log("configuration reloaded").await;
+    assert_eq!(
+        client
+            .get(format!("http://{addr}/two"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(tokens.count(), 1);
+
+    std::fs::write(&proc.path, "this is [not toml").unwrap();
+    proc.signal("HUP");
+    proc.wait_for_log("configuration reload failed").await;
+    assert_eq!(
+        client
+            .get(format!("http://{addr}/two"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("http://{addr}/one"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
+    let tokens = TokenServer::healthy(3600).await;
+    let (upstream, _g) = serve(|_req: http::Request<hyper::body::Incoming>| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        json_response(200, r#"{"slow":true}"#, &[])
+    })
+    .await;
+    let config = format!(
+        "{JSON_HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("r", "/", &format!("http://{upstream}"), "portal", "")
+    );
+    let mut proc = Running::start(&config, &[]);
+    let addr = proc.addr("proxy listening").await;
+    proc.wait_for_log("token fetched").await;
+    let in_flight = tokio::spawn(async move {
+        client()
+            .get(format!("http://{addr}/slow"))
+            .send()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proc.signal("TERM");
+    let response = in_flight.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), r#"{"slow":true}"#);
+    assert_eq!(proc.exit_code().await, Some(0));
+    // New connections are refused once it stopped.
+    assert!(client()
+        .get(format!("http://{addr}/x"))
+        .send()
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_carry_no_secret_or_token_and_json_is_one_object_per_line() {
+    let tokens = TokenServer::start(|n| match n {
+        0 => Reply::Raw {
+            status: 400,
+            headers: vec![],
+            body: r#"{"error":"invalid_scope","error_description":"nope"}"#.into(),
+        },
+        _ => Reply::Token { ttl: Some(3600) },
+    })
+    .await;
+    let checker = tokens.clone();
+    let seen_tokens = Arc::new(Mutex::new(Vec::<String>::new()));
+    let record = Arc::clone(&seen_tokens);
+    let revoked = std::sync::atomic::AtomicBool::new(false);
+    let upstream = Upstream::with(move |seen| {
+        if let Some(a) = seen.header("authorization") {
+            record
+                .lock()
+                .unwrap()
+                .push(a.trim_start_matches("Bearer ").to_owned());
+        }
+        if seen.target == "/revoke" && !revoked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            checker.revoke_all();
+        }
+        if checker.is_live(seen.header("authorization")) {
+            json_response(200, "{}", &[])
+        } else {
+            json_response(401, r#"{"code":"401-101"}"#, &[])
+        }
+    })
+    .await;
+    let secret = "Sup3r-Secret-Value-That-Must-Not-Leak";
+    let config = format!(
+        "{}{}{}",
+        JSON_HEAD.replace("format = \"json\"", "format = \"json\"\nlevel = \"trace\""),
+        client_app_profile("portal", &tokens, "").replace("secret-portal", "${THE_SECRET}"),
+        route("r", "/", &upstream.url(), "portal", "")
+    );
+    let proc = Running::start(&config, &[("THE_SECRET", secret)]);
+    let addr = proc.addr("proxy listening").await;
+    proc.wait_for_log("token fetched").await;
+    let client = client();
+    assert_eq!(
+        client
+            .get(format!("http://{addr}/a"))
+            .header("authorization", "Bearer client-own-token")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Revocation: the request sees a 401 and is replayed with a new token.
+    assert_eq!(
+        client
+            .post(format!("http://{addr}/revoke"))
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .post(format!("http://{addr}/b"))
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    client
+        .get(format!("http://{addr}/missing/../x"))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let logs = proc.logs();
+    assert!(logs.len() > 10);
+    let tokens_sent = seen_tokens.lock().unwrap().clone();
+    assert!(tokens_sent.len() >= 3);
+    for line in &logs {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.is_object());
+        assert!(!line.contains(secret), "secret in log: {line}");
+        assert!(
+            !line.contains("client-own-token"),
+            "client credential in log: {line}"
+        );
+        for t in &tokens_sent {
+            assert!(!line.contains(t.as_str()), "token in log: {line}");
+        }
+    }
+    assert!(logs
+        .iter()
+        .any(|l| l.contains("invalid_scope") && l.contains("error_description")));
+    assert!(logs.iter().any(|l| l.contains("\"replayed\":true")));
+}
