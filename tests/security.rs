@@ -1,0 +1,500 @@
+//! Security: inbound TLS and access control, strict request validation over raw sockets,
+//! TLS to token endpoints and upstreams with a test CA, and property tests of the path rules.
+
+mod support;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use proptest::prelude::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const HEAD: &str = "[server]\nlisten = \"127.0.0.1:0\"\n";
+
+struct TestCa {
+    dir: tempfile::TempDir,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "egain-proxy test CA");
+        let ca = params.self_signed(&ca_key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        TestCa { dir, ca, ca_key }
+    }
+
+    fn ca_file(&self) -> String {
+        self.dir.path().join("ca.pem").to_str().unwrap().to_owned()
+    }
+
+    /// Writes `<name>.pem` and `<name>-key.pem` for 127.0.0.1 and localhost; returns the paths.
+    fn leaf(&self, name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let cert_path = self.dir.path().join(format!("{name}.pem"));
+        let key_path = self.dir.path().join(format!("{name}-key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (
+            cert_path.to_str().unwrap().to_owned(),
+            key_path.to_str().unwrap().to_owned(),
+        )
+    }
+
+    fn client(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.ca.pem().as_bytes()).unwrap();
+        reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap()
+    }
+}
+
+/// An HTTPS server (h2 and http/1.1 by ALPN) answering with `handler`.
+async fn serve_tls<F, Fut>(cert: &str, key: &str, handler: F) -> (std::net::SocketAddr, AbortOnDrop)
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<egain_proxy::ProxyBody>> + Send + 'static,
+{
+    let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, AbortOnDrop(task))
+}
+
+#[tokio::test]
+async fn https_token_endpoint_and_https_h2_upstream_with_a_private_ca() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.leaf("server");
+    let (token_addr, _t) = serve_tls(&cert, &key, |_req| async {
+        json_response(
+            200,
+            r#"{"access_token":"tls-token","token_type":"Bearer","expires_in":3600}"#,
+            &[],
+        )
+    })
+    .await;
+    let (up_addr, _u) = serve_tls(
+        &cert,
+        &key,
+        |req: http::Request<hyper::body::Incoming>| async move {
+            let auth = req
+                .headers()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap().to_owned());
+            json_response(
+                200,
+                &serde_json::json!({ "version": format!("{:?}", req.version()), "auth": auth })
+                    .to_string(),
+                &[],
+            )
+        },
+    )
+    .await;
+    let ca_file = ca.ca_file();
+    let config = format!(
+        "{HEAD}[profiles.p]\nkind = \"client_app\"\ntoken_url = \"https://127.0.0.1:{}/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\nca_file = \"{ca_file}\"\n{}",
+        token_addr.port(),
+        route("r", "/", &format!("https://127.0.0.1:{}", up_addr.port()), "p", &format!("ca_file = \"{ca_file}\""))
+    );
+    let proxy = TestProxy::start(&config).await;
+    let body: serde_json::Value = client()
+        .get(proxy.url("/x"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["auth"], "Bearer tls-token");
+    assert_eq!(body["version"], "HTTP/2.0", "h2 by ALPN to the upstream");
+
+    // Without the CA, verification fails: no token, and the upstream is unreachable.
+    let config = format!(
+        "{HEAD}[profiles.p]\nkind = \"client_app\"\ntoken_url = \"https://127.0.0.1:{}/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n{}{}",
+        token_addr.port(),
+        route("r", "/r", &format!("https://127.0.0.1:{}", up_addr.port()), "p", ""),
+        route("n", "/n", &format!("https://127.0.0.1:{}", up_addr.port()), "none", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let r = client().get(proxy.url("/r")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let text = r.text().await.unwrap();
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    assert_eq!(
+        client().get(proxy.url("/n")).send().await.unwrap().status(),
+        502
+    );
+}
+
+#[tokio::test]
+async fn https_listener_serves_h2_and_http1() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.leaf("proxy");
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let url = format!("https://127.0.0.1:{}/tls", proxy.addr.port());
+    let r = ca.client().get(&url).send().await.unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert_eq!(upstream.last().header("x-forwarded-proto"), Some("https"));
+    let h1 = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.ca.pem().as_bytes()).unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = h1.get(&url).send().await.unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_11);
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn api_keys_and_allow_list() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let key = "k-0123456789abcdef";
+    let config = format!(
+        "{HEAD}[server.access]\napi_keys = [\"{key}\", \"other-0123456789abcdef\"]\nallow = [\"127.0.0.0/8\"]\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let r = client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "proxy_auth_required");
+    let r = client()
+        .get(proxy.url("/x"))
+        .header("x-proxy-key", "k-0123456789abcdeX")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(upstream.seen().is_empty());
+    let r = client()
+        .get(proxy.url("/x"))
+        .header("x-proxy-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        upstream.last().headers.get("x-proxy-key").is_none(),
+        "the key must be stripped"
+    );
+
+    let config = format!(
+        "{HEAD}[server.access]\napi_keys = [\"{key}\"]\nallow = [\"10.0.0.0/8\"]\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let r = client()
+        .get(proxy.url("/x"))
+        .header("x-proxy-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        "forbidden"
+    );
+}
+
+#[tokio::test]
+async fn refuses_to_start_exposed_or_in_clear_text() {
+    let parse = |text: &str| egain_proxy::Config::parse(text, std::path::Path::new("."), &|_| None);
+    let profile = "[profiles.p]\nkind = \"client_app\"\ntoken_url = \"https://egain.example/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n";
+    let e = parse(&format!("[server]\nlisten = \"0.0.0.0:8080\"\n{profile}")).unwrap_err();
+    assert_eq!(e.location, "server.listen");
+    assert!(parse(&format!(
+        "[server]\nlisten = \"0.0.0.0:8080\"\nopen = true\n{profile}"
+    ))
+    .is_ok());
+    assert!(parse(&format!(
+        "[server]\nlisten = \"0.0.0.0:8080\"\n[server.access]\nallow = [\"10.0.0.0/8\"]\n{profile}"
+    ))
+    .is_ok());
+    let e = parse(&profile.replace("https://egain.example", "http://egain.example")).unwrap_err();
+    assert_eq!(e.location, "profiles.p.token_url");
+    assert!(parse(&format!(
+        "{}allow_insecure_http = true\n",
+        profile.replace("https://egain.example", "http://egain.example")
+    ))
+    .is_ok());
+    let e = parse(&format!("{profile}[[routes]]\npath_prefix = \"/\"\nupstream = \"http://api.example\"\nprofile = \"p\"\n")).unwrap_err();
+    assert_eq!(e.location, "routes[0].upstream");
+}
+
+async fn raw_request(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_and_escaping_requests_are_refused_before_routing() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}max_header_bytes = 8192\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("api", "/api", &upstream.url(), "p", "strip_prefix = true")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (b"GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".to_vec(), "400", "bad_request"),
+        (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n".to_vec(), "405", "method_not_allowed"),
+        (b"GET /api/../admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), "400", "bad_request"),
+        (b"GET /api/%2e%2e/admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), "400", "bad_request"),
+        (b"GET /api/..%2fadmin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), "400", "bad_request"),
+        (b"GET /api/.%2E/admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), "400", "bad_request"),
+        (b"GET /api/./x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), "400", "bad_request"),
+        (b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), "400", "bad_request"),
+        (
+            format!("GET /api/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(20_000)).into_bytes(),
+            "431",
+            "",
+        ),
+        (b"GARBAGE\r\n\r\n".to_vec(), "400", ""),
+    ];
+    for (request, status, code) in cases {
+        let response = raw_request(proxy.addr, &request).await;
+        let first = String::from_utf8_lossy(&request[..request.len().min(40)]).into_owned();
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{first:?} -> {response:?}"
+        );
+        assert!(response.contains(code), "{first:?} -> {response:?}");
+    }
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    // The process keeps serving.
+    assert_eq!(
+        client()
+            .get(proxy.url("/api/ok"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(upstream.last().target, "/ok");
+}
+
+#[tokio::test]
+async fn slow_header_clients_are_cut_off() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}header_read_timeout = \"500ms\"\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Trickle one header byte every 100 ms; the proxy must give up at ~500 ms.
+    let mut closed = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if stream.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buf)).await
+        {
+            let _ = n;
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the slow client was never cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut off only after {:?}",
+        started.elapsed()
+    );
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn connection_limit_holds_new_clients_until_a_slot_frees() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}max_connections = 1\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+    first
+        .write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The second connection is not served while the first stays open...
+    let second = tokio::spawn(raw_request(
+        proxy.addr,
+        b"GET /2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished());
+    assert_eq!(upstream.seen().len(), 1);
+    // ...and is once it closes.
+    drop(first);
+    let response = second.await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+#[test]
+fn secrets_never_print() {
+    let secret = egain_proxy::config::Secret::new("hunter2-hunter2");
+    assert!(!format!("{secret:?}{secret}").contains("hunter2"));
+    let config = egain_proxy::Config::parse(
+        "[profiles.p]\nkind = \"client_app\"\ntoken_url = \"https://e/t\"\nclient_id = \"i\"\nclient_secret = \"hunter2-hunter2\"\n[server.access]\napi_keys = [\"key-hunter2-hunter2\"]\n",
+        std::path::Path::new("."),
+        &|_| None,
+    )
+    .unwrap();
+    assert!(!format!("{config:?}").contains("hunter2"));
+    let token = egain_proxy::token::AccessToken::new(
+        "tok-secret",
+        Duration::from_secs(60),
+        std::time::Instant::now(),
+        None,
+    )
+    .unwrap();
+    assert!(token.header.is_sensitive());
+    assert!(!format!("{token:?}").contains("tok-secret"));
+}
+
+fn route_table(prefixes: &[String]) -> egain_proxy::routes::RouteTable {
+    let mut text = String::from("[profiles.p]\nkind = \"client_app\"\ntoken_url = \"http://127.0.0.1:1/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n");
+    for (i, p) in prefixes.iter().enumerate() {
+        text.push_str(&format!("[[routes]]\nname = \"r{i}\"\npath_prefix = \"{p}\"\nupstream = \"http://127.0.0.1:1\"\nprofile = \"p\"\n"));
+    }
+    let config = egain_proxy::Config::parse(&text, std::path::Path::new("."), &|_| None).unwrap();
+    egain_proxy::routes::RouteTable::new(&config.routes)
+}
+
+proptest! {
+    #[test]
+    fn validated_paths_never_escape_the_matched_prefix(
+        prefixes in proptest::collection::vec("/[a-z]{1,3}(/[a-z]{1,3}){0,2}/?", 1..5),
+        path in "(/([a-z]{1,3}|\\.|\\.\\.|%2[eEfF]|%25|%5[cC]|\\\\)){0,6}/?",
+    ) {
+        let table = route_table(&prefixes);
+        let path = if path.is_empty() { "/".to_owned() } else { path };
+        if egain_proxy::proxy::path::validate(&path).is_ok() {
+            // Normalising (RFC 3986 §5.2.4) a valid path changes nothing: it has no dot segments.
+            prop_assert!(!egain_proxy::proxy::path::has_dot_segment(&path));
+            let decoded = percent_encoding::percent_decode_str(&path).decode_utf8_lossy().replace('\\', "/");
+            prop_assert!(!decoded.split('/').any(|s| s == "." || s == ".."));
+            if let Some((_, route)) = table.find(&http::Method::GET, None, &path) {
+                let prefix = route.config.path_prefix.trim_end_matches('/');
+                prop_assert!(path == prefix || path.starts_with(&format!("{prefix}/")), "{} matched {}", path, prefix);
+            }
+        }
+    }
+
+    #[test]
+    fn the_path_validator_never_panics(path in "\\PC*") {
+        let _ = egain_proxy::proxy::path::validate(&path);
+    }
+
+    #[test]
+    fn the_route_matcher_never_panics(path in "\\PC*", host in proptest::option::of("\\PC*")) {
+        let table = route_table(&["/a".to_owned(), "/".to_owned()]);
+        let _ = table.find(&http::Method::GET, host.as_deref(), &path);
+    }
+}
+
+#[tokio::test]
+async fn keys_are_compared_whole() {
+    // A prefix of a valid key, or the key with a suffix, is not the key.
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let key = "k-0123456789abcdef";
+    let config = format!(
+        "{HEAD}[server.access]\napi_keys = [\"{key}\"]\napi_key_header = \"x-gateway-key\"\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    for wrong in [&key[..10], &format!("{key}x"), ""] {
+        let r = client()
+            .get(proxy.url("/x"))
+            .header("x-gateway-key", wrong)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{wrong:?}");
+    }
+    assert_eq!(
+        client()
+            .get(proxy.url("/x"))
+            .header("x-gateway-key", key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
