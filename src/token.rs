@@ -209,6 +209,13 @@ impl TokenHolder {
         }
     }
 
+    /// Installs a new current token and wakes requests waiting for one. The refresher is the
+    /// normal writer; tests and benches use it to swap tokens directly.
+    pub fn install(&self, token: AccessToken) {
+        self.current.store(Some(Arc::new(token)));
+        self.changed.notify_waiters();
+    }
+
     /// The current token (possibly expired), for status and tests.
     pub fn current(&self) -> Option<Arc<AccessToken>> {
         self.current.load_full()

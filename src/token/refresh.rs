@@ -123,8 +123,7 @@ async fn attempt(holder: &TokenHolder) -> bool {
                     })
                     .set(token.lifetime.as_secs_f64());
             }
-            holder.current.store(Some(Arc::new(token)));
-            holder.changed.notify_waiters();
+            holder.install(token);
             true
         }
         Err(e) => {

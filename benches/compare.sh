@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Compare egain-proxy with what users run today: nginx (and HAProxy, when installed) as a
+# reverse proxy that sets a static bearer header, in front of the same upstream.
+#
+# Each proxy is pinned to CPU 0; the upstream (an nginx `return 200`), the token server and
+# wrk share CPU 1, so every proxy sees the same conditions. Runs alternate between proxies
+# (ROUNDS rounds) so drift in the machine hits all of them alike; the script prints each
+# run, then the median requests/s and p99 of each and the median throughput ratio.
+#
+#   benches/compare.sh                      # defaults below
+#   CONNS=64 DURATION=10 ROUNDS=5 benches/compare.sh
+#
+# Needs: nginx and wrk (Debian/Ubuntu: apt-get install nginx-light wrk; HAProxy optional:
+# apt-get install haproxy), taskset (util-linux), and a release build (done here).
+set -euo pipefail
+
+CONNS=${CONNS:-64}
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-5}
+WRK_THREADS=${WRK_THREADS:-1}
+PROXY_CPU=${PROXY_CPU:-0}
+OTHER_CPU=${OTHER_CPU:-1}
+
+missing=()
+for tool in nginx wrk taskset curl; do
+  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "compare.sh needs: ${missing[*]}" >&2
+  echo "  Debian/Ubuntu: sudo apt-get install nginx-light wrk util-linux curl   (optional: haproxy)" >&2
+  echo "  macOS (no taskset; pinning is skipped there): brew install nginx wrk" >&2
+  exit 2
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || { [ -x /usr/sbin/haproxy ] && echo /usr/sbin/haproxy; } || true)
+
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+BIN=$PWD/target/release/egain-proxy
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(free_port); TOK=$(free_port); NGX=$(free_port); EGP=$(free_port); HAP=$(free_port)
+
+# The upstream: nginx answering a small JSON body, one worker on the other CPU.
+mkdir -p "$work/up" "$work/ngx"
+cat > "$work/up/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+error_log $work/up/error.log warn;
+pid $work/up/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up;
+  uwsgi_temp_path $work/up; scgi_temp_path $work/up;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UP;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+EOF
+taskset -c "$OTHER_CPU" "$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=($!)
+
+# The token server for egain-proxy: its own embedded mock eGain.
+taskset -c "$OTHER_CPU" "$BIN" mock-egain --listen "127.0.0.1:$TOK" > "$work/mock.log" 2>&1 & pids+=($!)
+
+# nginx as the reverse proxy users run today: static Authorization header, pooled upstream.
+cat > "$work/ngx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+error_log $work/ngx/error.log warn;
+pid $work/ngx/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/ngx; proxy_temp_path $work/ngx; fastcgi_temp_path $work/ngx;
+  uwsgi_temp_path $work/ngx; scgi_temp_path $work/ngx;
+  keepalive_requests 1000000;
+  upstream api { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer static-token-from-a-cron-job";
+    }
+  }
+}
+EOF
+taskset -c "$PROXY_CPU" "$NGINX" -c "$work/ngx/nginx.conf" -p "$work/ngx" & pids+=($!)
+
+# egain-proxy: same upstream, a real token from the mock, access log off like nginx's.
+cat > "$work/proxy.toml" <<EOF
+[server]
+listen = "127.0.0.1:$EGP"
+[log]
+level = "warn"
+[profiles.portal]
+kind = "client_app"
+token_url = "http://127.0.0.1:$TOK/system/auth/TDEMO0000001-U/oauth2/token"
+client_id = "demo-client-app"
+client_secret = "demo-client-app-secret"
+scopes = ["knowledge.portalmgr.manage"]
+[[routes]]
+path_prefix = "/"
+upstream = "http://127.0.0.1:$UP"
+profile = "portal"
+EOF
+taskset -c "$PROXY_CPU" "$BIN" run --config "$work/proxy.toml" 2> "$work/egain.log" & pids+=($!)
+
+names=(nginx egain-proxy)
+ports=($NGX $EGP)
+if [ -n "$HAPROXY" ]; then
+  cat > "$work/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend f
+  bind 127.0.0.1:$HAP
+  http-request set-header Authorization "Bearer static-token-from-a-cron-job"
+  default_backend b
+backend b
+  http-reuse always
+  server up 127.0.0.1:$UP
+EOF
+  taskset -c "$PROXY_CPU" "$HAPROXY" -f "$work/haproxy.cfg" -db & pids+=($!)
+  names+=(haproxy); ports+=($HAP)
+fi
+
+# Wait until everything answers (egain-proxy: until it has its token).
+for i in "${!ports[@]}"; do
+  for _ in $(seq 1 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ports[$i]}/")" = 200 ] && break
+    sleep 0.1
+  done
+done
+
+echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs)"
+echo "proxies on CPU $PROXY_CPU; upstream, token server and wrk on CPU $OTHER_CPU; $CONNS connections, ${DURATION}s runs, $ROUNDS rounds"
+printf '%-12s %6s %12s %10s %10s\n' proxy round req/s p50 p99
+declare -A rps p99s
+to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000 } else print v }'; }
+for round in $(seq 1 "$ROUNDS"); do
+  for i in "${!names[@]}"; do
+    out=$(taskset -c "$OTHER_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${ports[$i]}/")
+    r=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    p50=$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
+    p99=$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+    printf '%-12s %6s %12s %8sms %8sms %s\n' "${names[$i]}" "$round" "$r" "$p50" "$p99" "${non2xx:+non-2xx: $non2xx}"
+    rps[${names[$i]}]+="$r "
+    p99s[${names[$i]}]+="$p99 "
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+echo
+printf '%-12s %14s %12s\n' proxy "median req/s" "median p99"
+for n in "${names[@]}"; do
+  printf '%-12s %14s %10sms\n' "$n" "$(median <<<"${rps[$n]}")" "$(median <<<"${p99s[$n]}")"
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a/b }'; }
+egp=$(median <<<"${rps[egain-proxy]}")
+echo
+echo "throughput ratio egain-proxy/nginx (median): $(ratio "$egp" "$(median <<<"${rps[nginx]}")")"
+if [ -n "$HAPROXY" ]; then
+  echo "throughput ratio egain-proxy/haproxy (median): $(ratio "$egp" "$(median <<<"${rps[haproxy]}")")"
+fi
+echo "egain-proxy peak RSS: $(awk '/VmHWM/ {print $2, $3}' "/proc/${pids[3]}/status" 2>/dev/null || echo n/a)"
