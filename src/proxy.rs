@@ -358,6 +358,9 @@ fn rewrite_request_headers(
     });
     // The client's own credentials never reach the upstream; the proxy's token replaces them.
     head.remove(AUTHORIZATION);
+    // `Expect: 100-continue` was answered on this hop (hyper sends the 100 when the body is
+    // first read); the upstream gets the body straight away, as RFC 9110 §10.1.1 allows.
+    head.remove(http::header::EXPECT);
     if let Some(access) = &generation.access {
         head.remove(access.header());
     }

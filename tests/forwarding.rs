@@ -178,6 +178,7 @@ async fn hop_by_hop_and_forwarding_headers() {
         .header("x-forwarded-for", "203.0.113.9")
         .header("x-request-id", "req-123")
         .header("cookie", "session=1")
+        .header("expect", "100-continue")
         .header("accept-language", "fr")
         .header("host", "app.internal:8080")
         .send()
@@ -188,7 +189,13 @@ async fn hop_by_hop_and_forwarding_headers() {
     assert!(response.headers().get("keep-alive").is_none());
     assert_eq!(response.headers()["x-up-keep"], "1");
     let seen = upstream.last();
-    for gone in ["x-client-hop", "te", "proxy-authorization", "cookie"] {
+    for gone in [
+        "x-client-hop",
+        "te",
+        "proxy-authorization",
+        "cookie",
+        "expect",
+    ] {
         assert!(seen.headers.get(gone).is_none(), "{gone} was forwarded");
     }
     assert_eq!(

@@ -282,10 +282,16 @@ pub fn parse_response(
             "access_token has characters that cannot go in a header".into(),
         ));
     }
+    // RFC 6750 bearer tokens are what the proxy sends. Token types that need a proof with each
+    // request (MAC, DPoP, PoP) cannot work that way; anything else is accepted, since servers
+    // in the wild send "bearer", "Bearer", "BEARER" or vendor strings.
     if let Some(kind) = object.get("token_type").and_then(Value::as_str) {
-        if !kind.eq_ignore_ascii_case("bearer") {
+        if ["mac", "dpop", "pop"]
+            .iter()
+            .any(|k| kind.eq_ignore_ascii_case(k))
+        {
             return Err(FetchError::BadResponse(format!(
-                "token_type {:?} is not Bearer",
+                "token_type {:?} is not a bearer token",
                 sanitize(kind, 40)
             )));
         }
