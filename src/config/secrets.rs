@@ -46,6 +46,13 @@ pub fn fingerprint(value: &[u8]) -> String {
 
 /// Expands `${VAR}` and `${VAR:-default}` in `input` from `lookup`. `$$` is a literal `$`.
 /// An unset variable without a default is an error naming it.
+///
+/// ```
+/// use egain_proxy::config::secrets::interpolate;
+/// let env = |name: &str| (name == "TENANT").then(|| "T1".to_owned());
+/// assert_eq!(interpolate("https://x/${TENANT}-U/${PORT:-443}", &env).unwrap(), "https://x/T1-U/443");
+/// assert!(interpolate("${SECRET}", &env).unwrap_err().contains("SECRET is not set"));
+/// ```
 pub fn interpolate(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     if !input.contains('$') {
         return Ok(input.to_owned());
