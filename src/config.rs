@@ -41,6 +41,11 @@ impl ConfigError {
         }
     }
 
+    /// An error about the configuration as a whole (no single key to name).
+    pub fn general(message: impl Into<String>) -> Self {
+        ConfigError::at("", message)
+    }
+
     fn in_file(mut self, file: &Path) -> Self {
         self.file = Some(file.to_owned());
         self

@@ -124,6 +124,11 @@ impl Proxy {
         if let Some(listener) = self.admin {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "admin listening");
+                if !addr.ip().is_loopback() {
+                    // /status and /metrics carry no secrets, but /reload and the inventory of
+                    // routes and profiles are for operators only.
+                    tracing::warn!(%addr, "the admin listener is not on loopback; keep it on a management network");
+                }
             }
             tokio::spawn(crate::admin::serve(
                 listener,

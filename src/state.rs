@@ -32,11 +32,7 @@ impl Generation {
         previous: Option<&Generation>,
         metrics: &Arc<Metrics>,
     ) -> Result<Generation, ConfigError> {
-        let err = |m: String| ConfigError {
-            file: None,
-            location: String::new(),
-            message: m,
-        };
+        let err = |m: String| ConfigError::general(m);
         let upstreams = Upstreams::build(&config, previous.map(|p| &p.upstreams)).map_err(err)?;
         let tokens = Tokens::build(&config, previous.map(|p| &p.tokens), metrics).map_err(err)?;
         Ok(Generation {
@@ -95,18 +91,12 @@ impl Shared {
                 let path = path.clone();
                 match tokio::task::spawn_blocking(move || Config::load(&path)).await {
                     Ok(r) => r,
-                    Err(e) => Err(ConfigError {
-                        file: None,
-                        location: String::new(),
-                        message: format!("reload task failed: {e}"),
-                    }),
+                    Err(e) => Err(ConfigError::general(format!("reload task failed: {e}"))),
                 }
             }
-            None => Err(ConfigError {
-                file: None,
-                location: String::new(),
-                message: "this instance has no config file to reload".into(),
-            }),
+            None => Err(ConfigError::general(
+                "this instance has no config file to reload",
+            )),
         };
         let result = match result {
             Ok(config) => self.install(config).await,
@@ -147,6 +137,20 @@ impl Shared {
 fn warn_restart_only_changes(old: &Config, new: &Config) {
     if old.server.listen != new.server.listen {
         tracing::warn!(old = ?old.server.listen, new = ?new.server.listen, "server.listen changed; restart to apply it");
+    }
+    let (o, n) = (&old.server, &new.server);
+    if (
+        o.shutdown_grace,
+        o.header_read_timeout,
+        o.max_header_bytes,
+        o.max_connections,
+    ) != (
+        n.shutdown_grace,
+        n.header_read_timeout,
+        n.max_header_bytes,
+        n.max_connections,
+    ) {
+        tracing::warn!("server limits (shutdown_grace, header_read_timeout, max_header_bytes, max_connections) changed; restart to apply them");
     }
     if old.server.tls != new.server.tls {
         tracing::warn!("server.tls changed; restart to apply it");
