@@ -66,6 +66,31 @@ pub fn spawn_sighup_reloader(shared: std::sync::Arc<state::Shared>) {
     let _ = shared;
 }
 
+/// `run --watch`: reloads when the config file's modification time or size changes. Polling
+/// works on every filesystem, including mounted secrets and ConfigMaps that are swapped by a
+/// symlink change. A half-written file fails validation and leaves the old config serving;
+/// the next change is picked up again.
+pub fn spawn_file_watcher(shared: std::sync::Arc<state::Shared>, every: std::time::Duration) {
+    let Some(path) = shared.config_path.clone() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let stamp = |m: std::fs::Metadata| (m.modified().ok(), m.len());
+        let mut last = tokio::fs::metadata(&path).await.ok().map(stamp);
+        loop {
+            tokio::time::sleep(every).await;
+            let now = tokio::fs::metadata(&path).await.ok().map(stamp);
+            if now != last {
+                last = now;
+                if now.is_some() {
+                    tracing::info!(path = %path.display(), "config file changed: reloading");
+                    let _ = shared.reload().await;
+                }
+            }
+        }
+    });
+}
+
 /// Sets up `tracing` on stderr: `text` or `json` (one object per line); `RUST_LOG` wins over
 /// the configured level.
 pub fn init_logging(format: config::LogFormat, level: &str) {

@@ -19,6 +19,9 @@ struct Cli {
     /// Config file [default: $EGAIN_PROXY_CONFIG, then ./proxy.toml]
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// With `run`: also reload when the config file changes (polled every second)
+    #[arg(long, global = true)]
+    watch: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -69,7 +72,7 @@ fn main() -> ExitCode {
     };
     let config_path = cli.config.unwrap_or_else(Config::default_path);
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => runtime.block_on(run(config_path)),
+        Command::Run => runtime.block_on(run(config_path, cli.watch)),
         Command::Check => check(&config_path),
         Command::Token { profile, show } => runtime.block_on(token(&config_path, &profile, show)),
         Command::Demo { port } => runtime.block_on(demo(port)),
@@ -84,21 +87,20 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-async fn run(path: PathBuf) -> ExitCode {
+async fn run(path: PathBuf, watch: bool) -> ExitCode {
     let config = match load(&path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     egain_proxy::init_logging(config.log.format, &config.log.level);
-    serve(config, Some(path)).await
-}
-
-async fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
-    let proxy = match Proxy::bind(config, path).await {
+    let proxy = match Proxy::bind(config, Some(path)).await {
         Ok(p) => p,
         Err(e) => return start_failed(&e),
     };
     egain_proxy::spawn_sighup_reloader(proxy.shared());
+    if watch {
+        egain_proxy::spawn_file_watcher(proxy.shared(), Duration::from_secs(1));
+    }
     proxy.run(egain_proxy::shutdown_signal()).await;
     ExitCode::SUCCESS
 }

@@ -355,6 +355,47 @@ async fn post_reload_swaps_routes_keeps_tokens_and_rejects_bad_files() {
     );
 }
 
+#[tokio::test]
+async fn watch_reloads_when_the_file_changes() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let base = format!(
+        "{HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("one", "/one", &upstream.url(), "portal", "")
+    );
+    std::fs::write(&path, &base).unwrap();
+    let config = egain_proxy::Config::load(&path).unwrap();
+    let proxy = TestProxy::start_config(config, Some(path.clone())).await;
+    egain_proxy::spawn_file_watcher(
+        std::sync::Arc::clone(&proxy.shared),
+        Duration::from_millis(50),
+    );
+    proxy.ready().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(
+        &path,
+        format!(
+            "{base}{}",
+            route("two", "/two", &upstream.url(), "portal", "")
+        ),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), || proxy.shared.load().number == 2).await;
+    assert_eq!(
+        client()
+            .get(proxy.url("/two"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(tokens.count(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real binary
 
