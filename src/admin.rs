@@ -21,7 +21,12 @@ use crate::state::Shared;
 use crate::ProxyBody;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The same slow-client guard as the proxy listener.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10));
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {

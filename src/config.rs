@@ -507,6 +507,19 @@ fn resolve(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             ));
         }
     }
+    let tls = match raw.server.tls {
+        None => None,
+        Some(t) => {
+            let files = TlsFiles {
+                cert: file(&t.cert),
+                key: file(&t.key),
+            };
+            // Load them now so `check` catches a missing file or a key that does not fit.
+            crate::tls::server_config(&files.cert, &files.key)
+                .map_err(|m| ConfigError::at("server.tls", m))?;
+            Some(files)
+        }
+    };
     let server = ServerConfig {
         listen,
         shutdown_grace: raw
@@ -514,10 +527,7 @@ fn resolve(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             .shutdown_grace
             .map_or(Duration::from_secs(30), |d| d.0),
         open: raw.server.open,
-        tls: raw.server.tls.map(|t| TlsFiles {
-            cert: file(&t.cert),
-            key: file(&t.key),
-        }),
+        tls,
         access,
         header_read_timeout: raw
             .server

@@ -260,6 +260,11 @@ async fn refuses_to_start_exposed_or_in_clear_text() {
         "[server]\nlisten = \"0.0.0.0:8080\"\n[server.access]\nallow = [\"10.0.0.0/8\"]\n{profile}"
     ))
     .is_ok());
+    let e = parse(&format!(
+        "[server.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n{profile}"
+    ))
+    .unwrap_err();
+    assert_eq!(e.location, "server.tls");
     let e = parse(&profile.replace("https://egain.example", "http://egain.example")).unwrap_err();
     assert_eq!(e.location, "profiles.p.token_url");
     assert!(parse(&format!(
