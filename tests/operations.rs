@@ -573,9 +573,15 @@ async fn sighup_adds_a_route_without_a_new_token_and_survives_a_bad_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
     let tokens = TokenServer::healthy(3600).await;
-    let (upstream, _g) = serve(|_req: http::Request<hyper::body::Incoming>| async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        json_response(200, r#"{"slow":true}"#, &[])
+    let arrived = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&arrived);
+    let (upstream, _g) = serve(move |_req: http::Request<hyper::body::Incoming>| {
+        let flag = Arc::clone(&flag);
+        async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            json_response(200, r#"{"slow":true}"#, &[])
+        }
     })
     .await;
     let config = format!(
@@ -593,7 +599,11 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
             .await
             .unwrap()
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM once the request is at the upstream, i.e. truly in flight through the proxy.
+    eventually(Duration::from_secs(10), || {
+        arrived.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
     proc.signal("TERM");
     let response = in_flight.await.unwrap();
     assert_eq!(response.status(), 200);
@@ -686,7 +696,8 @@ async fn trace_logs_carry_no_secret_or_token_and_json_is_one_object_per_line() {
         .send()
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    proc.wait_for_log("\"replayed\":true").await;
+    proc.wait_for_log("\"path\":\"/x\"").await;
 
     let logs = proc.logs();
     assert!(logs.len() > 10);
