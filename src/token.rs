@@ -228,6 +228,7 @@ impl TokenHolder {
         }
         self.wake.notify_one();
         let deadline = tokio::time::Instant::now() + WAIT_FOR_TOKEN;
+        let fetches_before = lock(&self.status).fetch_count;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -235,10 +236,19 @@ impl TokenHolder {
             if let Some(t) = self.usable() {
                 return Ok(t);
             }
-            // No point waiting when the next attempt is scheduled after our deadline.
-            let next = lock(&self.status).next_attempt;
-            if next.is_some_and(|n| n > deadline.into_std()) {
-                return Err(self.unavailable(profile));
+            {
+                let s = lock(&self.status);
+                // The request waits for the outcome of one fetch (the one in flight, or the
+                // next one), not for a whole backoff schedule: once an attempt made while it
+                // waited has failed, it answers 503 with Retry-After at once.
+                let attempt_failed =
+                    s.fetch_count > fetches_before && !s.fetching && s.last_error.is_some();
+                // Nor is there any point waiting when the next attempt comes after the deadline.
+                let too_late = s.next_attempt.is_some_and(|n| n > deadline.into_std());
+                if attempt_failed || too_late {
+                    drop(s);
+                    return Err(self.unavailable(profile));
+                }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(self.unavailable(profile));

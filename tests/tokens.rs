@@ -64,9 +64,21 @@ async fn token_endpoint_down_at_start_then_recovers_without_restart() {
         .await
         .unwrap();
     assert_eq!(readyz.status(), 503);
+    let asked = Instant::now();
     let r = client().get(proxy.url("/a")).send().await.unwrap();
     assert_eq!(r.status(), 503);
-    assert!(r.headers().get("retry-after").is_some());
+    // It waited for one failed attempt, not the whole 5 s.
+    assert!(
+        asked.elapsed() < Duration::from_millis(4500),
+        "{:?}",
+        asked.elapsed()
+    );
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
     let body = error_body(r).await;
     assert_eq!(body["error"], "token_unavailable");
     assert!(

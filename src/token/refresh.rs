@@ -28,22 +28,7 @@ pub fn backoff(failures: u32, retry_after: Option<Duration>, jitter: f64) -> Dur
 
 pub async fn run(holder: Arc<TokenHolder>) {
     loop {
-        let ok = attempt(&holder).await;
-        if !ok {
-            let (failures, retry_after) = {
-                let s = lock(&holder.status);
-                (
-                    s.failures_in_a_row,
-                    s.last_error.as_ref().and_then(FetchError::retry_after),
-                )
-            };
-            let delay = backoff(
-                failures,
-                retry_after,
-                rand::thread_rng().gen_range(0.8..1.2),
-            );
-            lock(&holder.status).next_attempt = Some(Instant::now() + delay);
-            tracing::info!(profile = %holder.label(), retry_in_ms = delay.as_millis() as u64, failures, "token fetch will be retried");
+        if let Err(delay) = attempt(&holder).await {
             tokio::time::sleep(delay).await;
             continue;
         }
@@ -64,8 +49,9 @@ pub async fn run(holder: Arc<TokenHolder>) {
     }
 }
 
-/// One token request; installs the token on success. Returns whether it succeeded.
-async fn attempt(holder: &TokenHolder) -> bool {
+/// One token request; installs the token on success, else returns the delay before the next
+/// attempt (also recorded in the status before waiters are woken, for their Retry-After).
+async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
     {
         let mut s = lock(&holder.status);
         s.fetching = true;
@@ -124,11 +110,15 @@ async fn attempt(holder: &TokenHolder) -> bool {
                     .set(token.lifetime.as_secs_f64());
             }
             holder.install(token);
-            true
+            Ok(())
         }
         Err(e) => {
             s.failures_in_a_row += 1;
+            let jitter = rand::thread_rng().gen_range(0.8..1.2);
+            let delay = backoff(s.failures_in_a_row, e.retry_after(), jitter);
+            s.next_attempt = Some(Instant::now() + delay);
             let still_valid = holder.usable().is_some();
+            let retry_in_ms = delay.as_millis() as u64;
             match &e {
                 FetchError::OAuth {
                     error,
@@ -142,6 +132,8 @@ async fn attempt(holder: &TokenHolder) -> bool {
                     error = %error,
                     error_description = description.as_deref().unwrap_or(""),
                     current_token_still_valid = still_valid,
+                    failures = s.failures_in_a_row,
+                    retry_in_ms,
                     "token endpoint refused the request"
                 ),
                 _ => tracing::warn!(
@@ -149,14 +141,16 @@ async fn attempt(holder: &TokenHolder) -> bool {
                     outcome,
                     error = %e,
                     current_token_still_valid = still_valid,
+                    failures = s.failures_in_a_row,
+                    retry_in_ms,
                     "token fetch failed"
                 ),
             }
             s.last_error = Some(e);
             drop(s);
-            // Waiters re-check: with no token coming soon they answer 503 without waiting.
+            // Waiters re-check: they answer 503 now rather than sit out the backoff.
             holder.changed.notify_waiters();
-            false
+            Err(delay)
         }
     }
 }
