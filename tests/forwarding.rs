@@ -13,8 +13,6 @@ use http_body_util::{BodyExt, StreamBody};
 use sha2::{Digest, Sha256};
 use support::*;
 
-const HEAD: &str = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-
 #[tokio::test]
 async fn client_app_token_request_is_exactly_egains() {
     let tokens = TokenServer::healthy(3600).await;
@@ -88,12 +86,7 @@ async fn anonymous_customer_token_request_is_exactly_egains() {
 async fn upstream_sees_the_proxy_token_never_the_clients() {
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::start().await;
-    let config = format!(
-        "{HEAD}{}{}",
-        client_app_profile("p", &tokens, ""),
-        route("r", "/", &upstream.url(), "p", "")
-    );
-    let proxy = TestProxy::start(&config).await;
+    let proxy = proxy_for(&tokens, &upstream, "", "").await;
     let response = client()
         .get(proxy.url("/x"))
         .header("authorization", "Basic dXNlcjpwYXNz")
@@ -480,12 +473,7 @@ async fn server_sent_events_arrive_one_by_one() {
 async fn h2c_clients_are_served() {
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::start().await;
-    let config = format!(
-        "{HEAD}{}{}",
-        client_app_profile("p", &tokens, ""),
-        route("r", "/", &upstream.url(), "p", "")
-    );
-    let proxy = TestProxy::start(&config).await;
+    let proxy = proxy_for(&tokens, &upstream, "", "").await;
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()

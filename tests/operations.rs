@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use support::*;
 
-const HEAD: &str = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-
 // ---------------------------------------------------------------------------------------------
 // In-process
 
@@ -33,12 +31,7 @@ async fn readyz_follows_token_validity() {
     })
     .await;
     let upstream = Upstream::start().await;
-    let config = format!(
-        "{HEAD}{}{}",
-        client_app_profile("portal", &tokens, ""),
-        route("r", "/", &upstream.url(), "portal", "")
-    );
-    let proxy = TestProxy::start(&config).await;
+    let proxy = proxy_for(&tokens, &upstream, "", "").await;
     let client = client();
 
     let r = client.get(proxy.admin_url("/readyz")).send().await.unwrap();
@@ -238,20 +231,26 @@ async fn status_lists_profiles_and_never_secrets_or_tokens() {
     );
 }
 
+/// A proxy started from `config` written to a file, so it can be reloaded.
+async fn file_backed_proxy(config: &str) -> (TestProxy, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let loaded = egain_proxy::Config::load(&path).unwrap();
+    let proxy = TestProxy::start_config(loaded, Some(path.clone())).await;
+    (proxy, path, dir)
+}
+
 #[tokio::test]
 async fn post_reload_swaps_routes_keeps_tokens_and_rejects_bad_files() {
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
     let base = format!(
         "{HEAD}{}{}",
         client_app_profile("portal", &tokens, ""),
         route("one", "/one", &upstream.url(), "portal", "")
     );
-    std::fs::write(&path, &base).unwrap();
-    let config = egain_proxy::Config::load(&path).unwrap();
-    let proxy = TestProxy::start_config(config, Some(path.clone())).await;
+    let (proxy, path, _dir) = file_backed_proxy(&base).await;
     proxy.ready().await;
     let client = client();
     assert_eq!(
@@ -359,16 +358,12 @@ async fn post_reload_swaps_routes_keeps_tokens_and_rejects_bad_files() {
 async fn watch_reloads_when_the_file_changes() {
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
     let base = format!(
         "{HEAD}{}{}",
         client_app_profile("portal", &tokens, ""),
         route("one", "/one", &upstream.url(), "portal", "")
     );
-    std::fs::write(&path, &base).unwrap();
-    let config = egain_proxy::Config::load(&path).unwrap();
-    let proxy = TestProxy::start_config(config, Some(path.clone())).await;
+    let (proxy, path, _dir) = file_backed_proxy(&base).await;
     egain_proxy::spawn_file_watcher(
         std::sync::Arc::clone(&proxy.shared),
         Duration::from_millis(50),

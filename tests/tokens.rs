@@ -6,8 +6,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-const HEAD: &str = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-
 fn raw(status: u16, body: &str) -> Reply {
     Reply::Raw {
         status,
@@ -27,20 +25,6 @@ async fn checking_upstream(tokens: &TokenServer) -> Upstream {
         }
     })
     .await
-}
-
-async fn proxy_for(
-    tokens: &TokenServer,
-    upstream: &Upstream,
-    profile_extra: &str,
-    route_extra: &str,
-) -> TestProxy {
-    let config = format!(
-        "{HEAD}{}{}",
-        client_app_profile("portal", tokens, profile_extra),
-        route("r", "/", &upstream.url(), "portal", route_extra)
-    );
-    TestProxy::start(&config).await
 }
 
 async fn error_body(response: reqwest::Response) -> serde_json::Value {

@@ -415,6 +415,24 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// `[server]` and `[admin]` on ephemeral loopback ports.
+pub const HEAD: &str = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+/// The common case: profile `portal` against `tokens`, route `r` for every path to `upstream`.
+pub async fn proxy_for(
+    tokens: &TokenServer,
+    upstream: &Upstream,
+    profile_extra: &str,
+    route_extra: &str,
+) -> TestProxy {
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("portal", tokens, profile_extra),
+        route("r", "/", &upstream.url(), "portal", route_extra)
+    );
+    TestProxy::start(&config).await
+}
+
 /// A client-app profile `name` against `tokens`, and any extra lines.
 pub fn client_app_profile(name: &str, tokens: &TokenServer, extra: &str) -> String {
     format!(
