@@ -58,7 +58,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET | &Method::HEAD, "/readyz") => readyz(&shared),
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(&shared),
         (&Method::GET | &Method::HEAD, "/status") => {

@@ -58,7 +58,7 @@ async fn readyz_follows_token_validity() {
             .text()
             .await
             .unwrap(),
-        "ok\n"
+        "ok"
     );
 
     // The 2 s token expires and cannot be refreshed.
