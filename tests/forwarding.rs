@@ -583,3 +583,33 @@ async fn embedded_mock_egain_works_end_to_end_with_both_flows() {
     assert_eq!(body["code"], "401-101");
     assert_eq!(mock.token_requests(), 2);
 }
+
+#[tokio::test]
+async fn every_listen_address_serves() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\", \"127.0.0.2:0\"]\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let config = egain_proxy::Config::parse(&config, std::path::Path::new("."), &|_| None).unwrap();
+    let proxy = egain_proxy::Proxy::bind(config, None).await.unwrap();
+    let addrs = proxy.local_addrs();
+    assert_eq!(addrs.len(), 2);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.run(async move {
+        let _ = rx.await;
+    }));
+    for addr in &addrs {
+        let r = client()
+            .get(format!("http://{addr}/multi"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{addr}");
+    }
+    assert_eq!(upstream.seen().len(), 2);
+    let _ = tx.send(());
+    task.await.unwrap();
+}
