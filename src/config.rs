@@ -267,7 +267,12 @@ impl Config {
 }
 
 fn line_col(text: &str, offset: usize) -> String {
-    let before = &text[..offset.min(text.len())];
+    // Never slice inside a UTF-8 character, whatever offset the parser reports.
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     format!("{line}:{column}")
@@ -392,6 +397,11 @@ profile = "portal"
 
         let e = parse("[server]\nlisten = \n").unwrap_err();
         assert_eq!(e.location, "2:10");
+        let e = parse("[server]\nshutdown_grace = \"900000000y\"\n").unwrap_err();
+        assert_eq!(e.location, "server.shutdown_grace");
+        assert!(e.message.contains("longer than a year"), "{e}");
+        let e = parse("# é\n[server]\nlisten = \"é\nx").unwrap_err();
+        assert!(e.location.starts_with("3:"), "{e}");
 
         let e = parse(
             &GOOD

@@ -24,6 +24,9 @@ pub const WAIT_FOR_TOKEN: Duration = Duration::from_secs(5);
 /// Forced refreshes after upstream 401s are limited to one per this interval per holder.
 pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Longest lifetime believed from a token response.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A token ready to be sent: everything that changes together, behind one swap.
 pub struct AccessToken {
     /// `Bearer <token>`, marked sensitive so hyper's HPACK never indexes it and Debug hides it.
@@ -57,6 +60,9 @@ impl AccessToken {
         sent_at: Instant,
         scope: Option<String>,
     ) -> Option<Self> {
+        // A server may claim any lifetime (expires_in, a JWT exp decades away); a year is
+        // plenty and keeps every deadline computed from it far from overflow.
+        let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
         let mut header = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
         header.set_sensitive(true);
         // Safety margin against expiring in flight: a tenth of the lifetime, at most 2 s.

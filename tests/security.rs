@@ -427,6 +427,14 @@ fn secrets_never_print() {
     )
     .unwrap();
     assert!(token.header.is_sensitive());
+    // A server claiming an absurd lifetime cannot overflow the proxy's deadlines.
+    assert!(egain_proxy::token::AccessToken::new(
+        "t",
+        Duration::MAX,
+        std::time::Instant::now(),
+        None
+    )
+    .is_some());
     assert!(!format!("{token:?}").contains("tok-secret"));
 }
 
@@ -462,6 +470,21 @@ proptest! {
     #[test]
     fn the_path_validator_never_panics(path in "\\PC*") {
         let _ = egain_proxy::proxy::path::validate(&path);
+    }
+
+    #[test]
+    fn config_parsing_never_panics(text in "\\PC*", mutated in "(\\[server\\]|listen = |\\[\\[routes\\]\\]|path_prefix = \"/|\"|\\$\\{|\\}|\\n|=|é|\\[profiles\\.p\\]|kind = \"client_app\"){0,30}") {
+        let _ = egain_proxy::Config::parse(&text, std::path::Path::new("."), &|_| None);
+        let _ = egain_proxy::Config::parse(&mutated, std::path::Path::new("."), &|_| None);
+    }
+
+    #[test]
+    fn token_response_parsing_never_panics(status in 100u16..600, body in proptest::collection::vec(any::<u8>(), 0..200), json in "\\{(\"(access_token|expires_in|token_type|error|scope)\": ?(\"[a-z.=-]{0,12}\"|-?[0-9]{1,20}(\\.[0-9]+)?|null|true|\\[\\]|\\{\\}),? ?){0,5}\\}") {
+        let headers = http::HeaderMap::new();
+        let now = std::time::SystemTime::now();
+        let ttl = Duration::from_secs(300);
+        let _ = egain_proxy::token::fetch::parse_response(status, &headers, &body, ttl, now);
+        let _ = egain_proxy::token::fetch::parse_response(200, &headers, json.as_bytes(), ttl, now);
     }
 
     #[test]

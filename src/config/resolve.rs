@@ -123,14 +123,23 @@ struct RawRoute {
 #[derive(Debug, Clone, Copy)]
 struct Dur(Duration);
 
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
             serde::de::Error::custom(format!(
                 "invalid duration {s:?} ({e}); use e.g. \"250ms\", \"30s\", \"5m\""
             ))
-        })
+        })?;
+        // Deadlines are computed as now + duration; absurd values must not overflow them.
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {s:?} is longer than a year"
+            )));
+        }
+        Ok(Dur(d))
     }
 }
 
