@@ -100,6 +100,13 @@ impl Proxy {
         let server = &generation.config.server;
         let grace = server.shutdown_grace;
         let max_connections = server.max_connections;
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %self.shared.config_path.as_deref().map_or("(built in)".into(), |p| p.display().to_string()),
+            routes = generation.config.routes.len(),
+            profiles = generation.config.profiles.len(),
+            "egain-proxy starting"
+        );
         let builder = Arc::new(http_builder(
             server.header_read_timeout,
             server.max_header_bytes,
