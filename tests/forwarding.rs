@@ -267,9 +267,7 @@ async fn cold_start_concurrency_makes_one_token_request_per_profile() {
     for i in 0..200 {
         let url = proxy.url(if i % 2 == 0 { "/a/x" } else { "/b/x" });
         let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            client.get(url).send().await.unwrap().status()
-        }));
+        tasks.push(tokio::spawn(async move { status(client.get(url)).await }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -532,15 +530,7 @@ async fn upstream_failures_map_to_502_and_504() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "upstream_timeout");
     // And the proxy keeps serving.
-    assert_eq!(
-        client()
-            .get(proxy.url("/ok"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(client().get(proxy.url("/ok"))).await, 200);
 }
 
 #[tokio::test]

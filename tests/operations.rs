@@ -40,15 +40,7 @@ async fn readyz_follows_token_validity() {
     assert_eq!(body["not_ready"], serde_json::json!(["portal"]));
 
     proxy.ready().await;
-    assert_eq!(
-        client
-            .get(proxy.admin_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(client.get(proxy.admin_url("/readyz"))).await, 200);
     assert_eq!(
         client
             .get(proxy.admin_url("/healthz"))
@@ -64,12 +56,7 @@ async fn readyz_follows_token_validity() {
     // The 2 s token expires and cannot be refreshed.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let status = client
-            .get(proxy.admin_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let status = status(client.get(proxy.admin_url("/readyz"))).await;
         if status == 503 {
             break;
         }
@@ -253,10 +240,7 @@ async fn post_reload_swaps_routes_keeps_tokens_and_rejects_bad_files() {
     let (proxy, path, _dir) = file_backed_proxy(&base).await;
     proxy.ready().await;
     let client = client();
-    assert_eq!(
-        client.get(proxy.url("/two")).send().await.unwrap().status(),
-        404
-    );
+    assert_eq!(status(client.get(proxy.url("/two"))).await, 404);
 
     std::fs::write(
         &path,
@@ -276,10 +260,7 @@ async fn post_reload_swaps_routes_keeps_tokens_and_rejects_bad_files() {
         r.json::<serde_json::Value>().await.unwrap()["generation"],
         2
     );
-    assert_eq!(
-        client.get(proxy.url("/two")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(status(client.get(proxy.url("/two"))).await, 200);
     assert_eq!(
         tokens.count(),
         1,
@@ -306,11 +287,11 @@ async fn post_reload_swaps_routes_keeps_tokens_and_rejects_bad_files() {
         "{body}"
     );
     assert_eq!(
-        client.get(proxy.url("/two")).send().await.unwrap().status(),
+        status(client.get(proxy.url("/two"))).await,
         200,
         "old config must keep serving"
     );
-    let status: serde_json::Value = client
+    let state: serde_json::Value = client
         .get(proxy.admin_url("/status"))
         .send()
         .await
@@ -318,19 +299,11 @@ async fn post_reload_swaps_routes_keeps_tokens_and_rejects_bad_files() {
         .json()
         .await
         .unwrap();
-    assert_eq!(status["generation"], 2);
+    assert_eq!(state["generation"], 2);
 
     // A changed secret is a new token.
     std::fs::write(&path, base.replace("secret-portal", "rotated-secret")).unwrap();
-    assert_eq!(
-        client
-            .post(proxy.admin_url("/reload"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(client.post(proxy.admin_url("/reload"))).await, 200);
     eventually(Duration::from_secs(5), || tokens.count() == 2).await;
     assert_eq!(
         tokens.requests()[1].form()["client_secret"],
@@ -379,15 +352,7 @@ async fn watch_reloads_when_the_file_changes() {
     )
     .unwrap();
     eventually(Duration::from_secs(5), || proxy.shared.load().number == 2).await;
-    assert_eq!(
-        client()
-            .get(proxy.url("/two"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(client().get(proxy.url("/two"))).await, 200);
     assert_eq!(tokens.count(), 1);
 }
 
@@ -502,24 +467,8 @@ async fn sighup_adds_a_route_without_a_new_token_and_survives_a_bad_file() {
     let addr = proc.addr("proxy listening").await;
     proc.wait_for_log("token fetched").await;
     let client = client();
-    assert_eq!(
-        client
-            .get(format!("http://{addr}/one"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(format!("http://{addr}/two"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(status(client.get(format!("http://{addr}/one"))).await, 200);
+    assert_eq!(status(client.get(format!("http://{addr}/two"))).await, 404);
 
     std::fs::write(
         &proc.path,
@@ -531,38 +480,14 @@ async fn sighup_adds_a_route_without_a_new_token_and_survives_a_bad_file() {
     .unwrap();
     proc.signal("HUP");
     proc.wait_for_log("configuration reloaded").await;
-    assert_eq!(
-        client
-            .get(format!("http://{addr}/two"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(client.get(format!("http://{addr}/two"))).await, 200);
     assert_eq!(tokens.count(), 1);
 
     std::fs::write(&proc.path, "this is [not toml").unwrap();
     proc.signal("HUP");
     proc.wait_for_log("configuration reload failed").await;
-    assert_eq!(
-        client
-            .get(format!("http://{addr}/two"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(format!("http://{addr}/one"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(client.get(format!("http://{addr}/two"))).await, 200);
+    assert_eq!(status(client.get(format!("http://{addr}/one"))).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,34 +581,21 @@ async fn trace_logs_carry_no_secret_or_token_and_json_is_one_object_per_line() {
     proc.wait_for_log("token fetched").await;
     let client = client();
     assert_eq!(
-        client
-            .get(format!("http://{addr}/a"))
-            .header("authorization", "Bearer client-own-token")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(
+            client
+                .get(format!("http://{addr}/a"))
+                .header("authorization", "Bearer client-own-token")
+        )
+        .await,
         200
     );
     // Revocation: the request sees a 401 and is replayed with a new token.
     assert_eq!(
-        client
-            .post(format!("http://{addr}/revoke"))
-            .body("x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(client.post(format!("http://{addr}/revoke")).body("x")).await,
         200
     );
     assert_eq!(
-        client
-            .post(format!("http://{addr}/b"))
-            .body("x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(client.post(format!("http://{addr}/b")).body("x")).await,
         200
     );
     client

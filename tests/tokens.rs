@@ -78,15 +78,7 @@ async fn token_endpoint_down_at_start_then_recovers_without_restart() {
     proxy.ready().await;
     let r = client().get(proxy.url("/a")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        client()
-            .get(proxy.admin_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(client().get(proxy.admin_url("/readyz"))).await, 200);
 }
 
 #[tokio::test]
@@ -277,15 +269,7 @@ async fn revocation_is_recovered_with_one_token_request_and_replays() {
     let upstream = checking_upstream(&tokens).await;
     let proxy = proxy_for(&tokens, &upstream, "", "").await;
     proxy.ready().await;
-    assert_eq!(
-        client()
-            .get(proxy.url("/warm"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(client().get(proxy.url("/warm"))).await, 200);
     tokens.revoke_all();
 
     let client = client();
@@ -294,13 +278,7 @@ async fn revocation_is_recovered_with_one_token_request_and_replays() {
         let client = client.clone();
         let url = proxy.url(&format!("/r/{i}"));
         tasks.push(tokio::spawn(async move {
-            client
-                .post(url)
-                .body(format!("body-{i}"))
-                .send()
-                .await
-                .unwrap()
-                .status()
+            status(client.post(url).body(format!("body-{i}"))).await
         }));
     }
     for t in tasks {
@@ -366,15 +344,7 @@ async fn replay_sends_the_identical_body_and_large_bodies_pass_the_401_through()
     assert_eq!(r.status(), 401);
     assert_eq!(error_body(r).await["code"], "401-101");
     eventually(Duration::from_secs(5), || tokens.count() == 3).await;
-    assert_eq!(
-        client()
-            .get(proxy.url("/after"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(client().get(proxy.url("/after"))).await, 200);
 }
 
 #[tokio::test]

@@ -445,6 +445,11 @@ pub fn route(name: &str, prefix: &str, upstream: &str, profile: &str, extra: &st
     format!("[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\nprofile = \"{profile}\"\n{extra}\n")
 }
 
+/// Sends `request` and returns the status code.
+pub async fn status(request: reqwest::RequestBuilder) -> u16 {
+    request.send().await.unwrap().status().as_u16()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
