@@ -112,3 +112,18 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .map_err(|never| match never {})
         .boxed()
 }
+
+/// An error and its sources on one line, each cause once: the top line of a client error
+/// ("error sending request") rarely says what went wrong; the chain does (refused, DNS, TLS).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}

@@ -305,7 +305,7 @@ async fn send(
             upstream_error(kind);
             Err(ProxyError::UpstreamUnreachable {
                 route: name.clone(),
-                detail: error_chain(&e),
+                detail: crate::error::chain(&e),
             })
         }
         Err(_) => {
@@ -316,19 +316,6 @@ async fn send(
             })
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 fn upstream_uri(route: &Route, original: &Uri) -> Result<Uri, ProxyError> {

@@ -183,20 +183,11 @@ fn classify(e: reqwest::Error, timeout: Duration) -> FetchError {
         return FetchError::Timeout(timeout);
     }
     let e = e.without_url();
-    // The chain says what went wrong (refused, DNS, TLS); reqwest's own top line does not.
-    let mut parts = vec![e.to_string()];
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
+    let detail = crate::error::chain(&e);
     if e.is_decode() || e.is_body() {
-        return FetchError::BadResponse(parts.join(": "));
+        return FetchError::BadResponse(detail);
     }
-    FetchError::Connect(parts.join(": "))
+    FetchError::Connect(detail)
 }
 
 /// Keeps text from the endpoint printable and short before it reaches logs and 503 messages.
