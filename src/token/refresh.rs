@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng;
 
 use super::{fetch, lock, AccessToken, FetchError, TokenHolder};
-use crate::metrics::{FetchLabels, ProfileLabels};
+use crate::metrics::FetchLabels;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -100,15 +100,6 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
             s.last_error = None;
             s.last_refresh = Some(SystemTime::now());
             drop(s);
-            for name in holder.profile_names().iter() {
-                holder
-                    .metrics
-                    .token_expiry
-                    .get_or_create(&ProfileLabels {
-                        profile: name.clone(),
-                    })
-                    .set(token.lifetime.as_secs_f64());
-            }
             holder.install(token);
             Ok(())
         }
