@@ -39,6 +39,11 @@ impl Access {
     /// 403 when the address is not allowed, else 401 when a key is required and missing or
     /// wrong. The address is checked first, so an outsider learns nothing about keys.
     pub fn check(&self, client: IpAddr, headers: &HeaderMap) -> Result<(), ProxyError> {
+        self.check_key(client, headers.get(&self.header).map(|v| v.as_bytes()))
+    }
+
+    /// As `check`, given the value of the API key header (if the request had one).
+    pub fn check_key(&self, client: IpAddr, presented: Option<&[u8]>) -> Result<(), ProxyError> {
         if !self.allow.is_empty() {
             let client = client.to_canonical();
             if !self.allow.iter().any(|net| net.contains(&client)) {
@@ -48,9 +53,7 @@ impl Access {
         if self.key_digests.is_empty() {
             return Ok(());
         }
-        let presented = headers
-            .get(&self.header)
-            .map(|v| Sha256::digest(v.as_bytes()));
+        let presented = presented.map(Sha256::digest);
         if let Some(presented) = presented {
             let mut ok = subtle::Choice::from(0u8);
             for key in &self.key_digests {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
@@ -59,14 +59,26 @@ impl ProxyError {
     }
 
     pub fn into_response(self, request_id: &HeaderValue) -> Response<ProxyBody> {
+        let (status, headers, body) = self.into_parts(request_id);
+        let mut response = Response::new(full(body));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+
+    /// Status, headers (content type, request id, and per error `Retry-After`,
+    /// `WWW-Authenticate` or `Allow`) and the JSON body.
+    pub fn into_parts(self, request_id: &HeaderValue) -> (StatusCode, HeaderMap, Vec<u8>) {
         let id = request_id.to_str().unwrap_or("");
         let body = serde_json::json!({
             "error": self.code(),
             "message": self.to_string(),
             "request_id": id,
         });
-        let mut response = json_response(self.status(), &body);
-        let headers = response.headers_mut();
+        let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+        bytes.push(b'\n');
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
             crate::proxy::headers::X_REQUEST_ID.clone(),
             request_id.clone(),
@@ -92,7 +104,7 @@ impl ProxyError {
             }
             _ => {}
         }
-        response
+        (self.status(), headers, bytes)
     }
 }
 

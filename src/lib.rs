@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod h1;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;

@@ -34,16 +34,16 @@ pub struct ConnInfo {
 
 /// What the access log reports about one request.
 #[derive(Default)]
-struct RequestLog {
-    route: Option<String>,
-    profile: Option<String>,
-    upstream_status: Option<u16>,
-    fingerprint: Option<String>,
-    replayed: bool,
-    error: Option<String>,
+pub(crate) struct RequestLog {
+    pub route: Option<String>,
+    pub profile: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub fingerprint: Option<String>,
+    pub replayed: bool,
+    pub error: Option<String>,
 }
 
-struct InflightGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+pub(crate) struct InflightGuard<'a>(pub &'a prometheus_client::metrics::gauge::Gauge);
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
@@ -75,21 +75,46 @@ pub async fn handle(
         }
     };
 
-    let status = response.status().as_u16();
+    record(
+        &shared,
+        conn,
+        &request_id,
+        &method,
+        &path,
+        response.status().as_u16(),
+        started,
+        &log,
+    );
+    Ok(response)
+}
+
+/// Counts a finished request in the metrics and writes its access-log line.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record(
+    shared: &Shared,
+    conn: ConnInfo,
+    request_id: &HeaderValue,
+    method: &Method,
+    path: &str,
+    status: u16,
+    started: Instant,
+    log: &RequestLog,
+) {
     let elapsed = started.elapsed();
-    let route = log.route.clone().unwrap_or_else(|| "none".to_owned());
+    let metrics = &shared.metrics;
+    let route = log.route.as_deref().unwrap_or("none");
     metrics
         .requests
         .get_or_create(&RequestLabels {
-            route: route.clone(),
-            method: method_label(&method).to_owned(),
+            route: route.to_owned(),
+            method: method_label(method).to_owned(),
             status,
         })
         .inc();
     metrics
         .request_duration
         .get_or_create(&RouteLabels {
-            route: route.clone(),
+            route: route.to_owned(),
         })
         .observe(elapsed.as_secs_f64());
     tracing::info!(
@@ -108,7 +133,6 @@ pub async fn handle(
         error = log.error.as_deref(),
         "request"
     );
-    Ok(response)
 }
 
 async fn forward(
@@ -259,7 +283,7 @@ async fn forward(
 
 /// After a 401 for `sent`: invalidate it (rate-limited) and return a different usable token,
 /// if one can be had within the usual wait.
-async fn fresh_token_after_401(
+pub(crate) async fn fresh_token_after_401(
     holder: &TokenHolder,
     profile: &str,
     sent: &Arc<AccessToken>,

@@ -228,7 +228,7 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptContext) {
                 tokio::spawn(async move {
                     let _permit = permit;
                     let conn = ConnInfo { peer, tls: false };
-                    serve_connection(stream, conn, shared, &builder, stop).await;
+                    crate::h1::serve(stream, conn, shared, builder, stop).await;
                 });
             }
             Some(acceptor) => {
@@ -237,7 +237,7 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptContext) {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
                             let conn = ConnInfo { peer, tls: true };
-                            serve_connection(tls_stream, conn, shared, &builder, stop).await;
+                            crate::h1::serve(tls_stream, conn, shared, builder, stop).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -248,7 +248,9 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptContext) {
     }
 }
 
-async fn serve_connection<IO>(
+/// Serves a connection with hyper (HTTP/1 and h2); `crate::h1` hands it connections it does
+/// not serve itself.
+pub(crate) async fn serve_connection<IO>(
     io: IO,
     conn: ConnInfo,
     shared: Arc<Shared>,

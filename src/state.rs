@@ -62,6 +62,9 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     next_number: AtomicU64,
     reload_lock: Mutex<()>,
+    /// Idle keep-alive connections to plain-HTTP upstreams (the HTTP/1.1 fast path); kept
+    /// across reloads.
+    pub h1_pool: crate::h1::Pool,
 }
 
 impl Shared {
@@ -76,6 +79,7 @@ impl Shared {
             config_path,
             next_number: AtomicU64::new(2),
             reload_lock: Mutex::new(()),
+            h1_pool: crate::h1::Pool::default(),
         }))
     }
 

@@ -95,13 +95,15 @@ pub fn set_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
 /// The client's `x-request-id` when it is sane (visible ASCII, at most 128 bytes), else a new
 /// random one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
-            return v.clone();
-        }
+    match headers.get(&X_REQUEST_ID) {
+        Some(v) if is_sane_request_id(v.as_bytes()) => v.clone(),
+        _ => new_request_id(),
     }
-    new_request_id()
+}
+
+/// Visible ASCII, 1 to 128 bytes: safe to log and to pass on.
+pub fn is_sane_request_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.iter().all(|c| c.is_ascii_graphic())
 }
 
 pub fn new_request_id() -> HeaderValue {

@@ -1,0 +1,310 @@
+//! Response body framing for the HTTP/1.1 fast path: which framing an upstream response uses
+//! (RFC 9112 §6.3), and an incremental scanner for the chunked coding that finds where the
+//! body ends while its bytes pass through unchanged.
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: a response to HEAD, 1xx, 204 or 304.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Read until the upstream closes (no length, no chunked coding).
+    Close,
+}
+
+/// The framing of a response to a request with the given method (RFC 9112 §6.3). `Err` for a
+/// response whose length cannot be trusted (conflicting or malformed `Content-Length`).
+pub fn response_framing(
+    head_request: bool,
+    status: u16,
+    headers: &[httparse::Header<'_>],
+) -> Result<Framing, &'static str> {
+    if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(Framing::Empty);
+    }
+    let mut transfer_encoding: Option<&[u8]> = None;
+    let mut length: Option<u64> = None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding decides; several fields are one list.
+            transfer_encoding = Some(h.value);
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            for part in h.value.split(|&b| b == b',') {
+                let n = parse_length(trim(part)).ok_or("malformed Content-Length")?;
+                if length.is_some_and(|l| l != n) {
+                    return Err("conflicting Content-Length values");
+                }
+                length = Some(n);
+            }
+        }
+    }
+    if let Some(te) = transfer_encoding {
+        let last = te.rsplit(|&b| b == b',').next().map(trim).unwrap_or(b"");
+        return Ok(if last.eq_ignore_ascii_case(b"chunked") {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        });
+    }
+    Ok(match length {
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+/// A decimal length: digits only, at most 18 of them (no sign, no spaces, no overflow).
+pub fn parse_length(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || text.len() > 18 || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(text.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+pub fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// Scans a chunked body (RFC 9112 §7.1) as it streams by: how much of each piece belongs to
+/// the body, and whether the last chunk and trailer section have been seen.
+#[derive(Debug)]
+pub struct ChunkedScanner {
+    state: State,
+    remaining: u64,
+    digits: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed chunked body")]
+pub struct ChunkError;
+
+impl Default for ChunkedScanner {
+    fn default() -> Self {
+        ChunkedScanner {
+            state: State::Size,
+            remaining: 0,
+            digits: 0,
+        }
+    }
+}
+
+impl ChunkedScanner {
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Consumes bytes of `input` up to the end of the body; returns how many belong to it
+    /// (all of `input` unless the body ends inside it).
+    pub fn scan(&mut self, input: &[u8]) -> Result<usize, ChunkError> {
+        let mut i = 0;
+        while i < input.len() && self.state != State::Done {
+            let b = input[i];
+            match self.state {
+                State::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        // 15 hex digits: far beyond any real chunk, far from overflow.
+                        if self.digits == 15 {
+                            return Err(ChunkError);
+                        }
+                        self.digits += 1;
+                        let d = (b as char).to_digit(16).unwrap_or(0);
+                        self.remaining = self.remaining * 16 + u64::from(d);
+                    }
+                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = State::Extension,
+                    b'\r' if self.digits > 0 => self.state = State::SizeLf,
+                    _ => return Err(ChunkError),
+                },
+                State::Extension => match b {
+                    b'\r' => self.state = State::SizeLf,
+                    b'\n' => return Err(ChunkError),
+                    _ => {}
+                },
+                State::SizeLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError);
+                    }
+                    self.digits = 0;
+                    self.state = if self.remaining == 0 {
+                        State::TrailerStart
+                    } else {
+                        State::Data
+                    };
+                }
+                State::Data => {
+                    let available = (input.len() - i) as u64;
+                    let take = self.remaining.min(available);
+                    self.remaining -= take;
+                    i += take as usize;
+                    if self.remaining == 0 {
+                        self.state = State::DataCr;
+                    }
+                    continue;
+                }
+                State::DataCr if b == b'\r' => self.state = State::DataLf,
+                State::DataLf if b == b'\n' => self.state = State::Size,
+                State::DataCr | State::DataLf => return Err(ChunkError),
+                State::TrailerStart => {
+                    self.state = if b == b'\r' {
+                        State::EndLf
+                    } else {
+                        State::TrailerLine
+                    }
+                }
+                State::TrailerLine => {
+                    if b == b'\r' {
+                        self.state = State::TrailerLf;
+                    }
+                }
+                State::TrailerLf | State::EndLf if b != b'\n' => return Err(ChunkError),
+                State::TrailerLf => self.state = State::TrailerStart,
+                State::EndLf => self.state = State::Done,
+                State::Done => break,
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+/// Appends `data` as one chunk of the chunked coding.
+pub fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header<'a>(name: &'a str, value: &'a str) -> httparse::Header<'a> {
+        httparse::Header {
+            name,
+            value: value.as_bytes(),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let f = |head, status, h: &[httparse::Header<'_>]| response_framing(head, status, h);
+        assert_eq!(
+            f(true, 200, &[header("content-length", "5")]),
+            Ok(Framing::Empty)
+        );
+        assert_eq!(f(false, 204, &[]), Ok(Framing::Empty));
+        assert_eq!(
+            f(false, 304, &[header("content-length", "5")]),
+            Ok(Framing::Empty)
+        );
+        assert_eq!(
+            f(false, 200, &[header("Content-Length", "5")]),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(
+            f(false, 200, &[header("content-length", "5, 5")]),
+            Ok(Framing::Length(5))
+        );
+        assert!(f(false, 200, &[header("content-length", "5, 6")]).is_err());
+        assert!(f(
+            false,
+            200,
+            &[header("content-length", "5"), header("content-length", "6")]
+        )
+        .is_err());
+        assert!(f(false, 200, &[header("content-length", "-1")]).is_err());
+        assert!(f(false, 200, &[header("content-length", "+1")]).is_err());
+        assert_eq!(
+            f(
+                false,
+                200,
+                &[
+                    header("transfer-encoding", "gzip, Chunked"),
+                    header("content-length", "9")
+                ]
+            ),
+            Ok(Framing::Chunked)
+        );
+        assert_eq!(
+            f(false, 200, &[header("transfer-encoding", "gzip")]),
+            Ok(Framing::Close)
+        );
+        assert_eq!(f(false, 200, &[]), Ok(Framing::Close));
+    }
+
+    #[test]
+    fn chunked_scanner_finds_the_end_and_rejects_garbage() {
+        let body = b"5;ext=1\r\nhello\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        let mut s = ChunkedScanner::default();
+        assert_eq!(s.scan(body).unwrap(), body.len() - 4);
+        assert!(s.is_done());
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloXX",
+            b"\r\n",
+            b"5\nhello",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert!(ChunkedScanner::default().scan(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        /// However the body is encoded and split into reads, the scanner stops exactly at its
+        /// end.
+        #[test]
+        fn chunked_scanner_stops_exactly_at_the_end(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            trailers in proptest::bool::ANY,
+            cuts in proptest::collection::vec(1usize..64, 1..40),
+        ) {
+            let mut body = Vec::new();
+            for c in &chunks {
+                write_chunk(&mut body, c);
+            }
+            if trailers {
+                body.extend_from_slice(b"0\r\nx-sum: 1\r\n\r\n");
+            } else {
+                body.extend_from_slice(LAST_CHUNK);
+            }
+            let end = body.len();
+            body.extend_from_slice(b"GET / HTTP/1.1\r\n");
+            let mut scanner = ChunkedScanner::default();
+            let mut at = 0;
+            let mut cuts = cuts.into_iter().cycle();
+            while !scanner.is_done() && at < body.len() {
+                let next = (at + cuts.next().unwrap_or(1)).min(body.len());
+                at += scanner.scan(&body[at..next]).unwrap();
+                prop_assert!(at <= end);
+            }
+            prop_assert!(scanner.is_done());
+            prop_assert_eq!(at, end);
+        }
+    }
+}
