@@ -70,6 +70,8 @@ pub async fn serve<IO>(
         out: Vec::new(),
         up: Vec::new(),
         spans: Vec::new(),
+        head_timer: Deadline::default(),
+        upstream_timer: Deadline::default(),
     };
     let mut watch_stop = stop.clone();
     if let End::HandOver = connection.run(&mut watch_stop).await {
@@ -138,6 +140,53 @@ struct Connection<IO> {
     /// Bytes from the upstream.
     up: Vec<u8>,
     spans: Vec<Span>,
+    /// Bounds reading a request head (`server.header_read_timeout`).
+    head_timer: Deadline,
+    /// Bounds an upstream exchange up to the response head (the route's `timeout`).
+    upstream_timer: Deadline,
+}
+
+/// A timeout that is cheap to move forward: one timer per connection and purpose, re-armed
+/// only when it fires before the current deadline. A fresh tokio timer per request costs a
+/// timer-wheel insertion and removal (under the driver's lock) on every request.
+#[derive(Default)]
+struct Deadline {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    at: Option<tokio::time::Instant>,
+}
+
+impl Deadline {
+    /// Runs `work` to completion, or gives up (`None`) once `timeout` has passed.
+    async fn within<F: std::future::Future>(
+        &mut self,
+        timeout: std::time::Duration,
+        work: F,
+    ) -> Option<F::Output> {
+        let at = tokio::time::Instant::now() + timeout;
+        self.at = Some(at);
+        let sleep = match &mut self.sleep {
+            // Firing late is never right; firing early is fixed up below.
+            Some(sleep) if sleep.deadline() <= at => sleep,
+            Some(sleep) => {
+                sleep.as_mut().reset(at);
+                sleep
+            }
+            None => self.sleep.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return Some(out),
+                _ = sleep.as_mut() => {
+                    if tokio::time::Instant::now() >= at {
+                        return None;
+                    }
+                    sleep.as_mut().reset(at);
+                }
+            }
+        }
+    }
 }
 
 /// An upstream response whose head (and first body bytes) went to the client.
@@ -195,7 +244,8 @@ where
             let server = &generation.config.server;
             (server.header_read_timeout, server.max_header_bytes)
         };
-        let deadline = tokio::time::Instant::now() + timeout;
+        let mut waited = std::time::Duration::ZERO;
+        let first_wait = tokio::time::Instant::now();
         loop {
             if !self.read.is_empty() {
                 match parse_request(&self.read, &mut self.spans) {
@@ -209,13 +259,20 @@ where
                 }
             }
             self.read.reserve(READ_CHUNK);
+            // The timeout counts from the first wait for this head, over all its reads.
+            let left = timeout.saturating_sub(waited);
+            let read = self
+                .head_timer
+                .within(left, self.io.read_buf(&mut self.read));
             let n = tokio::select! {
-                r = tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.read)) => match r {
-                    Ok(Ok(n)) => n,
-                    Ok(Err(_)) | Err(_) => return Err(End::Close),
+                biased;
+                r = read => match r {
+                    Some(Ok(n)) => n,
+                    Some(Err(_)) | None => return Err(End::Close),
                 },
                 _ = stop.changed() => return Err(self.close().await),
             };
+            waited = first_wait.elapsed();
             if n == 0 {
                 return Err(End::Close);
             }
@@ -486,9 +543,9 @@ where
                 }
             }
         };
-        match tokio::time::timeout(timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout),
+        match self.upstream_timer.within(timeout, attempt).await {
+            Some(result) => result,
+            None => Err(UpstreamError::Timeout),
         }
     }
 
@@ -967,9 +1024,14 @@ fn write_response_head(out: &mut Vec<u8>, upstream_head: &[u8], framing: Framing
     out.extend_from_slice(response.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let headers = &*response.headers;
+    let has_connection = headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("connection"));
     for h in headers {
         let name = h.name;
-        if is_hop_by_hop(name) || has_token(headers, "connection", name.as_bytes()) {
+        if is_hop_by_hop(name)
+            || has_connection && has_token(headers, "connection", name.as_bytes())
+        {
             continue;
         }
         if name.eq_ignore_ascii_case("content-length")
