@@ -121,6 +121,7 @@ taskset -c "$PROXY_CPU" "$BIN" run --config "$work/proxy.toml" 2> "$work/egain.l
 
 names=(nginx egain-proxy)
 ports=($NGX $EGP)
+procs=("${pids[2]}" "${pids[3]}")
 if [ -n "$HAPROXY" ]; then
   cat > "$work/haproxy.cfg" <<EOF
 global
@@ -141,7 +142,7 @@ backend b
   server up 127.0.0.1:$UP
 EOF
   taskset -c "$PROXY_CPU" "$HAPROXY" -f "$work/haproxy.cfg" -db & pids+=($!)
-  names+=(haproxy); ports+=($HAP)
+  names+=(haproxy); ports+=($HAP); procs+=("${pids[4]}")
 fi
 
 # Wait until everything answers (egain-proxy: until it has its token).
@@ -154,32 +155,48 @@ done
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs)"
 echo "proxies on CPU $PROXY_CPU; upstream, token server and wrk on CPU $OTHER_CPU; $CONNS connections, ${DURATION}s runs, $ROUNDS rounds"
-printf '%-12s %6s %12s %10s %10s\n' proxy round req/s p50 p99
-declare -A rps p99s
+# CPU time a proxy spent per request (user + system, its worker processes included): the
+# efficiency figure, steadier than req/s when the load generator shares a loaded core.
+cpu_ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+TICK=$(getconf CLK_TCK)
+printf '%-12s %6s %12s %10s %10s %12s\n' proxy round req/s p50 p99 "cpu us/req"
+declare -A rps p99s cpus
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000 } else print v }'; }
 for round in $(seq 1 "$ROUNDS"); do
   for i in "${!names[@]}"; do
+    before=$(cpu_ticks "${procs[$i]}")
     out=$(taskset -c "$OTHER_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${ports[$i]}/")
+    after=$(cpu_ticks "${procs[$i]}")
+    total=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v t=$((after - before)) -v hz="$TICK" -v n="$total" 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "n/a" }')
     r=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
     p50=$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
     p99=$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-    printf '%-12s %6s %12s %8sms %8sms %s\n' "${names[$i]}" "$round" "$r" "$p50" "$p99" "${non2xx:+non-2xx: $non2xx}"
+    printf '%-12s %6s %12s %8sms %8sms %12s %s\n' "${names[$i]}" "$round" "$r" "$p50" "$p99" "$cpu" "${non2xx:+non-2xx: $non2xx}"
     rps[${names[$i]}]+="$r "
     p99s[${names[$i]}]+="$p99 "
+    cpus[${names[$i]}]+="$cpu "
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 echo
-printf '%-12s %14s %12s\n' proxy "median req/s" "median p99"
+printf '%-12s %14s %12s %18s\n' proxy "median req/s" "median p99" "median cpu us/req"
 for n in "${names[@]}"; do
-  printf '%-12s %14s %10sms\n' "$n" "$(median <<<"${rps[$n]}")" "$(median <<<"${p99s[$n]}")"
+  printf '%-12s %14s %10sms %18s\n' "$n" "$(median <<<"${rps[$n]}")" "$(median <<<"${p99s[$n]}")" "$(median <<<"${cpus[$n]}")"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a/b }'; }
 egp=$(median <<<"${rps[egain-proxy]}")
 echo
 echo "throughput ratio egain-proxy/nginx (median): $(ratio "$egp" "$(median <<<"${rps[nginx]}")")"
+echo "cpu per request ratio egain-proxy/nginx (median, lower is better): $(ratio "$(median <<<"${cpus[egain-proxy]}")" "$(median <<<"${cpus[nginx]}")")"
 if [ -n "$HAPROXY" ]; then
   echo "throughput ratio egain-proxy/haproxy (median): $(ratio "$egp" "$(median <<<"${rps[haproxy]}")")"
 fi

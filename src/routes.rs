@@ -45,12 +45,7 @@ impl Route {
     /// The upstream path and query for `path` (already validated) and the raw `query`,
     /// byte for byte: base path + (path minus prefix if `strip_prefix`) + `?query`.
     pub fn upstream_path_and_query(&self, path: &str, query: Option<&str>) -> String {
-        let tail = if self.config.strip_prefix {
-            // `matches_path` guarantees the prefix is there and ends at a segment boundary.
-            &path[self.prefix.len().min(path.len())..]
-        } else {
-            path
-        };
+        let tail = self.upstream_tail(path);
         let base = &self.config.upstream.base_path;
         let mut out =
             String::with_capacity(base.len() + tail.len() + query.map_or(0, |q| q.len() + 1) + 1);
@@ -64,6 +59,20 @@ impl Route {
             out.push_str(q);
         }
         out
+    }
+}
+
+impl Route {
+    /// The part of `path` that follows the upstream base path: all of it, or what is left
+    /// after the prefix with `strip_prefix`. Upstream path = base path + tail, or `/` when
+    /// both are empty.
+    pub fn upstream_tail<'a>(&self, path: &'a str) -> &'a str {
+        if self.config.strip_prefix {
+            // `matches_path` guarantees the prefix is there and ends at a segment boundary.
+            path.get(self.prefix.len()..).unwrap_or("")
+        } else {
+            path
+        }
     }
 }
 
