@@ -106,6 +106,9 @@ pub fn rewrite_head(
     let Parsed::Complete(head) = parse_request(raw, &mut spans) else {
         return false;
     };
+    if raw.len() < head.head_len + head.body_len {
+        return false;
+    }
     let request_id = request_id(raw, &head);
     RequestParts {
         buf: raw,
@@ -1258,6 +1261,57 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn test_route() -> crate::routes::RouteTable {
+        let config = crate::config::Config::parse(
+            "[profiles.p]\nkind = \"client_app\"\ntoken_url = \"http://127.0.0.1:1/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n[[routes]]\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:1/base\"\nprofile = \"p\"\nset_headers = { x-team = \"t\" }\nremove_headers = [\"cookie\"]\n",
+            std::path::Path::new("."),
+            &|_| None,
+        )
+        .unwrap();
+        crate::routes::RouteTable::new(&config.routes)
+    }
+
+    proptest! {
+        /// Whatever arrives, the fast path parses it, leaves it to hyper or waits for more,
+        /// and what it writes upstream carries the proxy's token and never the client's.
+        #[test]
+        fn any_bytes_are_parsed_or_handed_over_never_a_panic(
+            line in "(GET|POST|PUT|HEAD|DELETE|PATCH|FOO) /[a-z0-9/%?=&.]{0,20} HTTP/1\\.[01]\r\n",
+            fields in proptest::collection::vec(
+                "(Host|Authorization|Connection|Content-Length|X-Forwarded-For|X-Request-Id|Cookie|TE|Accept|X-Team)(: ?)[ -~]{0,24}\r\n",
+                0..8,
+            ),
+            tail in proptest::collection::vec(any::<u8>(), 0..40),
+            noise in proptest::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let table = test_route();
+            let route = table.iter().next().unwrap();
+            let token = AccessToken::new("proxy-token", std::time::Duration::from_secs(60), Instant::now(), None).unwrap();
+            let mut raw = line.into_bytes();
+            for f in &fields {
+                raw.extend_from_slice(f.as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            raw.extend_from_slice(&tail);
+            let mut out = Vec::new();
+            if rewrite_head(&raw, route, Some(&token), &mut out) {
+                let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+                prop_assert_eq!(text.matches("authorization:").count(), 1);
+                prop_assert!(text.contains("authorization: bearer proxy-token\r\n"));
+                prop_assert!(!text.contains("cookie:"));
+                prop_assert_eq!(text.matches("x-team:").count(), 1);
+                let method_len = raw.iter().position(|&b| b == b' ').unwrap_or(0);
+                let method = String::from_utf8_lossy(&raw[..method_len]).to_ascii_lowercase();
+                let expected = format!("{method} /base");
+                prop_assert!(text.starts_with(&expected), "{}", text);
+            }
+            let mut spans = Vec::new();
+            let _ = parse_request(&noise, &mut spans);
+            let _ = rewrite_head(&noise, route, None, &mut out);
+        }
+    }
 
     #[test]
     fn field_tables_agree_with_the_general_path() {
