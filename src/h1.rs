@@ -1,0 +1,595 @@
+//! The HTTP/1.1 fast path.
+//!
+//! Most traffic through the proxy is small HTTP/1.1 requests. For those to `http://`
+//! upstreams, one task per client connection parses the request head in place (httparse),
+//! writes the upstream request head straight from those bytes, exchanges it on a pooled
+//! upstream connection in the same task, and passes the response through with its own
+//! framing. No header map, no per-request task hand-off, one read and one write per side.
+//!
+//! `request` parses and rewrites heads, `response` reads and rewrites response heads and
+//! writes the proxy's own errors, `body` knows response framing, `pool` keeps upstream
+//! connections, `deadline` and `prefixed` are the I/O helpers.
+//!
+//! Anything this path does not handle itself is handed, with every byte read so far, to the
+//! general hyper-based path (`crate::proxy`), which then serves the connection for the rest
+//! of its life: HTTP/2 (prior knowledge or ALPN), HTTP/1.0, `Transfer-Encoding` or
+//! `Expect` on a request, upgrades, request bodies over `REPLAY_LIMIT`, targets outside the
+//! plain path-and-query alphabet, `https://` upstreams (h2 by ALPN), oversized or malformed
+//! heads (hyper answers 400/431). The two paths apply the same rules; the integration tests
+//! run against both.
+
+mod body;
+mod deadline;
+mod pool;
+mod prefixed;
+mod request;
+mod response;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::Method;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::error::ProxyError;
+use crate::metrics::{RouteLabels, UpstreamErrorLabels};
+use crate::proxy::{ConnInfo, InflightGuard, RequestLog};
+use crate::routes::Route;
+use crate::state::{Generation, Shared};
+
+use body::{ChunkedScanner, Framing};
+use deadline::Deadline;
+pub use pool::Pool;
+use prefixed::Prefixed;
+pub use request::rewrite_head;
+use request::{parse_request, request_id, text, Head, Parsed, RequestParts, Span};
+use response::{read_response_head, write_error};
+
+/// As hyper's default: more header fields than this, and the request goes to hyper (431).
+const MAX_HEADERS: usize = 100;
+/// Response heads larger than this are a protocol error (502).
+const MAX_RESPONSE_HEAD: usize = 256 * 1024;
+/// Read-buffer size for either side.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Serves one client connection: the fast path while it can, then hyper.
+pub async fn serve<IO>(
+    io: IO,
+    conn: ConnInfo,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stop: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut connection = Connection {
+        io,
+        info: conn,
+        shared: Arc::clone(&shared),
+        read: Vec::new(),
+        out: Vec::new(),
+        up: Vec::new(),
+        spans: Vec::new(),
+        head_timer: Deadline::default(),
+        upstream_timer: Deadline::default(),
+    };
+    let mut watch_stop = stop.clone();
+    if let End::HandOver = connection.run(&mut watch_stop).await {
+        let io = Prefixed {
+            prefix: Bytes::from(connection.read),
+            io: connection.io,
+        };
+        // Boxed: the fast path's task stays small for the connections that never need hyper.
+        Box::pin(crate::server::serve_connection(
+            io, conn, shared, &builder, stop,
+        ))
+        .await;
+    }
+}
+
+enum End {
+    Close,
+    HandOver,
+}
+
+struct Connection<IO> {
+    io: IO,
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    /// Bytes from the client not yet consumed.
+    read: Vec<u8>,
+    /// The next thing to write, to the upstream or to the client.
+    out: Vec<u8>,
+    /// Bytes from the upstream.
+    up: Vec<u8>,
+    spans: Vec<Span>,
+    /// Bounds reading a request head (`server.header_read_timeout`).
+    head_timer: Deadline,
+    /// Bounds an upstream exchange up to the response head (the route's `timeout`).
+    upstream_timer: Deadline,
+}
+
+/// An upstream response whose head (and first body bytes) went to the client.
+struct Streaming<'g> {
+    stream: TcpStream,
+    authority: &'g str,
+    framing: Framing,
+    /// Body bytes still to come (`Framing::Length`).
+    remaining: u64,
+    chunked: ChunkedScanner,
+    /// Whether the upstream connection can serve another request once the body is through.
+    reusable: bool,
+    done: bool,
+}
+
+impl<IO> Connection<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> End {
+        loop {
+            if *stop.borrow() {
+                return self.close().await;
+            }
+            let head = match self.read_head(stop).await {
+                Ok(head) => head,
+                Err(end) => return end,
+            };
+            // Loaded once the request is here: an idle connection picks up a reload.
+            let generation = self.shared.load();
+            if let Err(end) = self.request(&generation, &head).await {
+                return end;
+            }
+            self.read.drain(..head.head_len + head.body_len);
+            if self.read.is_empty() && self.read.capacity() > 2 * READ_CHUNK {
+                // A large request body grew the buffer; idle connections keep little memory.
+                self.read = Vec::new();
+            }
+            if head.close {
+                return self.close().await;
+            }
+        }
+    }
+
+    async fn close(&mut self) -> End {
+        let _ = self.io.shutdown().await;
+        End::Close
+    }
+
+    /// Reads until a complete request head is buffered, within the header read timeout
+    /// (which also bounds how long an idle keep-alive connection is kept, as in hyper).
+    async fn read_head(&mut self, stop: &mut watch::Receiver<bool>) -> Result<Head, End> {
+        let (timeout, max_header_bytes) = {
+            let generation = self.shared.load();
+            let server = &generation.config.server;
+            (server.header_read_timeout, server.max_header_bytes)
+        };
+        let mut waited = std::time::Duration::ZERO;
+        let first_wait = tokio::time::Instant::now();
+        loop {
+            if !self.read.is_empty() {
+                match parse_request(&self.read, &mut self.spans) {
+                    Parsed::Complete(head) => return Ok(head),
+                    Parsed::HandOver => return Err(End::HandOver),
+                    Parsed::Partial if self.read.len() >= max_header_bytes => {
+                        // hyper answers 431.
+                        return Err(End::HandOver);
+                    }
+                    Parsed::Partial => {}
+                }
+            }
+            self.read.reserve(READ_CHUNK);
+            // The timeout counts from the first wait for this head, over all its reads.
+            let left = timeout.saturating_sub(waited);
+            let read = self
+                .head_timer
+                .within(left, self.io.read_buf(&mut self.read));
+            let n = tokio::select! {
+                biased;
+                r = read => match r {
+                    Some(Ok(n)) => n,
+                    Some(Err(_)) | None => return Err(End::Close),
+                },
+                _ = stop.changed() => return Err(self.close().await),
+            };
+            waited = first_wait.elapsed();
+            if n == 0 {
+                return Err(End::Close);
+            }
+        }
+    }
+
+    /// Serves one request whose head is in the read buffer.
+    async fn request(&mut self, generation: &Generation, head: &Head) -> Result<(), End> {
+        // The body (at most REPLAY_LIMIT, else the request went to hyper) is read whole: it is
+        // sent in the same write as the head, and kept for a replay after a 401.
+        let total = head.head_len + head.body_len;
+        while self.read.len() < total {
+            self.read.reserve(total - self.read.len());
+            match self.io.read_buf(&mut self.read).await {
+                Ok(0) | Err(_) => return Err(End::Close),
+                Ok(_) => {}
+            }
+        }
+
+        let started = Instant::now();
+        let shared = Arc::clone(&self.shared);
+        let metrics = &shared.metrics;
+        metrics.inflight.inc();
+        let inflight = InflightGuard(&metrics.inflight);
+        let request_id = request_id(&self.read, head);
+        let mut log = RequestLog::default();
+
+        let outcome = self.forward(generation, head, &request_id, &mut log).await;
+        let path = text(&self.read[head.path.clone()]);
+        let (status, streaming) = match outcome {
+            Outcome::HandOver => return Err(End::HandOver),
+            Outcome::Streaming(status, streaming) => (status, Some(streaming)),
+            Outcome::Failed(e) => {
+                log.error = Some(e.to_string());
+                let status = write_error(&mut self.out, e, &request_id, head.close);
+                if self.io.write_all(&self.out).await.is_err() {
+                    return Err(End::Close);
+                }
+                (status, None)
+            }
+            Outcome::ClientGone => return Err(End::Close),
+        };
+        crate::proxy::record(
+            &shared,
+            self.info,
+            &request_id,
+            &head.method,
+            path,
+            status,
+            started,
+            &log,
+        );
+        drop(inflight);
+        let Some(mut streaming) = streaming else {
+            return Ok(());
+        };
+        while !streaming.done {
+            if let Err(e) = self.stream_more(&mut streaming).await {
+                tracing::debug!(peer = %self.info.peer, error = %e, "response body ended early");
+                return Err(End::Close);
+            }
+        }
+        if streaming.reusable {
+            self.shared
+                .h1_pool
+                .checkin(streaming.authority, streaming.stream);
+        }
+        Ok(())
+    }
+
+    async fn forward<'g>(
+        &mut self,
+        generation: &'g Generation,
+        head: &Head,
+        request_id: &HeaderValue,
+        log: &mut RequestLog,
+    ) -> Outcome<'g> {
+        let buf = &self.read;
+        let path = text(&buf[head.path.clone()]);
+        if let Err(e) = crate::proxy::path::validate(path) {
+            return Outcome::Failed(ProxyError::BadRequest(e.message().into()));
+        }
+        if let Some(access) = &generation.access {
+            let name = access.header().as_str();
+            let key = self
+                .spans
+                .iter()
+                .find(|s| buf[s.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
+                .map(|s| &buf[s.value.clone()]);
+            if let Err(e) = access.check_key(self.info.peer.ip(), key) {
+                return Outcome::Failed(e);
+            }
+        }
+        let host = head.host.clone().map(|h| text(&buf[h]));
+        let Some((_, route)) = generation.routes.find(&head.method, host, path) else {
+            return Outcome::Failed(ProxyError::NoRoute {
+                method: head.method.to_string(),
+                path: path.to_owned(),
+            });
+        };
+        if route.config.upstream.scheme != http::uri::Scheme::HTTP {
+            // TLS upstreams may speak h2 (ALPN): hyper's client serves those.
+            return Outcome::HandOver;
+        }
+        log.route = Some(route.config.name.clone());
+        log.profile = route.config.profile.clone();
+
+        let holder = match &route.config.profile {
+            Some(profile) => match generation.tokens.get(profile) {
+                Some(holder) => Some((profile.as_str(), holder)),
+                None => {
+                    return Outcome::Failed(ProxyError::UpstreamUnreachable {
+                        route: route.config.name.clone(),
+                        detail: format!("profile {profile} has no token holder"),
+                    })
+                }
+            },
+            None => None,
+        };
+        let token = match holder {
+            Some((profile, holder)) => match holder.get(profile).await {
+                Ok(t) => Some(t),
+                Err(e) => return Outcome::Failed(ProxyError::TokenUnavailable(e)),
+            },
+            None => None,
+        };
+        log.fingerprint = token.as_ref().map(|t| t.fingerprint.clone());
+
+        let request = RequestParts {
+            buf: &self.read,
+            head,
+            spans: &self.spans,
+            route,
+            conn: self.info,
+            request_id,
+            key_header: generation.access.as_ref().map(|a| a.header()),
+        };
+        request.write(&mut self.out, token.as_deref());
+        let mut answer = match self.exchange(route, head).await {
+            Ok(answer) => answer,
+            Err(e) => return Outcome::Failed(self.upstream_failed(route, e)),
+        };
+        log.upstream_status = Some(answer.status);
+
+        if answer.status == 401 && route.config.retry_on_401 {
+            if let (Some((profile, holder)), Some(sent)) = (holder, &token) {
+                if let Some(fresh) =
+                    crate::proxy::fresh_token_after_401(holder, profile, sent).await
+                {
+                    log.replayed = true;
+                    log.fingerprint = Some(fresh.fingerprint.clone());
+                    self.shared
+                        .metrics
+                        .replays
+                        .get_or_create(&RouteLabels {
+                            route: route.config.name.clone(),
+                        })
+                        .inc();
+                    let request = RequestParts {
+                        buf: &self.read,
+                        head,
+                        spans: &self.spans,
+                        route,
+                        conn: self.info,
+                        request_id,
+                        key_header: generation.access.as_ref().map(|a| a.header()),
+                    };
+                    request.write(&mut self.out, Some(&fresh));
+                    // The 401's connection is dropped rather than drained: one reconnect, rarely.
+                    answer = match self.exchange(route, head).await {
+                        Ok(answer) => answer,
+                        Err(e) => return Outcome::Failed(self.upstream_failed(route, e)),
+                    };
+                    log.upstream_status = Some(answer.status);
+                }
+            }
+        }
+
+        let mut streaming = Streaming {
+            stream: answer.stream,
+            authority: route.config.upstream.authority.as_str(),
+            framing: answer.framing,
+            remaining: match answer.framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            chunked: ChunkedScanner::default(),
+            reusable: answer.keep_alive,
+            done: false,
+        };
+        // self.out holds the client's response head (read_response_head).
+        let first = answer.head_len..self.up.len();
+        if let Err(e) = take_body(&mut streaming, &self.up[first], &mut self.out) {
+            // A malformed chunked body right at the start: the client gets what is valid and
+            // the connection closes.
+            tracing::debug!(error = %e, "upstream response body is malformed");
+            streaming.reusable = false;
+        }
+        if self.io.write_all(&self.out).await.is_err() {
+            return Outcome::ClientGone;
+        }
+        Outcome::Streaming(answer.status, streaming)
+    }
+
+    /// Sends `self.out` to the route's upstream and reads the response head into `self.up`.
+    /// A reused connection that turns out to be closed is replaced once, for idempotent
+    /// requests or when the request could not even be written.
+    async fn exchange(&mut self, route: &Route, head: &Head) -> Result<Answer, UpstreamError> {
+        let pool = &self.shared.h1_pool;
+        let timeout = route.config.timeout;
+        let attempt = async {
+            let authority = &route.config.upstream.authority;
+            let idempotent = matches!(
+                head.method,
+                Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+            );
+            let mut retried = false;
+            loop {
+                let (mut stream, reused) = match pool.checkout(authority.as_str()) {
+                    Some(stream) => (stream, true),
+                    None => (
+                        pool::connect(authority, route.config.connect_timeout)
+                            .await
+                            .map_err(UpstreamError::Connect)?,
+                        false,
+                    ),
+                };
+                self.up.clear();
+                let mut unwritten = false;
+                let result = match stream.write_all(&self.out).await {
+                    Ok(()) => {
+                        let head_request = head.method == Method::HEAD;
+                        let (up, out) = (&mut self.up, &mut self.out);
+                        read_response_head(&mut stream, up, out, head_request, head.close).await
+                    }
+                    Err(e) => {
+                        unwritten = true;
+                        Err(UpstreamError::Io(e))
+                    }
+                };
+                match result {
+                    Ok(h) => {
+                        return Ok(Answer {
+                            stream,
+                            status: h.status,
+                            head_len: h.head_len,
+                            framing: h.framing,
+                            keep_alive: h.keep_alive,
+                        })
+                    }
+                    Err(e) => {
+                        if reused && !retried && self.up.is_empty() && (idempotent || unwritten) {
+                            retried = true;
+                            continue;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        match self.upstream_timer.within(timeout, attempt).await {
+            Some(result) => result,
+            None => Err(UpstreamError::Timeout),
+        }
+    }
+
+    fn upstream_failed(&self, route: &Route, e: UpstreamError) -> ProxyError {
+        let name = &route.config.name;
+        let kind = match &e {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Io(_) | UpstreamError::Protocol(_) => "protocol",
+        };
+        self.shared
+            .metrics
+            .upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                route: name.clone(),
+                kind,
+            })
+            .inc();
+        match e {
+            UpstreamError::Timeout => ProxyError::UpstreamTimeout {
+                route: name.clone(),
+                timeout: route.config.timeout,
+            },
+            UpstreamError::Connect(e) => ProxyError::UpstreamUnreachable {
+                route: name.clone(),
+                detail: format!("cannot connect: {e}"),
+            },
+            UpstreamError::Io(e) => ProxyError::UpstreamUnreachable {
+                route: name.clone(),
+                detail: format!("connection failed: {e}"),
+            },
+            UpstreamError::Protocol(m) => ProxyError::UpstreamUnreachable {
+                route: name.clone(),
+                detail: format!("invalid response: {m}"),
+            },
+        }
+    }
+
+    /// Moves the next piece of the response body from the upstream to the client.
+    async fn stream_more(&mut self, s: &mut Streaming<'_>) -> io::Result<()> {
+        self.up.clear();
+        self.up.reserve(READ_CHUNK);
+        let n = s.stream.read_buf(&mut self.up).await?;
+        self.out.clear();
+        if n == 0 {
+            if s.framing != Framing::Close {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection before the body was complete",
+                ));
+            }
+            self.out.extend_from_slice(body::LAST_CHUNK);
+            s.done = true;
+            s.reusable = false;
+        } else {
+            take_body(s, &self.up, &mut self.out)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+        self.io.write_all(&self.out).await
+    }
+}
+
+enum Outcome<'g> {
+    Streaming(u16, Streaming<'g>),
+    Failed(ProxyError),
+    HandOver,
+    ClientGone,
+}
+
+struct Answer {
+    stream: TcpStream,
+    status: u16,
+    head_len: usize,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+#[derive(Debug)]
+enum UpstreamError {
+    Connect(io::Error),
+    Io(io::Error),
+    Protocol(&'static str),
+    Timeout,
+}
+
+/// Appends the part of `input` that belongs to the body to `out`, framed for the client, and
+/// notes whether the body is complete.
+fn take_body(
+    s: &mut Streaming<'_>,
+    input: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), body::ChunkError> {
+    match s.framing {
+        Framing::Empty => {
+            s.done = true;
+            if !input.is_empty() {
+                s.reusable = false;
+            }
+        }
+        Framing::Length(_) => {
+            let take = (s.remaining.min(input.len() as u64)) as usize;
+            out.extend_from_slice(&input[..take]);
+            s.remaining -= take as u64;
+            s.done = s.remaining == 0;
+            if take < input.len() {
+                s.reusable = false;
+            }
+        }
+        Framing::Chunked => {
+            let taken = s.chunked.scan(input);
+            let taken = match taken {
+                Ok(n) => n,
+                Err(e) => {
+                    s.reusable = false;
+                    return Err(e);
+                }
+            };
+            out.extend_from_slice(&input[..taken]);
+            s.done = s.chunked.is_done();
+            if taken < input.len() {
+                s.reusable = false;
+            }
+        }
+        Framing::Close => {
+            body::write_chunk(out, input);
+            s.reusable = false;
+        }
+    }
+    Ok(())
+}
