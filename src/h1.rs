@@ -148,9 +148,15 @@ where
                 return end;
             }
             self.read.drain(..head.head_len + head.body_len);
+            // A large body or head grew a buffer: give it back, so idle connections keep
+            // little memory.
             if self.read.is_empty() && self.read.capacity() > 2 * READ_CHUNK {
-                // A large request body grew the buffer; idle connections keep little memory.
                 self.read = Vec::new();
+            }
+            for buf in [&mut self.out, &mut self.up] {
+                if buf.capacity() > 4 * READ_CHUNK {
+                    *buf = Vec::new();
+                }
             }
             if head.close {
                 return self.close().await;
