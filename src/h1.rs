@@ -8,17 +8,21 @@
 //!
 //! `request` parses and rewrites heads, `response` reads and rewrites response heads and
 //! writes the proxy's own errors, `body` knows response framing, `pool` keeps upstream
-//! connections, `deadline` and `prefixed` are the I/O helpers.
+//! connections, `bridge` relays through hyper's client, `deadline` and `prefixed` are the
+//! I/O helpers.
+//!
+//! `https://` upstreams keep the client side here and use hyper's pooled client (h2 or
+//! HTTP/1.1 by ALPN) for the upstream side (`bridge`).
 //!
 //! Anything this path does not handle itself is handed, with every byte read so far, to the
 //! general hyper-based path (`crate::proxy`), which then serves the connection for the rest
 //! of its life: HTTP/2 (prior knowledge or ALPN), HTTP/1.0, `Transfer-Encoding` or
 //! `Expect` on a request, upgrades, request bodies over `REPLAY_LIMIT`, targets outside the
-//! plain path-and-query alphabet, `https://` upstreams (h2 by ALPN), oversized or malformed
-//! heads (hyper answers 400/431). The two paths apply the same rules; the integration tests
-//! run against both.
+//! plain path-and-query alphabet, oversized or malformed heads (hyper answers 400/431). The
+//! two paths apply the same rules; the integration tests run against both.
 
 mod body;
+mod bridge;
 mod deadline;
 mod pool;
 mod prefixed;
@@ -43,6 +47,7 @@ use crate::metrics::{RouteLabels, UpstreamErrorLabels};
 use crate::proxy::{ConnInfo, InflightGuard, RequestLog};
 use crate::routes::Route;
 use crate::state::{Generation, Shared};
+use crate::token::{AccessToken, TokenHolder};
 
 use body::{ChunkedScanner, Framing};
 use deadline::Deadline;
@@ -235,9 +240,9 @@ where
 
         let outcome = self.forward(generation, head, &request_id, &mut log).await;
         let path = text(&self.read[head.path.clone()]);
-        let (status, streaming) = match outcome {
-            Outcome::HandOver => return Err(End::HandOver),
-            Outcome::Streaming(status, streaming) => (status, Some(streaming)),
+        let (status, body) = match outcome {
+            Outcome::Streaming(status, streaming) => (status, Some(Ok(streaming))),
+            Outcome::Relayed(status, relay) => (status, Some(Err(relay))),
             Outcome::Failed(e) => {
                 log.error = Some(e.to_string());
                 let status = write_error(&mut self.out, e, &request_id, head.close);
@@ -259,8 +264,25 @@ where
             &log,
         );
         drop(inflight);
-        let Some(mut streaming) = streaming else {
-            return Ok(());
+        let mut streaming = match body {
+            None => return Ok(()),
+            Some(Ok(streaming)) => streaming,
+            Some(Err(mut relay)) => {
+                // An `https://` upstream through hyper's client.
+                if relay.broken {
+                    return Err(End::Close);
+                }
+                while !relay.done {
+                    if let Err(e) = bridge::next_piece(&mut relay, &mut self.out).await {
+                        tracing::debug!(peer = %self.info.peer, error = %e, "response body ended early");
+                        return Err(End::Close);
+                    }
+                    if self.io.write_all(&self.out).await.is_err() {
+                        return Err(End::Close);
+                    }
+                }
+                return Ok(());
+            }
         };
         while !streaming.done {
             if let Err(e) = self.stream_more(&mut streaming).await {
@@ -300,16 +322,12 @@ where
             }
         }
         let host = head.host.clone().map(|h| text(&buf[h]));
-        let Some((_, route)) = generation.routes.find(&head.method, host, path) else {
+        let Some((index, route)) = generation.routes.find(&head.method, host, path) else {
             return Outcome::Failed(ProxyError::NoRoute {
                 method: head.method.to_string(),
                 path: path.to_owned(),
             });
         };
-        if route.config.upstream.scheme != http::uri::Scheme::HTTP {
-            // TLS upstreams may speak h2 (ALPN): hyper's client serves those.
-            return Outcome::HandOver;
-        }
         log.route = Some(route.config.name.clone());
         log.profile = route.config.profile.clone();
 
@@ -334,53 +352,34 @@ where
         };
         log.fingerprint = token.as_ref().map(|t| t.fingerprint.clone());
 
-        let request = RequestParts {
-            buf: &self.read,
-            head,
-            spans: &self.spans,
-            route,
-            conn: self.info,
-            request_id,
-            key_header: generation.access.as_ref().map(|a| a.header()),
-        };
-        request.write(&mut self.out, token.as_deref());
+        self.write_request(generation, head, route, request_id, token.as_deref());
+        if route.config.upstream.scheme != http::uri::Scheme::HTTP {
+            let replay = Replay {
+                holder,
+                sent: token.as_ref(),
+            };
+            return self
+                .forward_via_client(generation, index, route, head, request_id, replay, log)
+                .await;
+        }
         let mut answer = match self.exchange(route, head).await {
             Ok(answer) => answer,
             Err(e) => return Outcome::Failed(self.upstream_failed(route, e)),
         };
         log.upstream_status = Some(answer.status);
-
-        if answer.status == 401 && route.config.retry_on_401 {
-            if let (Some((profile, holder)), Some(sent)) = (holder, &token) {
-                if let Some(fresh) =
-                    crate::proxy::fresh_token_after_401(holder, profile, sent).await
-                {
-                    log.replayed = true;
-                    log.fingerprint = Some(fresh.fingerprint.clone());
-                    self.shared
-                        .metrics
-                        .replays
-                        .get_or_create(&RouteLabels {
-                            route: route.config.name.clone(),
-                        })
-                        .inc();
-                    let request = RequestParts {
-                        buf: &self.read,
-                        head,
-                        spans: &self.spans,
-                        route,
-                        conn: self.info,
-                        request_id,
-                        key_header: generation.access.as_ref().map(|a| a.header()),
-                    };
-                    request.write(&mut self.out, Some(&fresh));
-                    // The 401's connection is dropped rather than drained: one reconnect, rarely.
-                    answer = match self.exchange(route, head).await {
-                        Ok(answer) => answer,
-                        Err(e) => return Outcome::Failed(self.upstream_failed(route, e)),
-                    };
-                    log.upstream_status = Some(answer.status);
-                }
+        if answer.status == 401 {
+            let replay = Replay {
+                holder,
+                sent: token.as_ref(),
+            };
+            if let Some(fresh) = self.token_for_replay(route, replay, log).await {
+                self.write_request(generation, head, route, request_id, Some(&fresh));
+                // The 401's connection is dropped rather than drained: one reconnect, rarely.
+                answer = match self.exchange(route, head).await {
+                    Ok(answer) => answer,
+                    Err(e) => return Outcome::Failed(self.upstream_failed(route, e)),
+                };
+                log.upstream_status = Some(answer.status);
             }
         }
 
@@ -408,6 +407,120 @@ where
             return Outcome::ClientGone;
         }
         Outcome::Streaming(answer.status, streaming)
+    }
+
+    /// Writes the upstream request for `token` into `self.out`.
+    fn write_request(
+        &mut self,
+        generation: &Generation,
+        head: &Head,
+        route: &Route,
+        request_id: &HeaderValue,
+        token: Option<&AccessToken>,
+    ) {
+        RequestParts {
+            buf: &self.read,
+            head,
+            spans: &self.spans,
+            route,
+            conn: self.info,
+            request_id,
+            key_header: generation.access.as_ref().map(|a| a.header()),
+        }
+        .write(&mut self.out, token);
+    }
+
+    /// After a 401 from the upstream: a fresh token to replay the request with, when the
+    /// route retries and the token that was sent gets replaced (contract §3).
+    async fn token_for_replay(
+        &self,
+        route: &Route,
+        replay: Replay<'_>,
+        log: &mut RequestLog,
+    ) -> Option<Arc<AccessToken>> {
+        if !route.config.retry_on_401 {
+            return None;
+        }
+        let ((profile, holder), sent) = (replay.holder?, replay.sent?);
+        let fresh = crate::proxy::fresh_token_after_401(holder, profile, sent).await?;
+        log.replayed = true;
+        log.fingerprint = Some(fresh.fingerprint.clone());
+        self.shared
+            .metrics
+            .replays
+            .get_or_create(&RouteLabels {
+                route: route.config.name.clone(),
+            })
+            .inc();
+        Some(fresh)
+    }
+
+    /// `https://` upstreams: the request in `self.out` goes through hyper's pooled client
+    /// (h2 or HTTP/1.1 by ALPN); the response head is written to the client here and its
+    /// body relayed by the caller.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_via_client<'g>(
+        &mut self,
+        generation: &Generation,
+        index: usize,
+        route: &Route,
+        head: &Head,
+        request_id: &HeaderValue,
+        replay: Replay<'_>,
+        log: &mut RequestLog,
+    ) -> Outcome<'g> {
+        let Some(client) = generation.upstreams.for_route(index) else {
+            return Outcome::Failed(ProxyError::UpstreamUnreachable {
+                route: route.config.name.clone(),
+                detail: "no client".into(),
+            });
+        };
+        let mut response = match self.send_via(client, route, log).await {
+            Ok(response) => response,
+            Err(e) => return Outcome::Failed(e),
+        };
+        if response.status() == http::StatusCode::UNAUTHORIZED {
+            if let Some(fresh) = self.token_for_replay(route, replay, log).await {
+                drop(response);
+                self.write_request(generation, head, route, request_id, Some(&fresh));
+                response = match self.send_via(client, route, log).await {
+                    Ok(response) => response,
+                    Err(e) => return Outcome::Failed(e),
+                };
+            }
+        }
+        crate::proxy::headers::remove_hop_by_hop(response.headers_mut());
+        let framing = bridge::framing(head.method == Method::HEAD, &response);
+        self.out.clear();
+        bridge::write_head(&mut self.out, &response, framing, head.close);
+        let status = response.status().as_u16();
+        let mut relay = bridge::Relay {
+            body: response.into_body(),
+            framing,
+            done: false,
+            broken: false,
+        };
+        if let Err(e) = bridge::take_ready(&mut relay, &mut self.out) {
+            // The head still goes out; the closed connection tells the client the body ended
+            // early.
+            tracing::debug!(error = %e, "upstream response body failed");
+            relay.broken = true;
+        }
+        if self.io.write_all(&self.out).await.is_err() {
+            return Outcome::ClientGone;
+        }
+        Outcome::Relayed(status, relay)
+    }
+
+    /// Sends the request in `self.out` through hyper's client (with the route's timeout).
+    async fn send_via(
+        &self,
+        client: &crate::upstream::HttpClient,
+        route: &Route,
+        log: &mut RequestLog,
+    ) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
+        let request = bridge::hyper_request(&self.out, route)?;
+        crate::proxy::send(client, route, request, log, &self.shared).await
     }
 
     /// Sends `self.out` to the route's upstream and reads the response head into `self.up`.
@@ -531,10 +644,17 @@ where
     }
 }
 
+/// What a 401 replay needs: the route's token holder and the token that was sent.
+#[derive(Clone, Copy)]
+struct Replay<'a> {
+    holder: Option<(&'a str, &'a Arc<TokenHolder>)>,
+    sent: Option<&'a Arc<AccessToken>>,
+}
+
 enum Outcome<'g> {
     Streaming(u16, Streaming<'g>),
+    Relayed(u16, bridge::Relay),
     Failed(ProxyError),
-    HandOver,
     ClientGone,
 }
 

@@ -297,7 +297,7 @@ pub(crate) async fn fresh_token_after_401(
     }
 }
 
-async fn send(
+pub(crate) async fn send(
     client: &crate::upstream::HttpClient,
     route: &Route,
     request: Request<ProxyBody>,

@@ -4,8 +4,10 @@
 mod support;
 
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -160,6 +162,117 @@ async fn https_token_endpoint_and_https_h2_upstream_with_a_private_ca() {
     let text = r.text().await.unwrap();
     assert!(text.to_lowercase().contains("certificate"), "{text}");
     assert_eq!(status(client().get(proxy.url("/n"))).await, 502);
+}
+
+/// An `https://` upstream behind the HTTP/1.1 fast path: the request carries what a plain
+/// upstream gets, a 401 is replayed with a fresh token, and a streamed h2 body without a
+/// length reaches the client chunked, trailers included.
+#[tokio::test]
+async fn https_upstream_requests_and_streamed_answers_through_the_fast_path() {
+    use http_body_util::StreamBody;
+    let ca = TestCa::new();
+    let (cert, key) = ca.leaf("server");
+    let tokens = TokenServer::healthy(3600).await;
+    // What the upstream saw: path, fields, body.
+    type Seen = (String, http::HeaderMap, Vec<u8>);
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let first_auth: Arc<Mutex<Option<String>>> = Arc::default();
+    let (s, f) = (Arc::clone(&seen), Arc::clone(&first_auth));
+    let (up_addr, _u) = serve_tls(
+        &cert,
+        &key,
+        move |req: http::Request<hyper::body::Incoming>| {
+            let (s, f) = (Arc::clone(&s), Arc::clone(&f));
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await.unwrap().to_bytes().to_vec();
+                let path = parts.uri.path().to_owned();
+                let auth = parts
+                    .headers
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                s.lock().unwrap().push((path.clone(), parts.headers, body));
+                if path == "/v1/revoked" {
+                    // The first token seen is revoked; any other is fine.
+                    let mut first = f.lock().unwrap();
+                    if first.is_none() || *first == auth {
+                        *first = auth;
+                        return json_response(401, r#"{"code":"401-101"}"#, &[]);
+                    }
+                    return json_response(200, r#"{"replayed":true}"#, &[]);
+                }
+                let frames = vec![
+                    Ok::<_, egain_proxy::BoxError>(hyper::body::Frame::data(bytes::Bytes::from(
+                        "one,",
+                    ))),
+                    Ok(hyper::body::Frame::data(bytes::Bytes::from("two"))),
+                    Ok(hyper::body::Frame::trailers({
+                        let mut t = http::HeaderMap::new();
+                        t.insert("x-checksum", "2".parse().unwrap());
+                        t
+                    })),
+                ];
+                let mut r = http::Response::new(
+                    StreamBody::new(futures_util::stream::iter(frames)).boxed(),
+                );
+                r.headers_mut().insert("x-upstream", "tls".parse().unwrap());
+                r
+            }
+        },
+    )
+    .await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route(
+            "r",
+            "/api",
+            &format!("https://127.0.0.1:{}/v1", up_addr.port()),
+            "p",
+            &format!("strip_prefix = true\nca_file = \"{}\"", ca.ca_file())
+        )
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+
+    let response = raw_request(
+        proxy.addr,
+        b"POST /api/stream?q=1 HTTP/1.1\r\nHost: app.local\r\nAuthorization: Basic c2VjcmV0\r\nX-Forwarded-For: 203.0.113.7\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    let lower = response.to_ascii_lowercase();
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(
+        lower.contains("transfer-encoding: chunked\r\n"),
+        "{response}"
+    );
+    assert!(lower.contains("x-upstream: tls\r\n"), "{response}");
+    assert!(
+        response.ends_with("4\r\none,\r\n3\r\ntwo\r\n0\r\nx-checksum: 2\r\n\r\n"),
+        "{response:?}"
+    );
+    let (path, headers, body) = seen.lock().unwrap()[0].clone();
+    assert_eq!(path, "/v1/stream");
+    assert_eq!(body, b"hello");
+    assert!(headers["authorization"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer "));
+    assert_eq!(headers.get_all("authorization").iter().count(), 1);
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-host"], "app.local");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert!(headers.get("connection").is_none());
+
+    // A 401 for a revoked token: one new token, the request replayed with it.
+    let r = client()
+        .get(proxy.url("/api/revoked"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), r#"{"replayed":true}"#);
+    assert_eq!(tokens.count(), 2);
 }
 
 #[tokio::test]
