@@ -187,6 +187,10 @@ where
         loop {
             if !self.read.is_empty() {
                 match parse_request(&self.read, &mut self.spans) {
+                    // Over the limit even though complete (one large read): hyper answers 431.
+                    Parsed::Complete(head) if head.head_len > max_header_bytes => {
+                        return Err(End::HandOver)
+                    }
                     Parsed::Complete(head) => return Ok(head),
                     Parsed::HandOver => return Err(End::HandOver),
                     Parsed::Partial if self.read.len() >= max_header_bytes => {

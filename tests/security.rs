@@ -418,6 +418,12 @@ async fn malformed_and_escaping_requests_are_refused_before_routing() {
             "431",
             "",
         ),
+        // Complete in one read but over the limit: still refused.
+        (
+            format!("GET /api/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(9_000)).into_bytes(),
+            "431",
+            "",
+        ),
         (b"GARBAGE\r\n\r\n".to_vec(), "400", ""),
     ];
     for (request, status, code) in cases {
