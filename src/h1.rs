@@ -43,7 +43,6 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::error::ProxyError;
-use crate::metrics::{RouteLabels, UpstreamErrorLabels};
 use crate::proxy::{ConnInfo, InflightGuard, RequestLog};
 use crate::routes::Route;
 use crate::state::{Generation, Shared};
@@ -446,17 +445,7 @@ where
             return None;
         }
         let ((profile, holder), sent) = (replay.holder?, replay.sent?);
-        let fresh = crate::proxy::fresh_token_after_401(holder, profile, sent).await?;
-        log.replayed = true;
-        log.fingerprint = Some(fresh.fingerprint.clone());
-        self.shared
-            .metrics
-            .replays
-            .get_or_create(&RouteLabels {
-                route: route.config.name.clone(),
-            })
-            .inc();
-        Some(fresh)
+        crate::proxy::token_for_replay(&self.shared, route, holder, profile, sent, log).await
     }
 
     /// `https://` upstreams: the request in `self.out` goes through hyper's pooled client
@@ -596,14 +585,7 @@ where
             UpstreamError::Timeout => "timeout",
             UpstreamError::Io(_) | UpstreamError::Protocol(_) => "protocol",
         };
-        self.shared
-            .metrics
-            .upstream_errors
-            .get_or_create(&UpstreamErrorLabels {
-                route: name.clone(),
-                kind,
-            })
-            .inc();
+        self.shared.metrics.upstream_error(name, kind);
         match e {
             UpstreamError::Timeout => ProxyError::UpstreamTimeout {
                 route: name.clone(),

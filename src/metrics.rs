@@ -136,6 +136,16 @@ impl Metrics {
         }
     }
 
+    /// Counts one failed upstream exchange of `route`: `connect`, `timeout` or `protocol`.
+    pub fn upstream_error(&self, route: &str, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                route: route.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.

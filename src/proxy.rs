@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
 use hyper::body::Incoming;
 
 use crate::error::ProxyError;
-use crate::metrics::{method_label, RequestLabels, RouteLabels, UpstreamErrorLabels};
+use crate::metrics::{method_label, RequestLabels, RouteLabels};
 use crate::routes::Route;
 use crate::state::{Generation, Shared};
 use crate::token::{AccessToken, TokenHolder};
@@ -249,17 +249,10 @@ async fn forward(
         if let (Some((profile, holder)), Some(sent)) = (holder, &token) {
             match replay {
                 Some((bytes, headers)) => {
-                    if let Some(fresh) = fresh_token_after_401(holder, profile, sent).await {
+                    if let Some(fresh) =
+                        token_for_replay(shared, route, holder, profile, sent, log).await
+                    {
                         drop(response);
-                        log.replayed = true;
-                        log.fingerprint = Some(fresh.fingerprint.clone());
-                        shared
-                            .metrics
-                            .replays
-                            .get_or_create(&RouteLabels {
-                                route: route.config.name.clone(),
-                            })
-                            .inc();
                         let again = send(
                             client,
                             route,
@@ -281,20 +274,34 @@ async fn forward(
     Ok(finish_response(response))
 }
 
-/// After a 401 for `sent`: invalidate it (rate-limited) and return a different usable token,
-/// if one can be had within the usual wait.
-pub(crate) async fn fresh_token_after_401(
+/// After a 401 for `sent`: invalidate it (rate-limited) and return a different usable token
+/// to replay the request with, if one can be had within the usual wait. The replay is noted
+/// in the access log and counted. Both engines (here and `crate::h1`) replay through this.
+pub(crate) async fn token_for_replay(
+    shared: &Shared,
+    route: &Route,
     holder: &TokenHolder,
     profile: &str,
     sent: &Arc<AccessToken>,
+    log: &mut RequestLog,
 ) -> Option<Arc<AccessToken>> {
     if !holder.invalidate(sent) {
         return None;
     }
-    match holder.get(profile).await {
-        Ok(fresh) if !Arc::ptr_eq(&fresh, sent) => Some(fresh),
-        _ => None,
-    }
+    let fresh = match holder.get(profile).await {
+        Ok(fresh) if !Arc::ptr_eq(&fresh, sent) => fresh,
+        _ => return None,
+    };
+    log.replayed = true;
+    log.fingerprint = Some(fresh.fingerprint.clone());
+    shared
+        .metrics
+        .replays
+        .get_or_create(&RouteLabels {
+            route: route.config.name.clone(),
+        })
+        .inc();
+    Some(fresh)
 }
 
 pub(crate) async fn send(
@@ -305,16 +312,7 @@ pub(crate) async fn send(
     shared: &Shared,
 ) -> Result<Response<Incoming>, ProxyError> {
     let name = &route.config.name;
-    let upstream_error = |kind: &'static str| {
-        shared
-            .metrics
-            .upstream_errors
-            .get_or_create(&UpstreamErrorLabels {
-                route: name.clone(),
-                kind,
-            })
-            .inc();
-    };
+    let upstream_error = |kind| shared.metrics.upstream_error(name, kind);
     match tokio::time::timeout(route.config.timeout, client.request(request)).await {
         Ok(Ok(response)) => {
             log.upstream_status = Some(response.status().as_u16());
