@@ -63,6 +63,14 @@ const MAX_RESPONSE_HEAD: usize = 256 * 1024;
 /// Read-buffer size for either side.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Appends one header field line, `name: value`.
+fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Serves one client connection: the fast path while it can, then hyper.
 pub async fn serve<IO>(
     io: IO,

@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 
 use super::body::{self, Framing};
+use super::write_field;
 use crate::error::ProxyError;
 use crate::routes::Route;
 use crate::ProxyBody;
@@ -107,10 +108,7 @@ pub(super) fn write_head(
         if framing == Framing::Chunked && name == CONTENT_LENGTH {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if framing == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -174,10 +172,7 @@ fn append(
             if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
                 out.extend_from_slice(b"0\r\n");
                 for (name, value) in &trailers {
-                    out.extend_from_slice(name.as_str().as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(value.as_bytes());
-                    out.extend_from_slice(b"\r\n");
+                    write_field(out, name.as_str().as_bytes(), value.as_bytes());
                 }
                 out.extend_from_slice(b"\r\n");
                 relay.done = true;

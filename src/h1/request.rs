@@ -7,8 +7,7 @@ use std::ops::Range;
 use http::header::HeaderValue;
 use http::Method;
 
-use super::body;
-use super::MAX_HEADERS;
+use super::{body, write_field, MAX_HEADERS};
 use crate::proxy::headers::{is_sane_request_id, new_request_id};
 use crate::proxy::{ConnInfo, REPLAY_LIMIT};
 use crate::routes::Route;
@@ -148,10 +147,7 @@ impl RequestParts<'_> {
             if head.names_fields && self.conn_listed(name) {
                 continue;
             }
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            write_field(out, name, value);
         }
         let sets = |name: &str| route.set_headers.iter().any(|(n, _)| n.as_str() == name);
         if !sets("x-forwarded-for") {
@@ -183,26 +179,17 @@ impl RequestParts<'_> {
         }
         if let Some(host) = &head.host {
             if !sets("x-forwarded-host") {
-                out.extend_from_slice(b"x-forwarded-host: ");
-                out.extend_from_slice(&buf[host.clone()]);
-                out.extend_from_slice(b"\r\n");
+                write_field(out, b"x-forwarded-host", &buf[host.clone()]);
             }
         }
         if !sets("x-request-id") {
-            out.extend_from_slice(b"x-request-id: ");
-            out.extend_from_slice(self.request_id.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            write_field(out, b"x-request-id", self.request_id.as_bytes());
         }
         for (name, value) in &route.set_headers {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
         if let Some(token) = token {
-            out.extend_from_slice(b"authorization: ");
-            out.extend_from_slice(token.header.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            write_field(out, b"authorization", token.header.as_bytes());
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&buf[head.head_len..head.head_len + head.body_len]);

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use super::body::{self, Framing};
 use super::request::is_hop_by_hop;
-use super::{UpstreamError, MAX_HEADERS, MAX_RESPONSE_HEAD, READ_CHUNK};
+use super::{write_field, UpstreamError, MAX_HEADERS, MAX_RESPONSE_HEAD, READ_CHUNK};
 use crate::error::ProxyError;
 
 pub(super) struct ResponseHead {
@@ -123,10 +123,7 @@ fn write_client_head(
         {
             continue;
         }
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name.as_bytes(), h.value);
     }
     if matches!(framing, Framing::Chunked | Framing::Close) {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -152,10 +149,7 @@ pub(super) fn write_error(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in &headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
     out.extend_from_slice(b"date: ");
