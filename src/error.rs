@@ -75,8 +75,7 @@ impl ProxyError {
             "message": self.to_string(),
             "request_id": id,
         });
-        let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
-        bytes.push(b'\n');
+        let bytes = json_bytes(&body);
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
@@ -109,14 +108,19 @@ impl ProxyError {
 }
 
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
-    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
-    bytes.push(b'\n');
-    let mut response = Response::new(full(bytes));
+    let mut response = Response::new(full(json_bytes(body)));
     *response.status_mut() = status;
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// A JSON body as every answer of the proxy's own has it: one line.
+fn json_bytes(body: &serde_json::Value) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame};
-use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper::body::Incoming;
 
 use crate::error::ProxyError;
@@ -233,7 +233,10 @@ async fn forward(
     };
 
     let (first_body, replay) = match body {
-        Prepared::Replayable(bytes) => (full_body(bytes.clone()), Some((bytes, head.clone()))),
+        Prepared::Replayable(bytes) => (
+            crate::error::full(bytes.clone()),
+            Some((bytes, head.clone())),
+        ),
         Prepared::Stream(body) => (body, None),
     };
     let response = send(
@@ -256,7 +259,7 @@ async fn forward(
                         let again = send(
                             client,
                             route,
-                            build(Some(&fresh), full_body(bytes), headers),
+                            build(Some(&fresh), crate::error::full(bytes), headers),
                             log,
                             shared,
                         )
@@ -400,10 +403,6 @@ fn finish_response(response: Response<Incoming>) -> Response<ProxyBody> {
 
 fn map_incoming(body: Incoming) -> ProxyBody {
     body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
-}
-
-fn full_body(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 enum Prepared {
