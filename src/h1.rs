@@ -189,8 +189,8 @@ where
             let server = &generation.config.server;
             (server.header_read_timeout, server.max_header_bytes)
         };
-        let mut waited = std::time::Duration::ZERO;
-        let first_wait = tokio::time::Instant::now();
+        // The timeout counts from the first wait for this head, over all its reads.
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if !self.read.is_empty() {
                 match parse_request(&self.read, &mut self.spans) {
@@ -208,11 +208,9 @@ where
                 }
             }
             self.read.reserve(READ_CHUNK);
-            // The timeout counts from the first wait for this head, over all its reads.
-            let left = timeout.saturating_sub(waited);
             let read = self
                 .head_timer
-                .within(left, self.io.read_buf(&mut self.read));
+                .until(deadline, self.io.read_buf(&mut self.read));
             let n = tokio::select! {
                 biased;
                 r = read => match r {
@@ -221,7 +219,6 @@ where
                 },
                 _ = stop.changed() => return Err(self.close().await),
             };
-            waited = first_wait.elapsed();
             if n == 0 {
                 return Err(End::Close);
             }
@@ -580,7 +577,8 @@ where
                 }
             }
         };
-        match self.upstream_timer.within(timeout, attempt).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        match self.upstream_timer.until(deadline, attempt).await {
             Some(result) => result,
             None => Err(UpstreamError::Timeout),
         }

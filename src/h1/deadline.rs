@@ -8,18 +8,15 @@ use std::pin::Pin;
 #[derive(Default)]
 pub(super) struct Deadline {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    at: Option<tokio::time::Instant>,
 }
 
 impl Deadline {
-    /// Runs `work` to completion, or gives up (`None`) once `timeout` has passed.
-    pub(super) async fn within<F: std::future::Future>(
+    /// Runs `work` to completion, or gives up (`None`) once `at` has passed.
+    pub(super) async fn until<F: std::future::Future>(
         &mut self,
-        timeout: std::time::Duration,
+        at: tokio::time::Instant,
         work: F,
     ) -> Option<F::Output> {
-        let at = tokio::time::Instant::now() + timeout;
-        self.at = Some(at);
         let sleep = match &mut self.sleep {
             // Firing late is never right; firing early is fixed up below.
             Some(sleep) if sleep.deadline() <= at => sleep,
