@@ -249,8 +249,7 @@ where
         let outcome = self.forward(generation, head, &request_id, &mut log).await;
         let path = text(&self.read[head.path.clone()]);
         let (status, body) = match outcome {
-            Outcome::Streaming(status, streaming) => (status, Some(Ok(streaming))),
-            Outcome::Relayed(status, relay) => (status, Some(Err(relay))),
+            Outcome::Forwarded(status, body) => (status, Some(body)),
             Outcome::Failed(e) => {
                 log.error = Some(e.to_string());
                 let status = write_error(&mut self.out, e, &request_id, head.close);
@@ -272,36 +271,43 @@ where
             &log,
         );
         drop(inflight);
-        let mut streaming = match body {
-            None => return Ok(()),
-            Some(Ok(streaming)) => streaming,
-            Some(Err(mut relay)) => {
-                // An `https://` upstream through hyper's client.
+        match body {
+            None => Ok(()),
+            Some(body) => self.rest_of_body(body).await,
+        }
+    }
+
+    /// Moves the rest of a response body to the client (its head went with the outcome).
+    async fn rest_of_body(&mut self, body: ResponseBody<'_>) -> Result<(), End> {
+        let peer = self.info.peer;
+        let ended_early = |e: &dyn std::fmt::Display| {
+            tracing::debug!(%peer, error = %e, "response body ended early");
+            End::Close
+        };
+        match body {
+            ResponseBody::Direct(mut streaming) => {
+                while !streaming.done {
+                    self.stream_more(&mut streaming)
+                        .await
+                        .map_err(|e| ended_early(&e))?;
+                }
+                if streaming.reusable {
+                    self.shared
+                        .h1_pool
+                        .checkin(streaming.authority, streaming.stream);
+                }
+            }
+            ResponseBody::Relayed(mut relay) => {
                 if relay.broken {
                     return Err(End::Close);
                 }
                 while !relay.done {
-                    if let Err(e) = bridge::next_piece(&mut relay, &mut self.out).await {
-                        tracing::debug!(peer = %self.info.peer, error = %e, "response body ended early");
-                        return Err(End::Close);
-                    }
-                    if self.io.write_all(&self.out).await.is_err() {
-                        return Err(End::Close);
-                    }
+                    bridge::next_piece(&mut relay, &mut self.out)
+                        .await
+                        .map_err(|e| ended_early(&e))?;
+                    self.io.write_all(&self.out).await.map_err(|_| End::Close)?;
                 }
-                return Ok(());
             }
-        };
-        while !streaming.done {
-            if let Err(e) = self.stream_more(&mut streaming).await {
-                tracing::debug!(peer = %self.info.peer, error = %e, "response body ended early");
-                return Err(End::Close);
-            }
-        }
-        if streaming.reusable {
-            self.shared
-                .h1_pool
-                .checkin(streaming.authority, streaming.stream);
         }
         Ok(())
     }
@@ -414,7 +420,7 @@ where
         if self.io.write_all(&self.out).await.is_err() {
             return Outcome::ClientGone;
         }
-        Outcome::Streaming(answer.status, streaming)
+        Outcome::Forwarded(answer.status, ResponseBody::Direct(streaming))
     }
 
     /// Writes the upstream request for `token` into `self.out`.
@@ -507,7 +513,7 @@ where
         if self.io.write_all(&self.out).await.is_err() {
             return Outcome::ClientGone;
         }
-        Outcome::Relayed(status, relay)
+        Outcome::Forwarded(status, ResponseBody::Relayed(relay))
     }
 
     /// Sends the request in `self.out` through hyper's client (with the route's timeout).
@@ -643,9 +649,17 @@ struct Replay<'a> {
     sent: Option<&'a Arc<AccessToken>>,
 }
 
+/// The rest of a response whose head went to the client.
+enum ResponseBody<'g> {
+    /// From a pooled connection to an `http://` upstream.
+    Direct(Streaming<'g>),
+    /// From hyper's client (`https://` upstreams).
+    Relayed(bridge::Relay),
+}
+
 enum Outcome<'g> {
-    Streaming(u16, Streaming<'g>),
-    Relayed(u16, bridge::Relay),
+    /// Forwarded, with the upstream's status; the head has been written.
+    Forwarded(u16, ResponseBody<'g>),
     Failed(ProxyError),
     ClientGone,
 }
