@@ -30,8 +30,8 @@ pub fn response_framing(
             // The last coding decides; several fields are one list.
             transfer_encoding = Some(h.value);
         } else if h.name.eq_ignore_ascii_case("content-length") {
-            for part in h.value.split(|&b| b == b',') {
-                let n = parse_length(trim(part)).ok_or("malformed Content-Length")?;
+            for part in list_items(h.value) {
+                let n = parse_length(part).ok_or("malformed Content-Length")?;
                 if length.is_some_and(|l| l != n) {
                     return Err("conflicting Content-Length values");
                 }
@@ -59,6 +59,11 @@ pub fn parse_length(text: &[u8]) -> Option<u64> {
         return None;
     }
     Some(text.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+/// The items of a comma-separated field value (RFC 9110 §5.6.1), trimmed of spaces and tabs.
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(trim)
 }
 
 pub fn trim(mut s: &[u8]) -> &[u8] {

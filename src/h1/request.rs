@@ -199,9 +199,8 @@ impl RequestParts<'_> {
     fn conn_listed(&self, name: &[u8]) -> bool {
         self.spans.iter().any(|s| {
             self.buf[s.name.clone()].eq_ignore_ascii_case(b"connection")
-                && self.buf[s.value.clone()]
-                    .split(|&b| b == b',')
-                    .any(|token| body::trim(token).eq_ignore_ascii_case(name))
+                && body::list_items(&self.buf[s.value.clone()])
+                    .any(|token| token.eq_ignore_ascii_case(name))
         })
     }
 }
@@ -335,7 +334,7 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
                 Kind::Skip
             }
             Some(Known::Connection) => {
-                for token in h.value.split(|&b| b == b',').map(body::trim) {
+                for token in body::list_items(h.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         head.close = true;
                     } else if token.eq_ignore_ascii_case(b"upgrade") {

@@ -84,8 +84,8 @@ fn has_token(headers: &[httparse::Header<'_>], name: &str, token: &[u8]) -> bool
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case(name))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .any(|t| body::trim(t).eq_ignore_ascii_case(token))
+        .flat_map(|h| body::list_items(h.value))
+        .any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// The client's response head: the upstream's status line and end-to-end fields, framed
