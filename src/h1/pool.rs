@@ -61,11 +61,6 @@ impl Pool {
             list.push(Idle { stream, since: now });
         }
     }
-
-    /// Closes every idle connection (shutdown, tests).
-    pub fn clear(&self) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
 }
 
 /// An idle connection is usable when it has nothing to read: no EOF (the upstream closed it)
