@@ -20,7 +20,7 @@ pub fn response_framing(
     status: u16,
     headers: &[httparse::Header<'_>],
 ) -> Result<Framing, &'static str> {
-    if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+    if has_no_body(head_request, status) {
         return Ok(Framing::Empty);
     }
     let mut transfer_encoding: Option<&[u8]> = None;
@@ -51,6 +51,11 @@ pub fn response_framing(
         Some(n) => Framing::Length(n),
         None => Framing::Close,
     })
+}
+
+/// A response to HEAD, or a 1xx, 204 or 304, never has a body (RFC 9112 §6.3).
+pub fn has_no_body(head_request: bool, status: u16) -> bool {
+    head_request || (100..200).contains(&status) || status == 204 || status == 304
 }
 
 /// A decimal length: digits only, at most 18 of them (no sign, no spaces, no overflow).

@@ -72,8 +72,7 @@ pub(super) fn hyper_request(raw: &[u8], route: &Route) -> Result<Request<ProxyBo
 /// How the client's response is framed: as the upstream's `Content-Length` says, else
 /// chunked (an h2 upstream need not send a length; trailers then pass too).
 pub(super) fn framing(head_request: bool, response: &Response<Incoming>) -> Framing {
-    let status = response.status().as_u16();
-    if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+    if body::has_no_body(head_request, response.status().as_u16()) {
         return Framing::Empty;
     }
     match response
