@@ -129,6 +129,9 @@ pub struct ServerConfig {
     pub access: Option<AccessConfig>,
     /// Slowloris guard: the whole request head must arrive within this time.
     pub header_read_timeout: Duration,
+    /// The longest wait for the next bytes of a request body (a stalled upload gets 408 and
+    /// its connection closes instead of holding a connection slot for ever).
+    pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
 }

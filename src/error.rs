@@ -29,6 +29,8 @@ pub enum ProxyError {
     TokenUnavailable(TokenUnavailable),
     #[error("the upstream of route {route:?} did not answer within {}", humantime::format_duration(*timeout))]
     UpstreamTimeout { route: String, timeout: Duration },
+    #[error("the request body stalled: no bytes for {}", humantime::format_duration(*.0))]
+    RequestTimeout(Duration),
 }
 
 impl ProxyError {
@@ -42,6 +44,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -55,6 +58,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::RequestTimeout(_) => "request_timeout",
         }
     }
 

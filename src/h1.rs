@@ -225,19 +225,33 @@ where
         }
     }
 
-    /// Serves one request whose head is in the read buffer.
-    async fn request(&mut self, generation: &Generation, head: &Head) -> Result<(), End> {
-        // The body (at most REPLAY_LIMIT, else the request went to hyper) is read whole: it is
-        // sent in the same write as the head, and kept for a replay after a 401.
+    /// Reads the rest of the request body (at most REPLAY_LIMIT, else the request went to
+    /// hyper) into the read buffer: it is sent in the same write as the head, and kept for a
+    /// replay after a 401. Each wait for more is bounded by `server.body_read_timeout`.
+    async fn read_body(
+        &mut self,
+        head: &Head,
+        idle: std::time::Duration,
+    ) -> Result<(), Outcome<'static>> {
         let total = head.head_len + head.body_len;
         while self.read.len() < total {
             self.read.reserve(total - self.read.len());
-            match self.io.read_buf(&mut self.read).await {
-                Ok(0) | Err(_) => return Err(End::Close),
-                Ok(_) => {}
+            let deadline = tokio::time::Instant::now() + idle;
+            match self
+                .head_timer
+                .until(deadline, self.io.read_buf(&mut self.read))
+                .await
+            {
+                Some(Ok(0)) | Some(Err(_)) => return Err(Outcome::ClientGone),
+                Some(Ok(_)) => {}
+                None => return Err(Outcome::Failed(ProxyError::RequestTimeout(idle))),
             }
         }
+        Ok(())
+    }
 
+    /// Serves one request whose head is in the read buffer.
+    async fn request(&mut self, generation: &Generation, head: &Head) -> Result<(), End> {
         let started = Instant::now();
         let shared = Arc::clone(&self.shared);
         let metrics = &shared.metrics;
@@ -252,9 +266,22 @@ where
             Outcome::Forwarded(status, body) => (status, Some(body)),
             Outcome::Failed(e) => {
                 log.error = Some(e.to_string());
-                let status = write_error(&mut self.out, e, &request_id, head.close);
-                if self.io.write_all(&self.out).await.is_err() {
-                    return Err(End::Close);
+                // Refused before its body was read (access, route, token, a stalled body):
+                // the connection closes after the answer rather than read what is left.
+                let unread = self.read.len() < head.head_len + head.body_len;
+                let status = write_error(&mut self.out, e, &request_id, head.close || unread);
+                if self.io.write_all(&self.out).await.is_err() || unread {
+                    crate::proxy::record(
+                        &shared,
+                        self.info,
+                        &request_id,
+                        &head.method,
+                        path,
+                        status,
+                        started,
+                        &log,
+                    );
+                    return Err(self.close().await);
                 }
                 (status, None)
             }
@@ -366,6 +393,11 @@ where
         };
         log.fingerprint = token.as_ref().map(|t| t.fingerprint.clone());
 
+        // Only now, with access decided on the head, is the body read.
+        let idle = generation.config.server.body_read_timeout;
+        if let Err(outcome) = self.read_body(head, idle).await {
+            return outcome;
+        }
         self.write_request(generation, head, route, request_id, token.as_deref());
         if route.config.upstream.scheme != http::uri::Scheme::HTTP {
             let replay = Replay {
@@ -411,11 +443,12 @@ where
         };
         // self.out holds the client's response head (read_response_head).
         let first = answer.head_len..self.up.len();
-        if let Err(e) = take_body(&mut streaming, &self.up[first], &mut self.out) {
-            // A malformed chunked body right at the start: the client gets what is valid and
-            // the connection closes.
-            tracing::debug!(error = %e, "upstream response body is malformed");
-            streaming.reusable = false;
+        if take_body(&mut streaming, &self.up[first], &mut self.out).is_err() {
+            // A malformed chunked body before anything went to the client: a 502, and the
+            // upstream connection is dropped (a later malformation closes the client's).
+            return Outcome::Failed(
+                self.upstream_failed(route, UpstreamError::Protocol("malformed chunked body")),
+            );
         }
         if self.io.write_all(&self.out).await.is_err() {
             return Outcome::ClientGone;
@@ -479,22 +512,25 @@ where
                 detail: "no client".into(),
             });
         };
-        let mut response = match self.send_via(client, route, log).await {
-            Ok(response) => response,
+        let (mut response, mut framing) = match self.send_via(client, route, log).await {
+            Ok(answer) => answer,
             Err(e) => return Outcome::Failed(e),
         };
         if response.status() == http::StatusCode::UNAUTHORIZED {
             if let Some(fresh) = self.token_for_replay(route, replay, log).await {
                 drop(response);
                 self.write_request(generation, head, route, request_id, Some(&fresh));
-                response = match self.send_via(client, route, log).await {
-                    Ok(response) => response,
+                (response, framing) = match self.send_via(client, route, log).await {
+                    Ok(answer) => answer,
                     Err(e) => return Outcome::Failed(e),
                 };
             }
         }
-        crate::proxy::headers::remove_hop_by_hop(response.headers_mut());
-        let framing = bridge::framing(head.method == Method::HEAD, &response);
+        // An h2 upstream need not send a length: such a body is chunked to the client, which
+        // also lets its trailers pass.
+        if framing == Framing::Close {
+            framing = Framing::Chunked;
+        }
         self.out.clear();
         bridge::write_head(&mut self.out, &response, framing, head.close);
         let status = response.status().as_u16();
@@ -522,7 +558,7 @@ where
         client: &crate::upstream::HttpClient,
         route: &Route,
         log: &mut RequestLog,
-    ) -> Result<http::Response<hyper::body::Incoming>, ProxyError> {
+    ) -> Result<(http::Response<hyper::body::Incoming>, Framing), ProxyError> {
         let request = bridge::hyper_request(&self.out, route)?;
         crate::proxy::send(client, route, request, log, &self.shared).await
     }

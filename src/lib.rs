@@ -8,6 +8,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod h1;
+pub mod http;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;

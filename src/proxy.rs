@@ -2,6 +2,7 @@
 
 pub mod headers;
 pub mod path;
+pub mod stall;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -153,6 +154,11 @@ async fn forward(
             "absolute-form request targets are not accepted: this is a reverse proxy; send the path only".into(),
         ));
     }
+    // RFC 9112 §3.2: exactly one valid Host on HTTP/1.1 (h2 names the host in :authority).
+    let hosts = req.headers().get_all(HOST).iter().map(|v| v.as_bytes());
+    if let Some(e) = crate::http::host_fields_error(req.version() == Version::HTTP_11, hosts) {
+        return Err(ProxyError::BadRequest(e.into()));
+    }
     let path = req.uri().path();
     path::validate(path).map_err(|e| ProxyError::BadRequest(e.message().into()))?;
 
@@ -211,12 +217,17 @@ async fn forward(
     let uri = upstream_uri(route, &parts.uri)?;
     let mut head = parts.headers;
     rewrite_request_headers(&mut head, &parts.uri, route, generation, conn, request_id);
+    let declared = head
+        .remove(CONTENT_LENGTH)
+        .and_then(|v| crate::http::parse_length(v.as_bytes()));
+    let body = stall::StallGuard::new(body, generation.config.server.body_read_timeout).boxed();
+    frame_request(&mut head, &parts.method, &body);
 
     let retry = route.config.retry_on_401 && token.is_some();
     let body = if retry {
-        prepare_body(body, &head).await?
+        prepare_body(body, declared).await?
     } else {
-        Prepared::Stream(map_incoming(body))
+        Prepared::Stream(body)
     };
 
     let build = |token: Option<&Arc<AccessToken>>, body: ProxyBody, headers: http::HeaderMap| {
@@ -239,7 +250,7 @@ async fn forward(
         ),
         Prepared::Stream(body) => (body, None),
     };
-    let response = send(
+    let (response, _) = send(
         client,
         route,
         build(token.as_ref(), first_body, head),
@@ -264,7 +275,7 @@ async fn forward(
                             shared,
                         )
                         .await?;
-                        return Ok(finish_response(again));
+                        return Ok(finish_response(again.0));
                     }
                 }
                 None => {
@@ -275,6 +286,20 @@ async fn forward(
         }
     }
     Ok(finish_response(response))
+}
+
+/// The proxy frames the body it forwards (RFC 9112 §6.3, §11.2): hyper's client writes
+/// `Content-Length` from the body's exact size, else the chunked coding, so no framing field
+/// of the client's is passed on. hyper assumes a GET, HEAD or CONNECT of unknown size has no
+/// body; one that has one is sent chunked rather than dropped.
+fn frame_request(head: &mut http::HeaderMap, method: &Method, body: &ProxyBody) {
+    let unknown_size = !body.is_end_stream() && body.size_hint().exact().is_none();
+    if unknown_size && matches!(*method, Method::GET | Method::HEAD) {
+        head.insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
 }
 
 /// After a 401 for `sent`: invalidate it (rate-limited) and return a different usable token
@@ -307,21 +332,49 @@ pub(crate) async fn token_for_replay(
     Some(fresh)
 }
 
+/// Sends `request` through hyper's client within the route's timeout. The response's framing
+/// is checked (`crate::http::response_framing`): an ambiguous one is a 502 and its connection
+/// is never used again. Hop-by-hop fields are gone from the response that is returned.
 pub(crate) async fn send(
     client: &crate::upstream::HttpClient,
     route: &Route,
-    request: Request<ProxyBody>,
+    mut request: Request<ProxyBody>,
     log: &mut RequestLog,
     shared: &Shared,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<(Response<Incoming>, crate::http::Framing), ProxyError> {
     let name = &route.config.name;
     let upstream_error = |kind| shared.metrics.upstream_error(name, kind);
+    let head_request = request.method() == Method::HEAD;
+    let connection = hyper_util::client::legacy::connect::capture_connection(&mut request);
     match tokio::time::timeout(route.config.timeout, client.request(request)).await {
-        Ok(Ok(response)) => {
+        Ok(Ok(mut response)) => {
             log.upstream_status = Some(response.status().as_u16());
-            Ok(response)
+            let fields = response
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+            let status = response.status().as_u16();
+            match crate::http::response_framing(head_request, status, fields) {
+                Ok(framing) => {
+                    headers::remove_hop_by_hop(response.headers_mut());
+                    Ok((response, framing))
+                }
+                Err(what) => {
+                    if let Some(connected) = connection.connection_metadata().as_ref() {
+                        connected.poison();
+                    }
+                    upstream_error("protocol");
+                    Err(ProxyError::UpstreamUnreachable {
+                        route: name.clone(),
+                        detail: format!("invalid response: {what}"),
+                    })
+                }
+            }
         }
         Ok(Err(e)) => {
+            if let Some(idle) = stall::is_stall(&e) {
+                return Err(ProxyError::RequestTimeout(idle));
+            }
             let kind = if e.is_connect() {
                 "connect"
             } else {
@@ -396,8 +449,7 @@ fn rewrite_request_headers(
 }
 
 fn finish_response(response: Response<Incoming>) -> Response<ProxyBody> {
-    let (mut parts, body) = response.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers);
+    let (parts, body) = response.into_parts();
     Response::from_parts(parts, map_incoming(body))
 }
 
@@ -413,16 +465,12 @@ enum Prepared {
 
 /// Keeps bodies up to `REPLAY_LIMIT` in memory so a 401 can be replayed; anything larger (by
 /// `Content-Length`, or found while reading) streams on without further buffering.
-async fn prepare_body(mut body: Incoming, head: &http::HeaderMap) -> Result<Prepared, ProxyError> {
+async fn prepare_body(mut body: ProxyBody, declared: Option<u64>) -> Result<Prepared, ProxyError> {
     if body.is_end_stream() {
         return Ok(Prepared::Replayable(Bytes::new()));
     }
-    let declared = head
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > REPLAY_LIMIT as u64) {
-        return Ok(Prepared::Stream(map_incoming(body)));
+        return Ok(Prepared::Stream(body));
     }
     let mut buffered = BytesMut::new();
     let mut prefix: Vec<Frame<Bytes>> = Vec::new();
@@ -430,9 +478,12 @@ async fn prepare_body(mut body: Incoming, head: &http::HeaderMap) -> Result<Prep
         match body.frame().await {
             None => return Ok(Prepared::Replayable(buffered.freeze())),
             Some(Err(e)) => {
+                if let Some(idle) = stall::is_stall(&*e) {
+                    return Err(ProxyError::RequestTimeout(idle));
+                }
                 return Err(ProxyError::BadRequest(format!(
                     "could not read the request body: {e}"
-                )))
+                )));
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
@@ -452,9 +503,7 @@ async fn prepare_body(mut body: Incoming, head: &http::HeaderMap) -> Result<Prep
         }
     }
     let head_frames = futures_util::stream::iter(prefix.into_iter().map(Ok::<_, BoxError>));
-    let rest = futures_util::StreamExt::map(BodyStream::new(body), |r| {
-        r.map_err(|e| -> BoxError { Box::new(e) })
-    });
+    let rest = BodyStream::new(body);
     let stream = futures_util::StreamExt::chain(head_frames, rest);
     Ok(Prepared::Stream(StreamBody::new(stream).boxed()))
 }

@@ -38,6 +38,7 @@ struct RawServer {
     tls: Option<RawTls>,
     access: Option<RawAccess>,
     header_read_timeout: Option<Dur>,
+    body_read_timeout: Option<Dur>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
 }
@@ -286,6 +287,9 @@ fn resolve_server(raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigErr
         header_read_timeout: raw
             .header_read_timeout
             .map_or(Duration::from_secs(10), |d| d.0),
+        body_read_timeout: raw
+            .body_read_timeout
+            .map_or(Duration::from_secs(30), |d| d.0),
         max_header_bytes: raw.max_header_bytes.unwrap_or(64 * 1024).max(8192),
         max_connections: raw.max_connections.unwrap_or(10_000).max(1),
     })
@@ -504,13 +508,10 @@ fn resolve_route(
                 "is not a valid header name",
             )
         })?;
-        if name == http::header::AUTHORIZATION
-            || name == http::header::HOST
-            || crate::proxy::headers::is_hop_by_hop(&name)
-        {
+        if is_proxy_field(&name) {
             return Err(ConfigError::at(
                 format!("routes[{i}].set_headers.{k}"),
-                "is managed by the proxy and cannot be set",
+                MANAGED_FIELD,
             ));
         }
         let value = HeaderValue::from_str(v).map_err(|_| {
@@ -523,12 +524,13 @@ fn resolve_route(
     }
     let mut remove_headers = Vec::new();
     for (j, k) in r.remove_headers.iter().enumerate() {
-        remove_headers.push(HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
-            ConfigError::at(
-                format!("routes[{i}].remove_headers[{j}]"),
-                format!("{k:?} is not a valid header name"),
-            )
-        })?);
+        let at = || format!("routes[{i}].remove_headers[{j}]");
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| ConfigError::at(at(), format!("{k:?} is not a valid header name")))?;
+        if is_proxy_field(&name) {
+            return Err(ConfigError::at(at(), format!("{k:?} {MANAGED_FIELD}")));
+        }
+        remove_headers.push(name);
     }
     if let Some(ca) = &r.ca_file {
         crate::tls::read_pem_certs(&file(ca)).map_err(|m| ConfigError::at(at("ca_file"), m))?;
@@ -651,3 +653,15 @@ fn parse_upstream(url: &str) -> Result<UpstreamTarget, String> {
         base_path,
     })
 }
+
+/// A route may not set or remove what frames a message, names its target or carries
+/// credentials, nor connection-specific fields: those are the proxy's alone (RFC 9112 §11.2,
+/// request smuggling).
+fn is_proxy_field(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    crate::http::is_managed(name) || crate::http::is_hop_by_hop(name)
+}
+
+const MANAGED_FIELD: &str = "is managed by the proxy (message framing, Host, Authorization, \
+     X-Forwarded-*, x-request-id and connection-specific fields) and cannot be set or removed \
+     by a route";

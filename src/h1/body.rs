@@ -1,85 +1,7 @@
-//! Response body framing for the HTTP/1.1 fast path: which framing an upstream response uses
-//! (RFC 9112 §6.3), and an incremental scanner for the chunked coding that finds where the
+//! Response bodies on the HTTP/1.1 fast path: an incremental scanner for the chunked coding that finds where the
 //! body ends while its bytes pass through unchanged.
 
-/// How a response body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// No body: a response to HEAD, 1xx, 204 or 304.
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Read until the upstream closes (no length, no chunked coding).
-    Close,
-}
-
-/// The framing of a response to a request with the given method (RFC 9112 §6.3). `Err` for a
-/// response whose length cannot be trusted (conflicting or malformed `Content-Length`).
-pub fn response_framing(
-    head_request: bool,
-    status: u16,
-    headers: &[httparse::Header<'_>],
-) -> Result<Framing, &'static str> {
-    if has_no_body(head_request, status) {
-        return Ok(Framing::Empty);
-    }
-    let mut transfer_encoding: Option<&[u8]> = None;
-    let mut length: Option<u64> = None;
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            // The last coding decides; several fields are one list.
-            transfer_encoding = Some(h.value);
-        } else if h.name.eq_ignore_ascii_case("content-length") {
-            for part in list_items(h.value) {
-                let n = parse_length(part).ok_or("malformed Content-Length")?;
-                if length.is_some_and(|l| l != n) {
-                    return Err("conflicting Content-Length values");
-                }
-                length = Some(n);
-            }
-        }
-    }
-    if let Some(te) = transfer_encoding {
-        let last = te.rsplit(|&b| b == b',').next().map(trim).unwrap_or(b"");
-        return Ok(if last.eq_ignore_ascii_case(b"chunked") {
-            Framing::Chunked
-        } else {
-            Framing::Close
-        });
-    }
-    Ok(match length {
-        Some(n) => Framing::Length(n),
-        None => Framing::Close,
-    })
-}
-
-/// A response to HEAD, or a 1xx, 204 or 304, never has a body (RFC 9112 §6.3).
-pub fn has_no_body(head_request: bool, status: u16) -> bool {
-    head_request || (100..200).contains(&status) || status == 204 || status == 304
-}
-
-/// A decimal length: digits only, at most 18 of them (no sign, no spaces, no overflow).
-pub fn parse_length(text: &[u8]) -> Option<u64> {
-    if text.is_empty() || text.len() > 18 || !text.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(text.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
-}
-
-/// The items of a comma-separated field value (RFC 9110 §5.6.1), trimmed of spaces and tabs.
-pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(trim)
-}
-
-pub fn trim(mut s: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = s {
-        s = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = s {
-        s = rest;
-    }
-    s
-}
+pub use crate::http::{list_items, parse_length, trim, Framing};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -213,60 +135,6 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    fn header<'a>(name: &'a str, value: &'a str) -> httparse::Header<'a> {
-        httparse::Header {
-            name,
-            value: value.as_bytes(),
-        }
-    }
-
-    #[test]
-    fn framing_follows_rfc_9112() {
-        let f = |head, status, h: &[httparse::Header<'_>]| response_framing(head, status, h);
-        assert_eq!(
-            f(true, 200, &[header("content-length", "5")]),
-            Ok(Framing::Empty)
-        );
-        assert_eq!(f(false, 204, &[]), Ok(Framing::Empty));
-        assert_eq!(
-            f(false, 304, &[header("content-length", "5")]),
-            Ok(Framing::Empty)
-        );
-        assert_eq!(
-            f(false, 200, &[header("Content-Length", "5")]),
-            Ok(Framing::Length(5))
-        );
-        assert_eq!(
-            f(false, 200, &[header("content-length", "5, 5")]),
-            Ok(Framing::Length(5))
-        );
-        assert!(f(false, 200, &[header("content-length", "5, 6")]).is_err());
-        assert!(f(
-            false,
-            200,
-            &[header("content-length", "5"), header("content-length", "6")]
-        )
-        .is_err());
-        assert!(f(false, 200, &[header("content-length", "-1")]).is_err());
-        assert!(f(false, 200, &[header("content-length", "+1")]).is_err());
-        assert_eq!(
-            f(
-                false,
-                200,
-                &[
-                    header("transfer-encoding", "gzip, Chunked"),
-                    header("content-length", "9")
-                ]
-            ),
-            Ok(Framing::Chunked)
-        );
-        assert_eq!(
-            f(false, 200, &[header("transfer-encoding", "gzip")]),
-            Ok(Framing::Close)
-        );
-        assert_eq!(f(false, 200, &[]), Ok(Framing::Close));
-    }
 
     #[test]
     fn chunked_scanner_finds_the_end_and_rejects_garbage() {

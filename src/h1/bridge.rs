@@ -69,22 +69,6 @@ pub(super) fn hyper_request(raw: &[u8], route: &Route) -> Result<Request<ProxyBo
     Ok(request)
 }
 
-/// How the client's response is framed: as the upstream's `Content-Length` says, else
-/// chunked (an h2 upstream need not send a length; trailers then pass too).
-pub(super) fn framing(head_request: bool, response: &Response<Incoming>) -> Framing {
-    if body::has_no_body(head_request, response.status().as_u16()) {
-        return Framing::Empty;
-    }
-    match response
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| body::parse_length(v.as_bytes()))
-    {
-        Some(n) => Framing::Length(n),
-        None => Framing::Chunked,
-    }
-}
-
 /// The client's response head for a response from hyper's client whose hop-by-hop fields
 /// are already gone.
 pub(super) fn write_head(
@@ -104,13 +88,23 @@ pub(super) fn write_head(
     }
     out.extend_from_slice(b"\r\n");
     for (name, value) in response.headers() {
-        if framing == Framing::Chunked && name == CONTENT_LENGTH {
+        // The proxy frames what it sends; a bodiless answer (HEAD, 304) passes the upstream's
+        // length on, as the length a GET would have had.
+        if name == CONTENT_LENGTH && framing != Framing::Empty {
             continue;
         }
         write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked | Framing::Close => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        Framing::Empty => {}
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");

@@ -76,6 +76,8 @@ pub(super) struct Head {
     pub(super) host: Option<Range<usize>>,
     pub(super) request_id: Option<Range<usize>>,
     pub(super) close: bool,
+    /// The client framed a body with `Content-Length` (the proxy writes its own).
+    pub(super) has_length: bool,
     /// `Connection` names fields besides `close`/`keep-alive`: those are hop-by-hop too.
     pub(super) names_fields: bool,
 }
@@ -127,6 +129,9 @@ impl RequestParts<'_> {
         out.extend_from_slice(route.upstream.authority.as_str().as_bytes());
         out.extend_from_slice(b"\r\n");
 
+        // Managed fields (framing, Host, Authorization, X-Forwarded-*, x-request-id) are
+        // never `Kind::Keep`, and no route may name them (config), so what follows cannot
+        // drop or duplicate them.
         let removed = |name: &[u8]| {
             route
                 .remove_headers
@@ -149,59 +154,57 @@ impl RequestParts<'_> {
             }
             write_field(out, name, value);
         }
-        let sets = |name: &str| route.set_headers.iter().any(|(n, _)| n.as_str() == name);
-        if !sets("x-forwarded-for") {
-            out.extend_from_slice(b"x-forwarded-for: ");
-            // Several X-Forwarded-For lines are one list (RFC 9110 §5.3), extended when its
-            // first line is not blank (as proxy::headers::set_forwarded).
-            if !removed(b"x-forwarded-for") {
-                let mut list = self
-                    .spans
-                    .iter()
-                    .filter(|s| s.kind == Kind::Forwarded)
-                    .map(|s| &buf[s.value.clone()]);
-                if let Some(first) = list.next().filter(|v| !body::trim(v).is_empty()) {
-                    for value in std::iter::once(first).chain(list) {
-                        out.extend_from_slice(value);
-                        out.extend_from_slice(b", ");
-                    }
-                }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        // Several X-Forwarded-For lines are one list (RFC 9110 §5.3), extended when its
+        // first line is not blank (as proxy::headers::set_forwarded).
+        let mut list = self
+            .spans
+            .iter()
+            .filter(|s| s.kind == Kind::Forwarded)
+            .map(|s| &buf[s.value.clone()]);
+        if let Some(first) = list.next().filter(|v| !body::trim(v).is_empty()) {
+            for value in std::iter::once(first).chain(list) {
+                out.extend_from_slice(value);
+                out.extend_from_slice(b", ");
             }
-            write_ip(out, self.conn.peer.ip().to_canonical());
-            out.extend_from_slice(b"\r\n");
         }
-        if !sets("x-forwarded-proto") {
-            out.extend_from_slice(if self.conn.tls {
-                b"x-forwarded-proto: https\r\n"
-            } else {
-                b"x-forwarded-proto: http\r\n"
-            });
-        }
+        write_ip(out, self.conn.peer.ip().to_canonical());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(if self.conn.tls {
+            b"x-forwarded-proto: https\r\n"
+        } else {
+            b"x-forwarded-proto: http\r\n"
+        });
         if let Some(host) = &head.host {
-            if !sets("x-forwarded-host") {
-                write_field(out, b"x-forwarded-host", &buf[host.clone()]);
-            }
+            write_field(out, b"x-forwarded-host", &buf[host.clone()]);
         }
-        if !sets("x-request-id") {
-            write_field(out, b"x-request-id", self.request_id.as_bytes());
-        }
+        write_field(out, b"x-request-id", self.request_id.as_bytes());
         for (name, value) in &route.set_headers {
             write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
         if let Some(token) = token {
             write_field(out, b"authorization", token.header.as_bytes());
         }
+        // The proxy frames the body it sends: the length of what it read, whatever fields
+        // the client, `Connection` or the route named (RFC 9112 §6.3, §11.2).
+        if head.has_length {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(head.body_len).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&buf[head.head_len..head.head_len + head.body_len]);
     }
 
-    /// Whether the client's `Connection` field names this field (then it is hop-by-hop).
+    /// Whether the client's `Connection` field names this field (then it is hop-by-hop,
+    /// unless the proxy manages it).
     fn conn_listed(&self, name: &[u8]) -> bool {
-        self.spans.iter().any(|s| {
-            self.buf[s.name.clone()].eq_ignore_ascii_case(b"connection")
-                && body::list_items(&self.buf[s.value.clone()])
-                    .any(|token| token.eq_ignore_ascii_case(name))
-        })
+        crate::http::connection_drops(name)
+            && self.spans.iter().any(|s| {
+                self.buf[s.name.clone()].eq_ignore_ascii_case(b"connection")
+                    && body::list_items(&self.buf[s.value.clone()])
+                        .any(|token| token.eq_ignore_ascii_case(name))
+            })
     }
 }
 
@@ -308,6 +311,7 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
         host: None,
         request_id: None,
         close: false,
+        has_length: false,
         names_fields: false,
     };
     let mut content_length = None;
@@ -324,10 +328,12 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
                     return Parsed::HandOver;
                 }
                 content_length = Some(n as usize);
-                Kind::Keep
+                Kind::Skip
             }
             Some(Known::Host) => {
-                if head.host.is_some() || !h.value.iter().all(|b| b.is_ascii_graphic()) {
+                // Two Host fields or an invalid one: hyper's path answers 400 (the pipeline's
+                // rule, `crate::http::host_fields_error`).
+                if head.host.is_some() || !crate::http::is_valid_host(h.value) {
                     return Parsed::HandOver;
                 }
                 head.host = Some(value.clone());
@@ -362,6 +368,10 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
             kind,
         });
     }
+    if head.host.is_none() {
+        return Parsed::HandOver;
+    }
+    head.has_length = content_length.is_some();
     head.body_len = content_length.unwrap_or(0);
     Parsed::Complete(head)
 }
@@ -404,22 +414,6 @@ impl Known {
             19 if is("proxy-authorization") => Known::Dropped,
             _ => return None,
         })
-    }
-}
-
-/// Connection-specific fields (RFC 9110 §7.6.1, plus `Keep-Alive` and `Proxy-Connection`
-/// from earlier practice and the proxy-auth pair), as `proxy::headers::is_hop_by_hop`.
-pub(super) fn is_hop_by_hop(name: &str) -> bool {
-    let is = |n: &str| name.eq_ignore_ascii_case(n);
-    match name.len() {
-        2 => is("te"),
-        7 => is("upgrade") || is("trailer"),
-        10 => is("connection") || is("keep-alive"),
-        16 => is("proxy-connection"),
-        17 => is("transfer-encoding"),
-        18 => is("proxy-authenticate"),
-        19 => is("proxy-authorization"),
-        _ => false,
     }
 }
 
@@ -494,7 +488,10 @@ mod tests {
         ] {
             let header = http::HeaderName::from_static(name);
             assert!(crate::proxy::headers::is_hop_by_hop(&header), "{name}");
-            assert!(is_hop_by_hop(&name.to_ascii_uppercase()), "{name}");
+            assert!(
+                crate::http::is_hop_by_hop(name.to_ascii_uppercase().as_bytes()),
+                "{name}"
+            );
             // A hop-by-hop field on a request is dropped, or the request goes to hyper.
             assert!(
                 matches!(
@@ -509,7 +506,7 @@ mod tests {
         }
         for name in ["accept", "x-forwarded", "hosts", "content-type"] {
             assert_eq!(Known::of(name), None, "{name}");
-            assert!(!is_hop_by_hop(name), "{name}");
+            assert!(!crate::http::is_hop_by_hop(name.as_bytes()), "{name}");
         }
     }
 

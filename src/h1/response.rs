@@ -8,9 +8,9 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::body::{self, Framing};
-use super::request::is_hop_by_hop;
 use super::{write_field, UpstreamError, MAX_HEADERS, MAX_RESPONSE_HEAD, READ_CHUNK};
 use crate::error::ProxyError;
+use crate::http::{connection_drops, is_hop_by_hop};
 
 pub(super) struct ResponseHead {
     pub(super) status: u16,
@@ -35,17 +35,16 @@ pub(super) async fn read_response_head(
             match response.parse(up) {
                 Ok(httparse::Status::Complete(n)) => {
                     let status = response.code.unwrap_or(0);
-                    if status == 101 {
-                        return Err(UpstreamError::Protocol(
-                            "unexpected 101 Switching Protocols",
-                        ));
-                    }
-                    if (100..200).contains(&status) {
+                    if (100..200).contains(&status) && status != 101 {
                         // Interim responses (100, 103) are not passed on; the final one follows.
                         up.drain(..n);
                         continue;
                     }
-                    let framing = body::response_framing(head_request, status, response.headers)
+                    let fields = response
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.as_bytes(), h.value));
+                    let framing = crate::http::response_framing(head_request, status, fields)
                         .map_err(UpstreamError::Protocol)?;
                     let keep_alive = response.version == Some(1)
                         && !has_token(response.headers, "connection", b"close");
@@ -112,21 +111,29 @@ fn write_client_head(
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case("connection"));
     for h in headers {
-        let name = h.name;
+        let name = h.name.as_bytes();
         if is_hop_by_hop(name)
-            || has_connection && has_token(headers, "connection", name.as_bytes())
+            || has_connection && connection_drops(name) && has_token(headers, "connection", name)
         {
             continue;
         }
-        if name.eq_ignore_ascii_case("content-length")
-            && matches!(framing, Framing::Chunked | Framing::Close)
-        {
+        // The proxy frames what it sends; only a bodiless answer (HEAD, 304) passes the
+        // upstream's length on, as the length a GET would have had.
+        if name.eq_ignore_ascii_case(b"content-length") && framing != Framing::Empty {
             continue;
         }
-        write_field(out, name.as_bytes(), h.value);
+        write_field(out, name, h.value);
     }
-    if matches!(framing, Framing::Chunked | Framing::Close) {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked | Framing::Close => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        Framing::Empty => {}
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");

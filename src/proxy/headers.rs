@@ -10,29 +10,21 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Connection-specific header fields (RFC 9110 §7.6.1, plus `Proxy-Connection` and
-/// `Keep-Alive` from earlier practice, and the proxy-auth pair of RFC 9110 §11.7, which are
-/// addressed to this proxy, never to the origin).
+/// Connection-specific header fields (`crate::http::is_hop_by_hop`).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::PROXY_AUTHENTICATE
+    crate::http::is_hop_by_hop(name.as_str().as_bytes())
 }
 
-/// Removes hop-by-hop fields and every field named in `Connection`.
+/// Removes hop-by-hop fields and every field named in `Connection`, except those the proxy
+/// manages (`crate::http::is_managed`: framing, `Host`, `Authorization`, `X-Forwarded-*`,
+/// `x-request-id`), which `Connection` cannot take away.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| crate::http::list_items(v.as_bytes()))
+        .filter(|name| crate::http::connection_drops(name))
+        .filter_map(|name| HeaderName::from_bytes(name).ok())
         .collect();
     for name in named {
         headers.remove(name);

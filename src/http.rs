@@ -1,0 +1,310 @@
+//! Pure HTTP facts, shared by the configuration, both transports and the pipeline: which
+//! fields are connection-specific, which the proxy alone decides, what a valid `Host` is, and
+//! how a response's body is delimited. No crate imports: everything else may use this.
+//!
+//! Request smuggling and response splitting live in the gaps between two parsers' ideas of
+//! where a message ends (RFC 9112 §6.3, §11.2). The rules here close those gaps the same way
+//! on every path: framing fields are never the client's, a route's or `Connection`'s to
+//! remove, and a response whose framing is ambiguous is refused rather than guessed at.
+
+/// Connection-specific fields (RFC 9110 §7.6.1, plus `Keep-Alive` and `Proxy-Connection` from
+/// earlier practice, and the proxy-auth pair of RFC 9110 §11.7, which are addressed to this
+/// proxy, never to the origin): never forwarded in either direction.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"upgrade") || is(b"trailer"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// Fields the proxy alone decides on a forwarded message: the framing pair (it frames what
+/// it sends itself), `Host` and `Authorization` (the upstream's and the proxy's token), and
+/// its own `X-Forwarded-*` and `x-request-id`. `Connection` cannot remove them (a client's
+/// `Connection: content-length` would otherwise unframe a body the proxy still sends) and a
+/// route's `set_headers`/`remove_headers` may not name them.
+pub fn is_managed(name: &[u8]) -> bool {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        4 => is(b"host"),
+        12 => is(b"x-request-id"),
+        13 => is(b"authorization"),
+        14 => is(b"content-length"),
+        15 => is(b"x-forwarded-for"),
+        16 => is(b"x-forwarded-host"),
+        17 => is(b"x-forwarded-proto") || is(b"transfer-encoding"),
+        _ => false,
+    }
+}
+
+/// Whether a field named in `Connection` is dropped: any field but the managed ones (which
+/// stay whatever `Connection` says) and `close`/`keep-alive`, which are options, not names.
+pub fn connection_drops(name: &[u8]) -> bool {
+    !is_managed(name)
+}
+
+/// A `Host` field value (RFC 9112 §3.2, RFC 3986 §3.2.2): `uri-host [ ":" port ]`, where the
+/// host is a reg-name, an IPv4 address or a bracketed IP literal. Empty is valid (a target
+/// without an authority).
+pub fn is_valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value {
+        [b'[', rest @ ..] => match rest.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let literal = &rest[..end];
+                if literal.is_empty()
+                    || !literal
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                {
+                    return false;
+                }
+                match &rest[end + 1..] {
+                    [] => return true,
+                    [b':', port @ ..] => (&[][..], port),
+                    _ => return false,
+                }
+            }
+            None => return false,
+        },
+        _ => match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &[][..]),
+        },
+    };
+    let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
+    host.iter().all(reg_name) && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
+}
+
+/// Why a request's `Host` fields are refused (RFC 9112 §3.2: an HTTP/1.1 request has
+/// exactly one, with a valid value; HTTP/1.0 and h2 requests may have none), or `None`.
+pub fn host_fields_error<'a>(
+    http11: bool,
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Option<&'static str> {
+    match (values.next(), values.next()) {
+        (None, _) if http11 => Some("an HTTP/1.1 request must carry a Host field"),
+        (None, _) => None,
+        (Some(_), Some(_)) => Some("a request must not carry more than one Host field"),
+        (Some(v), None) if !is_valid_host(v) => Some("the Host field is not a valid host[:port]"),
+        (Some(_), None) => None,
+    }
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: a response to HEAD, 1xx, 204 or 304.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Read until the upstream closes (no length, no chunked coding).
+    Close,
+}
+
+/// The framing of an HTTP/1.1 response (RFC 9112 §6.3), or why it cannot be trusted.
+///
+/// Stricter than RFC 9112 lets a lone recipient be, because a proxy that guesses forwards its
+/// guess to a client that may guess differently (§11.2): `Transfer-Encoding` with
+/// `Content-Length`, a list-valued or repeated `Content-Length`, any coding but a lone
+/// `chunked` (a gzip transfer coding would reach the client unlabelled once re-framed),
+/// `Content-Length` or `Transfer-Encoding` on a 204, and a `101` nobody asked for are all
+/// refused. The proxy then answers 502 and discards the upstream connection.
+pub fn response_framing<'a>(
+    head_request: bool,
+    status: u16,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<Framing, &'static str> {
+    if status == 101 {
+        return Err("101 Switching Protocols without an upgrade request");
+    }
+    let mut transfer_encoding = 0usize;
+    let mut chunked = false;
+    let mut length: Option<Result<u64, ()>> = None;
+    for (name, value) in fields {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encoding += 1;
+            chunked = trim(value).eq_ignore_ascii_case(b"chunked");
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            if length.is_some() {
+                return Err("more than one Content-Length field");
+            }
+            length = Some(parse_length(trim(value)).ok_or(()));
+        }
+    }
+    if status == 204 && (transfer_encoding > 0 || length.is_some()) {
+        return Err("a 204 response with a body length");
+    }
+    if transfer_encoding > 0 && length.is_some() {
+        return Err("both Transfer-Encoding and Content-Length");
+    }
+    if transfer_encoding > 1 || transfer_encoding == 1 && !chunked {
+        return Err("a transfer coding other than chunked");
+    }
+    let length = match length {
+        Some(Ok(n)) => Some(n),
+        Some(Err(())) => return Err("malformed Content-Length"),
+        None => None,
+    };
+    if has_no_body(head_request, status) {
+        return Ok(Framing::Empty);
+    }
+    Ok(match (chunked, length) {
+        (true, _) => Framing::Chunked,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::Close,
+    })
+}
+
+/// A response to HEAD, or a 1xx, 204 or 304, never has a body (RFC 9112 §6.3).
+pub fn has_no_body(head_request: bool, status: u16) -> bool {
+    head_request || (100..200).contains(&status) || status == 204 || status == 304
+}
+
+/// A decimal length: digits only, at most 18 of them (no sign, no spaces, no list, no
+/// overflow).
+pub fn parse_length(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || text.len() > 18 || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(text.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+/// The items of a comma-separated field value (RFC 9110 §5.6.1), trimmed of spaces and tabs.
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(trim)
+}
+
+pub fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing(head: bool, status: u16, fields: &[(&str, &str)]) -> Result<Framing, &'static str> {
+        response_framing(
+            head,
+            status,
+            fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())),
+        )
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112_and_refuses_what_is_ambiguous() {
+        assert_eq!(
+            framing(true, 200, &[("content-length", "5")]),
+            Ok(Framing::Empty)
+        );
+        assert_eq!(
+            framing(true, 200, &[("transfer-encoding", "chunked")]),
+            Ok(Framing::Empty)
+        );
+        assert_eq!(framing(false, 204, &[]), Ok(Framing::Empty));
+        assert_eq!(
+            framing(false, 304, &[("content-length", "5")]),
+            Ok(Framing::Empty)
+        );
+        assert_eq!(
+            framing(false, 200, &[("Content-Length", "5")]),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(
+            framing(false, 200, &[("Transfer-Encoding", "Chunked")]),
+            Ok(Framing::Chunked)
+        );
+        assert_eq!(framing(false, 200, &[]), Ok(Framing::Close));
+        for bad in [
+            &[("content-length", "5, 5")][..],
+            &[("content-length", "5, 6")],
+            &[("content-length", "5"), ("content-length", "5")],
+            &[("content-length", "-1")],
+            &[("content-length", "+1")],
+            &[("content-length", "")],
+            &[("transfer-encoding", "chunked"), ("content-length", "9")],
+            &[("content-length", "9"), ("transfer-encoding", "chunked")],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[("transfer-encoding", "gzip")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "chunked, identity")],
+        ] {
+            assert!(framing(false, 200, bad).is_err(), "{bad:?}");
+        }
+        assert!(framing(false, 204, &[("content-length", "0")]).is_err());
+        assert!(framing(false, 204, &[("transfer-encoding", "chunked")]).is_err());
+        assert!(framing(false, 101, &[]).is_err());
+    }
+
+    #[test]
+    fn host_values() {
+        for good in [
+            "app",
+            "app:8080",
+            "a.b-c.example",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:80",
+            "",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(is_valid_host(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "a b",
+            "a/b",
+            "a@b",
+            "app:80x",
+            "app:123456",
+            "[::1",
+            "[::1]x",
+            "[zz]",
+            "a\"b",
+            "a\tb",
+            "[]",
+        ] {
+            assert!(!is_valid_host(bad.as_bytes()), "{bad:?}");
+        }
+        let hosts =
+            |v: &[&'static str], http11| host_fields_error(http11, v.iter().map(|s| s.as_bytes()));
+        assert!(hosts(&[], true).is_some());
+        assert!(hosts(&[], false).is_none());
+        assert!(hosts(&["a", "a"], true).is_some());
+        assert!(hosts(&["a b"], false).is_some());
+        assert!(hosts(&["app:1"], true).is_none());
+    }
+
+    #[test]
+    fn managed_fields_are_never_dropped_by_connection() {
+        for name in [
+            "Content-Length",
+            "transfer-encoding",
+            "HOST",
+            "authorization",
+            "x-forwarded-for",
+            "X-Forwarded-Proto",
+            "x-forwarded-host",
+            "x-request-id",
+        ] {
+            assert!(is_managed(name.as_bytes()), "{name}");
+            assert!(!connection_drops(name.as_bytes()), "{name}");
+        }
+        for name in ["cookie", "x-hop", "content-type", "x-forwarded"] {
+            assert!(connection_drops(name.as_bytes()), "{name}");
+        }
+    }
+}
