@@ -325,9 +325,6 @@ where
                 }
             }
             ResponseBody::Relayed(mut relay) => {
-                if relay.broken {
-                    return Err(End::Close);
-                }
                 while !relay.done {
                     bridge::next_piece(&mut relay, &mut self.out)
                         .await
@@ -538,13 +535,14 @@ where
             body: response.into_body(),
             framing,
             done: false,
-            broken: false,
         };
         if let Err(e) = bridge::take_ready(&mut relay, &mut self.out) {
-            // The head still goes out; the closed connection tells the client the body ended
-            // early.
+            // Broken before anything went to the client: a 502 (later, the client connection
+            // closes instead).
             tracing::debug!(error = %e, "upstream response body failed");
-            relay.broken = true;
+            return Outcome::Failed(
+                self.upstream_failed(route, UpstreamError::Protocol("malformed response body")),
+            );
         }
         if self.io.write_all(&self.out).await.is_err() {
             return Outcome::ClientGone;

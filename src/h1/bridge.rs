@@ -26,8 +26,6 @@ pub(super) struct Relay {
     pub(super) framing: Framing,
     /// The body is complete (and its end written to the client's buffer).
     pub(super) done: bool,
-    /// The body failed before the head went out: the client connection must close after it.
-    pub(super) broken: bool,
 }
 
 /// The hyper request for `raw`, an upstream request (head and body) as

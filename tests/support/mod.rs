@@ -2,6 +2,9 @@
 //! in-process on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod raw;
+pub mod tls;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
