@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use egain_proxy::config::{ClientAuth, Config, ProfileKind, Secret, TokenSettings};
 use egain_proxy::metrics::Metrics;
-use egain_proxy::proxy::headers;
+use egain_proxy::pipeline::headers;
 use egain_proxy::routes::RouteTable;
 use egain_proxy::token::{AccessToken, TokenHolder};
 use http::{HeaderMap, HeaderValue, Method};
@@ -111,7 +111,7 @@ fn h1_head_rewriting(c: &mut Criterion) {
     let mut out = Vec::with_capacity(1024);
     c.bench_function("h1_parse_and_rewrite_head", |b| {
         b.iter(|| {
-            black_box(egain_proxy::h1::rewrite_head(
+            black_box(egain_proxy::transport::h1::rewrite_head(
                 black_box(raw),
                 route,
                 Some(&token),

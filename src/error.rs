@@ -8,8 +8,26 @@ use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use crate::token::TokenUnavailable;
 use crate::ProxyBody;
+
+/// Why a request could not get a token; becomes 503 `token_unavailable`.
+#[derive(Debug, Clone)]
+pub struct TokenUnavailable {
+    pub profile: String,
+    /// The last token fetch's failure, as `token::FetchError` words it.
+    pub reason: Option<String>,
+    pub retry_after: Duration,
+}
+
+impl std::fmt::Display for TokenUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no valid token for profile {:?}: ", self.profile)?;
+        match &self.reason {
+            Some(reason) => f.write_str(reason),
+            None => f.write_str("the token request has not completed yet"),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -82,10 +100,7 @@ impl ProxyError {
         let bytes = json_bytes(&body);
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(
-            crate::proxy::headers::X_REQUEST_ID.clone(),
-            request_id.clone(),
-        );
+        headers.insert(crate::http::X_REQUEST_ID.clone(), request_id.clone());
         match &self {
             ProxyError::TokenUnavailable(t) => {
                 let secs = t.retry_after.as_secs_f64().ceil().max(1.0) as u64;

@@ -7,6 +7,8 @@
 //! on every path: framing fields are never the client's, a route's or `Connection`'s to
 //! remove, and a response whose framing is ambiguous is refused rather than guessed at.
 
+pub mod path;
+
 /// Connection-specific fields (RFC 9110 §7.6.1, plus `Keep-Alive` and `Proxy-Connection` from
 /// earlier practice, and the proxy-auth pair of RFC 9110 §11.7, which are addressed to this
 /// proxy, never to the origin): never forwarded in either direction.
@@ -190,6 +192,34 @@ pub fn trim(mut s: &[u8]) -> &[u8] {
     s
 }
 
+/// The request id field, passed on or generated.
+pub static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The client's `x-request-id` when it is sane (visible ASCII, at most 128 bytes), else a new
+/// random one.
+pub fn request_id(headers: &http::HeaderMap) -> http::HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(v) if is_sane_request_id(v.as_bytes()) => v.clone(),
+        _ => new_request_id(),
+    }
+}
+
+/// Visible ASCII, 1 to 128 bytes: safe to log and to pass on.
+pub fn is_sane_request_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.iter().all(|c| c.is_ascii_graphic())
+}
+
+/// 128 random bits as 32 lowercase hex digits.
+pub fn new_request_id() -> http::HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let id: u128 = rand::random();
+    let mut text = [0u8; 32];
+    for (i, digit) in text.iter_mut().enumerate() {
+        *digit = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    http::HeaderValue::from_bytes(&text).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,5 +336,14 @@ mod tests {
         for name in ["cookie", "x-hop", "content-type", "x-forwarded"] {
             assert!(connection_drops(name.as_bytes()), "{name}");
         }
+    }
+    #[test]
+    fn request_ids() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(request_id(&h).len(), 32);
+        h.insert("x-request-id", http::HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", http::HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
     }
 }

@@ -7,16 +7,16 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod error;
-pub mod h1;
 pub mod http;
 pub mod metrics;
 pub mod mock;
-pub mod proxy;
+pub mod pipeline;
 pub mod routes;
 pub mod server;
 pub mod state;
 pub mod tls;
 pub mod token;
+pub mod transport;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};

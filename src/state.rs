@@ -64,7 +64,7 @@ pub struct Shared {
     reload_lock: Mutex<()>,
     /// Idle keep-alive connections to plain-HTTP upstreams (the HTTP/1.1 fast path); kept
     /// across reloads.
-    pub h1_pool: crate::h1::Pool,
+    pub h1_pool: crate::upstream::Pool,
 }
 
 impl Shared {
@@ -79,7 +79,7 @@ impl Shared {
             config_path,
             next_number: AtomicU64::new(2),
             reload_lock: Mutex::new(()),
-            h1_pool: crate::h1::Pool::default(),
+            h1_pool: crate::upstream::Pool::default(),
         }))
     }
 

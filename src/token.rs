@@ -7,6 +7,7 @@
 pub mod fetch;
 pub mod refresh;
 
+use crate::error::TokenUnavailable;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -82,27 +83,6 @@ impl AccessToken {
 
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until
-    }
-}
-
-/// Why a request could not get a token; becomes 503 `token_unavailable`.
-#[derive(Debug, Clone)]
-pub struct TokenUnavailable {
-    pub profile: String,
-    pub last_error: Option<FetchError>,
-    pub retry_after: Duration,
-}
-
-impl std::fmt::Display for TokenUnavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "no valid token for profile {:?}", self.profile)?;
-        match &self.last_error {
-            Some(e @ FetchError::OAuth { error, .. }) => {
-                write!(f, ": the token endpoint answered {error} ({e})")
-            }
-            Some(e) => write!(f, ": {e}"),
-            None => write!(f, ": the token request has not completed yet"),
-        }
     }
 }
 
@@ -271,7 +251,8 @@ impl TokenHolder {
             .max(Duration::from_secs(1));
         TokenUnavailable {
             profile: profile.to_owned(),
-            last_error: status.last_error.clone(),
+            // FetchError's text names the OAuth error code once, as the README shows.
+            reason: status.last_error.as_ref().map(|e| e.to_string()),
             retry_after,
         }
     }

@@ -2,6 +2,8 @@
 //! for `http://` upstreams. One client per distinct (ca_file, connect_timeout), shared by
 //! routes and kept across reloads so pools stay warm.
 
+pub mod pool;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,6 +15,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Config;
 use crate::ProxyBody;
+
+pub use pool::Pool;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 

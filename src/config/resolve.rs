@@ -452,7 +452,7 @@ fn resolve_route(
             format!("{:?} must start with /", r.path_prefix),
         ));
     }
-    if r.path_prefix.contains(['?', '#']) || crate::proxy::path::has_dot_segment(&r.path_prefix) {
+    if r.path_prefix.contains(['?', '#']) || crate::http::path::has_dot_segment(&r.path_prefix) {
         return Err(ConfigError::at(
             at("path_prefix"),
             format!(

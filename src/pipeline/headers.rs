@@ -3,7 +3,7 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::http::{request_id, X_REQUEST_ID};
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -84,31 +84,6 @@ pub fn set_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
     }
 }
 
-/// The client's `x-request-id` when it is sane (visible ASCII, at most 128 bytes), else a new
-/// random one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    match headers.get(&X_REQUEST_ID) {
-        Some(v) if is_sane_request_id(v.as_bytes()) => v.clone(),
-        _ => new_request_id(),
-    }
-}
-
-/// Visible ASCII, 1 to 128 bytes: safe to log and to pass on.
-pub fn is_sane_request_id(id: &[u8]) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.iter().all(|c| c.is_ascii_graphic())
-}
-
-/// 128 random bits as 32 lowercase hex digits.
-pub fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let id: u128 = rand::random();
-    let mut text = [0u8; 32];
-    for (i, digit) in text.iter_mut().enumerate() {
-        *digit = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,15 +122,5 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.local:8080");
-    }
-
-    #[test]
-    fn request_ids() {
-        let mut h = HeaderMap::new();
-        assert_eq!(request_id(&h).len(), 32);
-        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
-        h.insert("x-request-id", HeaderValue::from_static("has space"));
-        assert_ne!(request_id(&h), "has space");
     }
 }

@@ -24,7 +24,6 @@
 mod body;
 mod bridge;
 mod deadline;
-mod pool;
 mod prefixed;
 mod request;
 mod response;
@@ -36,22 +35,19 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::Method;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::error::ProxyError;
-use crate::proxy::{ConnInfo, InflightGuard, RequestLog};
+use crate::pipeline::{ConnInfo, InflightGuard, RequestLog};
 use crate::routes::Route;
 use crate::state::{Generation, Shared};
 use crate::token::{AccessToken, TokenHolder};
 
 use body::{ChunkedScanner, Framing};
 use deadline::Deadline;
-pub use pool::Pool;
-use prefixed::Prefixed;
+pub use prefixed::Prefixed;
 pub use request::rewrite_head;
 use request::{parse_request, request_id, text, Head, Parsed, RequestParts, Span};
 use response::{read_response_head, write_error};
@@ -71,14 +67,16 @@ fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Serves one client connection: the fast path while it can, then hyper.
+/// Serves one client connection on the fast path while it can. When a request comes that
+/// it does not take, it returns the connection, with every byte read so far in front, for
+/// `crate::server` to hand to hyper.
 pub async fn serve<IO>(
     io: IO,
     conn: ConnInfo,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
     stop: watch::Receiver<bool>,
-) where
+) -> Option<Prefixed<IO>>
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut connection = Connection {
@@ -92,17 +90,13 @@ pub async fn serve<IO>(
         head_timer: Deadline::default(),
         upstream_timer: Deadline::default(),
     };
-    let mut watch_stop = stop.clone();
-    if let End::HandOver = connection.run(&mut watch_stop).await {
-        let io = Prefixed {
+    let mut watch_stop = stop;
+    match connection.run(&mut watch_stop).await {
+        End::HandOver => Some(Prefixed {
             prefix: Bytes::from(connection.read),
             io: connection.io,
-        };
-        // Boxed: the fast path's task stays small for the connections that never need hyper.
-        Box::pin(crate::server::serve_connection(
-            io, conn, shared, &builder, stop,
-        ))
-        .await;
+        }),
+        End::Close => None,
     }
 }
 
@@ -271,7 +265,7 @@ where
                 let unread = self.read.len() < head.head_len + head.body_len;
                 let status = write_error(&mut self.out, e, &request_id, head.close || unread);
                 if self.io.write_all(&self.out).await.is_err() || unread {
-                    crate::proxy::record(
+                    crate::pipeline::record(
                         &shared,
                         self.info,
                         &request_id,
@@ -287,7 +281,7 @@ where
             }
             Outcome::ClientGone => return Err(End::Close),
         };
-        crate::proxy::record(
+        crate::pipeline::record(
             &shared,
             self.info,
             &request_id,
@@ -345,7 +339,7 @@ where
     ) -> Outcome<'g> {
         let buf = &self.read;
         let path = text(&buf[head.path.clone()]);
-        if let Err(e) = crate::proxy::path::validate(path) {
+        if let Err(e) = crate::http::path::validate(path) {
             return Outcome::Failed(ProxyError::BadRequest(e.message().into()));
         }
         if let Some(access) = &generation.access {
@@ -486,7 +480,7 @@ where
             return None;
         }
         let ((profile, holder), sent) = (replay.holder?, replay.sent?);
-        crate::proxy::token_for_replay(&self.shared, route, holder, profile, sent, log).await
+        crate::pipeline::token_for_replay(&self.shared, route, holder, profile, sent, log).await
     }
 
     /// `https://` upstreams: the request in `self.out` goes through hyper's pooled client
@@ -558,7 +552,7 @@ where
         log: &mut RequestLog,
     ) -> Result<(http::Response<hyper::body::Incoming>, Framing), ProxyError> {
         let request = bridge::hyper_request(&self.out, route)?;
-        crate::proxy::send(client, route, request, log, &self.shared).await
+        crate::pipeline::send(client, route, request, log, &self.shared).await
     }
 
     /// Sends `self.out` to the route's upstream and reads the response head into `self.up`.
@@ -578,7 +572,7 @@ where
                 let (mut stream, reused) = match pool.checkout(authority.as_str()) {
                     Some(stream) => (stream, true),
                     None => (
-                        pool::connect(authority, route.config.connect_timeout)
+                        crate::upstream::pool::connect(authority, route.config.connect_timeout)
                             .await
                             .map_err(UpstreamError::Connect)?,
                         false,

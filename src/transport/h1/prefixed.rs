@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// An IO whose first reads return bytes already read from it: hands a connection to hyper
 /// mid-stream.
-pub(super) struct Prefixed<IO> {
+pub struct Prefixed<IO> {
     pub(super) prefix: Bytes,
     pub(super) io: IO,
 }

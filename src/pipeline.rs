@@ -1,7 +1,6 @@
 //! The request path: validate, match, inject the token, forward, map errors, log.
 
 pub mod headers;
-pub mod path;
 pub mod stall;
 
 use std::convert::Infallible;
@@ -160,7 +159,7 @@ async fn forward(
         return Err(ProxyError::BadRequest(e.into()));
     }
     let path = req.uri().path();
-    path::validate(path).map_err(|e| ProxyError::BadRequest(e.message().into()))?;
+    crate::http::path::validate(path).map_err(|e| ProxyError::BadRequest(e.message().into()))?;
 
     if let Some(access) = &generation.access {
         access.check(conn.peer.ip(), req.headers())?;

@@ -8,8 +8,8 @@ use http::header::HeaderValue;
 use http::Method;
 
 use super::{body, write_field, MAX_HEADERS};
-use crate::proxy::headers::{is_sane_request_id, new_request_id};
-use crate::proxy::{ConnInfo, REPLAY_LIMIT};
+use crate::http::{is_sane_request_id, new_request_id};
+use crate::pipeline::{ConnInfo, REPLAY_LIMIT};
 use crate::routes::Route;
 use crate::token::AccessToken;
 
@@ -487,7 +487,7 @@ mod tests {
             "proxy-authenticate",
         ] {
             let header = http::HeaderName::from_static(name);
-            assert!(crate::proxy::headers::is_hop_by_hop(&header), "{name}");
+            assert!(crate::pipeline::headers::is_hop_by_hop(&header), "{name}");
             assert!(
                 crate::http::is_hop_by_hop(name.to_ascii_uppercase().as_bytes()),
                 "{name}"
