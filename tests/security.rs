@@ -476,9 +476,9 @@ proptest! {
     ) {
         let table = route_table(&prefixes);
         let path = if path.is_empty() { "/".to_owned() } else { path };
-        if egain_proxy::pipeline::path::validate(&path).is_ok() {
+        if egain_proxy::http::path::validate(&path).is_ok() {
             // Normalising (RFC 3986 §5.2.4) a valid path changes nothing: it has no dot segments.
-            prop_assert!(!egain_proxy::pipeline::path::has_dot_segment(&path));
+            prop_assert!(!egain_proxy::http::path::has_dot_segment(&path));
             let decoded = percent_encoding::percent_decode_str(&path).decode_utf8_lossy().replace('\\', "/");
             prop_assert!(!decoded.split('/').any(|s| s == "." || s == ".."));
             if let Some((_, route)) = table.find(&http::Method::GET, None, &path) {
@@ -490,7 +490,7 @@ proptest! {
 
     #[test]
     fn the_path_validator_never_panics(path in "\\PC*") {
-        let _ = egain_proxy::pipeline::path::validate(&path);
+        let _ = egain_proxy::http::path::validate(&path);
     }
 
     #[test]
