@@ -3,3 +3,4 @@
 //! by hyper (h2, h2c, HTTP/1.x), whose service function is `crate::pipeline::handle`.
 
 pub mod h1;
+pub mod hyper;

@@ -18,6 +18,12 @@ use crate::ProxyBody;
 
 pub use pool::Pool;
 
+/// The pool policy both upstream clients follow (the fast path's pool and hyper's): an idle
+/// connection is kept at most this long (servers commonly close idle keep-alive connections
+/// after 60-75 s), and a request that fails on a reused connection before any byte of the
+/// answer is retried once on a new one when `crate::pipeline::may_retry` allows.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -75,6 +81,6 @@ fn new_client(key: &ClientKey) -> Result<HttpClient, String> {
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(IDLE_TIMEOUT)
         .build(https))
 }

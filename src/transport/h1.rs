@@ -40,16 +40,19 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::error::ProxyError;
-use crate::pipeline::{ConnInfo, InflightGuard, RequestLog};
+use crate::pipeline::plan::{Plan, RawHead};
+use crate::pipeline::{
+    self, replay, ConnInfo, HeadFacts, InflightGuard, RequestLog, UpstreamFailure,
+};
 use crate::routes::Route;
 use crate::state::{Generation, Shared};
-use crate::token::{AccessToken, TokenHolder};
+use crate::token::AccessToken;
 
 use body::{ChunkedScanner, Framing};
 use deadline::Deadline;
 pub use prefixed::Prefixed;
 pub use request::rewrite_head;
-use request::{parse_request, request_id, text, Head, Parsed, RequestParts, Span};
+use request::{parse_request, request_id, text, Head, Parsed, Span};
 use response::{read_response_head, write_error};
 
 /// As hyper's default: more header fields than this, and the request goes to hyper (431).
@@ -59,13 +62,7 @@ const MAX_RESPONSE_HEAD: usize = 256 * 1024;
 /// Read-buffer size for either side.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Appends one header field line, `name: value`.
-fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
+use crate::pipeline::plan::write_field;
 
 /// Serves one client connection on the fast path while it can. When a request comes that
 /// it does not take, it returns the connection, with every byte read so far in front, for
@@ -338,86 +335,67 @@ where
         log: &mut RequestLog,
     ) -> Outcome<'g> {
         let buf = &self.read;
-        let path = text(&buf[head.path.clone()]);
-        if let Err(e) = crate::http::path::validate(path) {
-            return Outcome::Failed(ProxyError::BadRequest(e.message().into()));
-        }
-        if let Some(access) = &generation.access {
-            let name = access.header().as_str();
-            let key = self
-                .spans
+        let key_header = generation.access.as_ref().map(|a| a.header());
+        let api_key = key_header.and_then(|k| {
+            self.spans
                 .iter()
-                .find(|s| buf[s.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
-                .map(|s| &buf[s.value.clone()]);
-            if let Err(e) = access.check_key(self.info.peer.ip(), key) {
-                return Outcome::Failed(e);
-            }
-        }
-        let host = head.host.clone().map(|h| text(&buf[h]));
-        let Some((index, route)) = generation.routes.find(&head.method, host, path) else {
-            return Outcome::Failed(ProxyError::NoRoute {
-                method: head.method.to_string(),
-                path: path.to_owned(),
-            });
+                .find(|s| buf[s.name.clone()].eq_ignore_ascii_case(k.as_str().as_bytes()))
+                .map(|s| &buf[s.value.clone()])
+        });
+        let facts = HeadFacts {
+            method: &head.method,
+            path: text(&buf[head.path.clone()]),
+            absolute_form: false,
+            http11: true,
+            host: head.host.clone().map(|h| &buf[h]),
+            more_hosts: false,
+            authority: None,
+            api_key,
         };
-        log.route = Some(route.config.name.clone());
-        log.profile = route.config.profile.clone();
-
-        let holder = match &route.config.profile {
-            Some(profile) => match generation.tokens.get(profile) {
-                Some(holder) => Some((profile.as_str(), holder)),
-                None => {
-                    return Outcome::Failed(ProxyError::UpstreamUnreachable {
-                        route: route.config.name.clone(),
-                        detail: format!("profile {profile} has no token holder"),
-                    })
-                }
-            },
-            None => None,
+        let admitted = match pipeline::admit(generation, self.info, &facts, log) {
+            Ok(admitted) => admitted,
+            Err(e) => return Outcome::Failed(e),
         };
-        let token = match holder {
-            Some((profile, holder)) => match holder.get(profile).await {
-                Ok(t) => Some(t),
-                Err(e) => return Outcome::Failed(ProxyError::TokenUnavailable(e)),
-            },
-            None => None,
+        let route = admitted.route;
+        let token = match pipeline::admit::token(&admitted, log).await {
+            Ok(token) => token,
+            Err(e) => return Outcome::Failed(e),
         };
-        log.fingerprint = token.as_ref().map(|t| t.fingerprint.clone());
-
         // Only now, with access decided on the head, is the body read.
         let idle = generation.config.server.body_read_timeout;
         if let Err(outcome) = self.read_body(head, idle).await {
             return outcome;
         }
-        self.write_request(generation, head, route, request_id, token.as_deref());
+        let plan = Plan {
+            route,
+            conn: self.info,
+            request_id,
+            key_header,
+        };
+        self.write_request(&plan, head, token.as_deref());
         if route.config.upstream.scheme != http::uri::Scheme::HTTP {
-            let replay = Replay {
-                holder,
-                sent: token.as_ref(),
-            };
             return self
-                .forward_via_client(generation, index, route, head, request_id, replay, log)
+                .forward_via_client(&admitted, &plan, head, token.as_ref(), log)
                 .await;
         }
         let mut answer = match self.exchange(route, head).await {
             Ok(answer) => answer,
-            Err(e) => return Outcome::Failed(self.upstream_failed(route, e)),
+            Err(e) => return Outcome::Failed(pipeline::upstream_failed(&self.shared, route, e)),
         };
         log.upstream_status = Some(answer.status);
-        if answer.status == 401 {
-            let replay = Replay {
-                holder,
-                sent: token.as_ref(),
+        let shared = Arc::clone(&self.shared);
+        let status = answer.status;
+        // Bodies on this path are at most REPLAY_LIMIT and kept whole: always replayable.
+        if let Some(fresh) =
+            replay::after_answer(&shared, &admitted, status, token.as_ref(), true, log).await
+        {
+            self.write_request(&plan, head, Some(&fresh));
+            // The 401's connection is dropped rather than drained: one reconnect, rarely.
+            answer = match self.exchange(route, head).await {
+                Ok(answer) => answer,
+                Err(e) => return Outcome::Failed(pipeline::upstream_failed(&shared, route, e)),
             };
-            if let Some(fresh) = self.token_for_replay(route, replay, log).await {
-                self.write_request(generation, head, route, request_id, Some(&fresh));
-                // The 401's connection is dropped rather than drained: one reconnect, rarely.
-                answer = match self.exchange(route, head).await {
-                    Ok(answer) => answer,
-                    Err(e) => return Outcome::Failed(self.upstream_failed(route, e)),
-                };
-                log.upstream_status = Some(answer.status);
-            }
+            log.upstream_status = Some(answer.status);
         }
 
         let mut streaming = Streaming {
@@ -437,9 +415,8 @@ where
         if take_body(&mut streaming, &self.up[first], &mut self.out).is_err() {
             // A malformed chunked body before anything went to the client: a 502, and the
             // upstream connection is dropped (a later malformation closes the client's).
-            return Outcome::Failed(
-                self.upstream_failed(route, UpstreamError::Protocol("malformed chunked body")),
-            );
+            let what = UpstreamFailure::Protocol("invalid response: malformed chunked body".into());
+            return Outcome::Failed(pipeline::upstream_failed(&shared, route, what));
         }
         if self.io.write_all(&self.out).await.is_err() {
             return Outcome::ClientGone;
@@ -447,75 +424,50 @@ where
         Outcome::Forwarded(answer.status, ResponseBody::Direct(streaming))
     }
 
-    /// Writes the upstream request for `token` into `self.out`.
-    fn write_request(
-        &mut self,
-        generation: &Generation,
-        head: &Head,
-        route: &Route,
-        request_id: &HeaderValue,
-        token: Option<&AccessToken>,
-    ) {
-        RequestParts {
-            buf: &self.read,
-            head,
-            spans: &self.spans,
-            route,
-            conn: self.info,
-            request_id,
-            key_header: generation.access.as_ref().map(|a| a.header()),
-        }
-        .write(&mut self.out, token);
-    }
-
-    /// After a 401 from the upstream: a fresh token to replay the request with, when the
-    /// route retries and the token that was sent gets replaced (contract §3).
-    async fn token_for_replay(
-        &self,
-        route: &Route,
-        replay: Replay<'_>,
-        log: &mut RequestLog,
-    ) -> Option<Arc<AccessToken>> {
-        if !route.config.retry_on_401 {
-            return None;
-        }
-        let ((profile, holder), sent) = (replay.holder?, replay.sent?);
-        crate::pipeline::token_for_replay(&self.shared, route, holder, profile, sent, log).await
+    /// Writes the upstream request (`plan`, with `token`) and its body into `self.out`.
+    fn write_request(&mut self, plan: &Plan<'_>, head: &Head, token: Option<&AccessToken>) {
+        let buf = &self.read;
+        let raw = RawHead {
+            method: head.method.as_str(),
+            path: text(&buf[head.path.clone()]),
+            query: head.query.clone().map(|q| text(&buf[q])),
+            host: head.host.clone().map(|h| &buf[h]),
+            fields: self
+                .spans
+                .iter()
+                .map(|s| (&buf[s.name.clone()], &buf[s.value.clone()])),
+            body_len: head.has_length.then_some(head.body_len),
+        };
+        let body = &buf[head.head_len..head.head_len + head.body_len];
+        plan.encode_h1(&raw, token, body, &mut self.out);
     }
 
     /// `https://` upstreams: the request in `self.out` goes through hyper's pooled client
     /// (h2 or HTTP/1.1 by ALPN); the response head is written to the client here and its
     /// body relayed by the caller.
-    #[allow(clippy::too_many_arguments)]
     async fn forward_via_client<'g>(
         &mut self,
-        generation: &Generation,
-        index: usize,
-        route: &Route,
+        admitted: &pipeline::Admitted<'_>,
+        plan: &Plan<'_>,
         head: &Head,
-        request_id: &HeaderValue,
-        replay: Replay<'_>,
+        token: Option<&Arc<AccessToken>>,
         log: &mut RequestLog,
     ) -> Outcome<'g> {
-        let Some(client) = generation.upstreams.for_route(index) else {
-            return Outcome::Failed(ProxyError::UpstreamUnreachable {
-                route: route.config.name.clone(),
-                detail: "no client".into(),
-            });
-        };
-        let (mut response, mut framing) = match self.send_via(client, route, log).await {
+        let shared = Arc::clone(&self.shared);
+        let route = admitted.route;
+        let (mut response, mut framing) = match self.send_via(admitted, log).await {
             Ok(answer) => answer,
             Err(e) => return Outcome::Failed(e),
         };
-        if response.status() == http::StatusCode::UNAUTHORIZED {
-            if let Some(fresh) = self.token_for_replay(route, replay, log).await {
-                drop(response);
-                self.write_request(generation, head, route, request_id, Some(&fresh));
-                (response, framing) = match self.send_via(client, route, log).await {
-                    Ok(answer) => answer,
-                    Err(e) => return Outcome::Failed(e),
-                };
-            }
+        let status = response.status().as_u16();
+        if let Some(fresh) = replay::after_answer(&shared, admitted, status, token, true, log).await
+        {
+            drop(response);
+            self.write_request(plan, head, Some(&fresh));
+            (response, framing) = match self.send_via(admitted, log).await {
+                Ok(answer) => answer,
+                Err(e) => return Outcome::Failed(e),
+            };
         }
         // An h2 upstream need not send a length: such a body is chunked to the client, which
         // also lets its trailers pass.
@@ -534,9 +486,9 @@ where
             // Broken before anything went to the client: a 502 (later, the client connection
             // closes instead).
             tracing::debug!(error = %e, "upstream response body failed");
-            return Outcome::Failed(
-                self.upstream_failed(route, UpstreamError::Protocol("malformed response body")),
-            );
+            let what =
+                UpstreamFailure::Protocol("invalid response: malformed response body".into());
+            return Outcome::Failed(pipeline::upstream_failed(&shared, route, what));
         }
         if self.io.write_all(&self.out).await.is_err() {
             return Outcome::ClientGone;
@@ -547,26 +499,40 @@ where
     /// Sends the request in `self.out` through hyper's client (with the route's timeout).
     async fn send_via(
         &self,
-        client: &crate::upstream::HttpClient,
-        route: &Route,
+        admitted: &pipeline::Admitted<'_>,
         log: &mut RequestLog,
     ) -> Result<(http::Response<hyper::body::Incoming>, Framing), ProxyError> {
-        let request = bridge::hyper_request(&self.out, route)?;
-        crate::pipeline::send(client, route, request, log, &self.shared).await
+        let route = admitted.route;
+        let out = &self.out;
+        let shared = &self.shared;
+        let mut broken = None;
+        let result = pipeline::send(
+            shared,
+            admitted,
+            || match bridge::hyper_request(out, route) {
+                Ok(request) => Some(request),
+                Err(e) => {
+                    broken = Some(e);
+                    None
+                }
+            },
+            log,
+        )
+        .await;
+        match broken {
+            Some(e) => Err(e),
+            None => result,
+        }
     }
 
     /// Sends `self.out` to the route's upstream and reads the response head into `self.up`.
     /// A reused connection that turns out to be closed is replaced once, for idempotent
     /// requests or when the request could not even be written.
-    async fn exchange(&mut self, route: &Route, head: &Head) -> Result<Answer, UpstreamError> {
+    async fn exchange(&mut self, route: &Route, head: &Head) -> Result<Answer, UpstreamFailure> {
         let pool = &self.shared.h1_pool;
         let timeout = route.config.timeout;
         let attempt = async {
             let authority = &route.config.upstream.authority;
-            let idempotent = matches!(
-                head.method,
-                Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
-            );
             let mut retried = false;
             loop {
                 let (mut stream, reused) = match pool.checkout(authority.as_str()) {
@@ -574,7 +540,7 @@ where
                     None => (
                         crate::upstream::pool::connect(authority, route.config.connect_timeout)
                             .await
-                            .map_err(UpstreamError::Connect)?,
+                            .map_err(|e| UpstreamFailure::Connect(e.to_string()))?,
                         false,
                     ),
                 };
@@ -602,11 +568,12 @@ where
                         })
                     }
                     Err(e) => {
-                        if reused && !retried && self.up.is_empty() && (idempotent || unwritten) {
+                        let retry = pipeline::may_retry(&head.method, !unwritten);
+                        if reused && !retried && self.up.is_empty() && retry {
                             retried = true;
                             continue;
                         }
-                        return Err(e);
+                        return Err(e.into());
                     }
                 }
             }
@@ -614,35 +581,7 @@ where
         let deadline = tokio::time::Instant::now() + timeout;
         match self.upstream_timer.until(deadline, attempt).await {
             Some(result) => result,
-            None => Err(UpstreamError::Timeout),
-        }
-    }
-
-    fn upstream_failed(&self, route: &Route, e: UpstreamError) -> ProxyError {
-        let name = &route.config.name;
-        let kind = match &e {
-            UpstreamError::Connect(_) => "connect",
-            UpstreamError::Timeout => "timeout",
-            UpstreamError::Io(_) | UpstreamError::Protocol(_) => "protocol",
-        };
-        self.shared.metrics.upstream_error(name, kind);
-        match e {
-            UpstreamError::Timeout => ProxyError::UpstreamTimeout {
-                route: name.clone(),
-                timeout: route.config.timeout,
-            },
-            UpstreamError::Connect(e) => ProxyError::UpstreamUnreachable {
-                route: name.clone(),
-                detail: format!("cannot connect: {e}"),
-            },
-            UpstreamError::Io(e) => ProxyError::UpstreamUnreachable {
-                route: name.clone(),
-                detail: format!("connection failed: {e}"),
-            },
-            UpstreamError::Protocol(m) => ProxyError::UpstreamUnreachable {
-                route: name.clone(),
-                detail: format!("invalid response: {m}"),
-            },
+            None => Err(UpstreamFailure::Timeout),
         }
     }
 
@@ -670,13 +609,6 @@ where
     }
 }
 
-/// What a 401 replay needs: the route's token holder and the token that was sent.
-#[derive(Clone, Copy)]
-struct Replay<'a> {
-    holder: Option<(&'a str, &'a Arc<TokenHolder>)>,
-    sent: Option<&'a Arc<AccessToken>>,
-}
-
 /// The rest of a response whose head went to the client.
 enum ResponseBody<'g> {
     /// From a pooled connection to an `http://` upstream.
@@ -700,12 +632,22 @@ struct Answer {
     keep_alive: bool,
 }
 
+/// How an exchange on a pooled connection failed, before the pipeline words it.
 #[derive(Debug)]
 enum UpstreamError {
-    Connect(io::Error),
     Io(io::Error),
     Protocol(&'static str),
-    Timeout,
+}
+
+impl From<UpstreamError> for UpstreamFailure {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Io(e) => UpstreamFailure::Protocol(format!("connection failed: {e}")),
+            UpstreamError::Protocol(m) => {
+                UpstreamFailure::Protocol(format!("invalid response: {m}"))
+            }
+        }
+    }
 }
 
 /// Appends the part of `input` that belongs to the body to `out`, framed for the client, and

@@ -13,9 +13,7 @@ use tokio::net::TcpStream;
 
 /// Idle connections kept per upstream authority; more are closed on return.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
-/// Idle connections older than this are closed instead of reused (as hyper's pool does);
-/// servers commonly close idle keep-alive connections after 60-75 s.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+use super::IDLE_TIMEOUT;
 
 struct Idle {
     stream: TcpStream,

@@ -1,7 +1,7 @@
 //! Response bodies on the HTTP/1.1 fast path: an incremental scanner for the chunked coding that finds where the
 //! body ends while its bytes pass through unchanged.
 
-pub use crate::http::{list_items, parse_length, trim, Framing};
+pub use crate::http::{list_items, parse_length, Framing};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

@@ -1,14 +1,15 @@
-//! The request side of the fast path: parsing a request head in place (what it takes and
-//! what it leaves to hyper) and writing the upstream request from those bytes.
+//! The request side of the fast path: parsing a request head in place, and what it takes
+//! and what it leaves to hyper. What the upstream request becomes is the pipeline's
+//! (`crate::pipeline::plan`).
 
-use std::net::IpAddr;
 use std::ops::Range;
 
 use http::header::HeaderValue;
 use http::Method;
 
-use super::{body, write_field, MAX_HEADERS};
+use super::{body, MAX_HEADERS};
 use crate::http::{is_sane_request_id, new_request_id};
+use crate::pipeline::plan::{Plan, RawHead};
 use crate::pipeline::{ConnInfo, REPLAY_LIMIT};
 use crate::routes::Route;
 use crate::token::AccessToken;
@@ -31,10 +32,7 @@ pub fn rewrite_head(
         return false;
     }
     let request_id = request_id(raw, &head);
-    RequestParts {
-        buf: raw,
-        head: &head,
-        spans: &spans,
+    let plan = Plan {
         route,
         conn: ConnInfo {
             peer: ([127, 0, 0, 1], 50000).into(),
@@ -42,28 +40,28 @@ pub fn rewrite_head(
         },
         request_id: &request_id,
         key_header: None,
-    }
-    .write(out, token);
+    };
+    let raw_head = RawHead {
+        method: head.method.as_str(),
+        path: text(&raw[head.path.clone()]),
+        query: head.query.clone().map(|q| text(&raw[q])),
+        host: head.host.clone().map(|h| &raw[h]),
+        fields: spans
+            .iter()
+            .map(|s| (&raw[s.name.clone()], &raw[s.value.clone()])),
+        body_len: head.has_length.then_some(head.body_len),
+    };
+    let body = &raw[head.head_len..head.head_len + head.body_len];
+    plan.encode_h1(&raw_head, token, body, out);
     true
 }
 
 /// One header field of the current request: where its name and value are in the read
-/// buffer, and what the upstream request does with it.
+/// buffer.
 #[derive(Clone)]
 pub(super) struct Span {
     pub(super) name: Range<usize>,
     pub(super) value: Range<usize>,
-    pub(super) kind: Kind,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
-    /// Passed on as is.
-    Keep,
-    /// Hop-by-hop or replaced by the proxy.
-    Skip,
-    /// `X-Forwarded-For`: extended.
-    Forwarded,
 }
 
 /// A parsed request head (positions are into the read buffer).
@@ -78,155 +76,12 @@ pub(super) struct Head {
     pub(super) close: bool,
     /// The client framed a body with `Content-Length` (the proxy writes its own).
     pub(super) has_length: bool,
-    /// `Connection` names fields besides `close`/`keep-alive`: those are hop-by-hop too.
-    pub(super) names_fields: bool,
 }
 
 pub(super) enum Parsed {
     Complete(Head),
     Partial,
     HandOver,
-}
-
-/// Everything needed to write the upstream request.
-pub(super) struct RequestParts<'a> {
-    pub(super) buf: &'a [u8],
-    pub(super) head: &'a Head,
-    pub(super) spans: &'a [Span],
-    pub(super) route: &'a Route,
-    pub(super) conn: ConnInfo,
-    pub(super) request_id: &'a HeaderValue,
-    /// The API key header (`[server.access]`), never passed on.
-    pub(super) key_header: Option<&'a http::HeaderName>,
-}
-
-impl RequestParts<'_> {
-    /// The upstream request: request line with the upstream target, `Host` = upstream
-    /// authority, the client's end-to-end fields minus those the route removes or sets,
-    /// `X-Forwarded-*`, `x-request-id`, the route's fields, the token, then the body.
-    pub(super) fn write(&self, out: &mut Vec<u8>, token: Option<&AccessToken>) {
-        let buf = self.buf;
-        let head = self.head;
-        let route = &self.route.config;
-        let path = text(&buf[head.path.clone()]);
-        let query = head.query.clone().map(|q| text(&buf[q]));
-        out.clear();
-        out.extend_from_slice(head.method.as_str().as_bytes());
-        out.push(b' ');
-        // As Route::upstream_path_and_query, without building a String.
-        let base = route.upstream.base_path.as_bytes();
-        let tail = self.route.upstream_tail(path).as_bytes();
-        if base.is_empty() && tail.is_empty() {
-            out.push(b'/');
-        }
-        out.extend_from_slice(base);
-        out.extend_from_slice(tail);
-        if let Some(query) = query {
-            out.push(b'?');
-            out.extend_from_slice(query.as_bytes());
-        }
-        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        out.extend_from_slice(route.upstream.authority.as_str().as_bytes());
-        out.extend_from_slice(b"\r\n");
-
-        // Managed fields (framing, Host, Authorization, X-Forwarded-*, x-request-id) are
-        // never `Kind::Keep`, and no route may name them (config), so what follows cannot
-        // drop or duplicate them.
-        let removed = |name: &[u8]| {
-            route
-                .remove_headers
-                .iter()
-                .chain(route.set_headers.iter().map(|(n, _)| n))
-                .chain(self.key_header)
-                .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
-        };
-        for span in self.spans {
-            if span.kind != Kind::Keep {
-                continue;
-            }
-            let name = &buf[span.name.clone()];
-            if removed(name) {
-                continue;
-            }
-            let value = &buf[span.value.clone()];
-            if head.names_fields && self.conn_listed(name) {
-                continue;
-            }
-            write_field(out, name, value);
-        }
-        out.extend_from_slice(b"x-forwarded-for: ");
-        // Several X-Forwarded-For lines are one list (RFC 9110 §5.3), extended when its
-        // first line is not blank (as proxy::headers::set_forwarded).
-        let mut list = self
-            .spans
-            .iter()
-            .filter(|s| s.kind == Kind::Forwarded)
-            .map(|s| &buf[s.value.clone()]);
-        if let Some(first) = list.next().filter(|v| !body::trim(v).is_empty()) {
-            for value in std::iter::once(first).chain(list) {
-                out.extend_from_slice(value);
-                out.extend_from_slice(b", ");
-            }
-        }
-        write_ip(out, self.conn.peer.ip().to_canonical());
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(if self.conn.tls {
-            b"x-forwarded-proto: https\r\n"
-        } else {
-            b"x-forwarded-proto: http\r\n"
-        });
-        if let Some(host) = &head.host {
-            write_field(out, b"x-forwarded-host", &buf[host.clone()]);
-        }
-        write_field(out, b"x-request-id", self.request_id.as_bytes());
-        for (name, value) in &route.set_headers {
-            write_field(out, name.as_str().as_bytes(), value.as_bytes());
-        }
-        if let Some(token) = token {
-            write_field(out, b"authorization", token.header.as_bytes());
-        }
-        // The proxy frames the body it sends: the length of what it read, whatever fields
-        // the client, `Connection` or the route named (RFC 9112 §6.3, §11.2).
-        if head.has_length {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(head.body_len).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&buf[head.head_len..head.head_len + head.body_len]);
-    }
-
-    /// Whether the client's `Connection` field names this field (then it is hop-by-hop,
-    /// unless the proxy manages it).
-    fn conn_listed(&self, name: &[u8]) -> bool {
-        crate::http::connection_drops(name)
-            && self.spans.iter().any(|s| {
-                self.buf[s.name.clone()].eq_ignore_ascii_case(b"connection")
-                    && body::list_items(&self.buf[s.value.clone()])
-                        .any(|token| token.eq_ignore_ascii_case(name))
-            })
-    }
-}
-
-/// An address as `Display` writes it, without a String for the common IPv4 case.
-pub(super) fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                if octet >= 100 {
-                    out.push(b'0' + octet / 100);
-                }
-                if octet >= 10 {
-                    out.push(b'0' + octet / 10 % 10);
-                }
-                out.push(b'0' + octet % 10);
-            }
-        }
-        IpAddr::V6(_) => out.extend_from_slice(ip.to_string().as_bytes()),
-    }
 }
 
 /// The client's `x-request-id` when it is sane, else a new one.
@@ -312,14 +167,13 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
         request_id: None,
         close: false,
         has_length: false,
-        names_fields: false,
     };
     let mut content_length = None;
     spans.clear();
     for h in request.headers.iter() {
         let name = h.name;
         let value = range(h.value);
-        let kind = match Known::of(name) {
+        match Known::of(name) {
             Some(Known::ContentLength) => {
                 let Some(n) = body::parse_length(h.value) else {
                     return Parsed::HandOver;
@@ -328,7 +182,6 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
                     return Parsed::HandOver;
                 }
                 content_length = Some(n as usize);
-                Kind::Skip
             }
             Some(Known::Host) => {
                 // Two Host fields or an invalid one: hyper's path answers 400 (the pipeline's
@@ -337,7 +190,6 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
                     return Parsed::HandOver;
                 }
                 head.host = Some(value.clone());
-                Kind::Skip
             }
             Some(Known::Connection) => {
                 for token in body::list_items(h.value) {
@@ -345,27 +197,18 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
                         head.close = true;
                     } else if token.eq_ignore_ascii_case(b"upgrade") {
                         return Parsed::HandOver;
-                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
-                        head.names_fields = true;
                     }
                 }
-                Kind::Skip
             }
             Some(Known::HandOver) => return Parsed::HandOver,
-            Some(Known::RequestId) => {
-                if head.request_id.is_none() {
-                    head.request_id = Some(value.clone());
-                }
-                Kind::Skip
+            Some(Known::RequestId) if head.request_id.is_none() => {
+                head.request_id = Some(value.clone());
             }
-            Some(Known::ForwardedFor) => Kind::Forwarded,
-            Some(Known::Dropped) => Kind::Skip,
-            None => Kind::Keep,
-        };
+            Some(Known::RequestId) | None => {}
+        }
         spans.push(Span {
             name: range(name.as_bytes()),
             value,
-            kind,
         });
     }
     if head.host.is_none() {
@@ -376,42 +219,29 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
     Parsed::Complete(head)
 }
 
-/// Request header fields the fast path treats specially.
+/// Request header fields the fast path reads while parsing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Known {
     ContentLength,
     Host,
     Connection,
     RequestId,
-    ForwardedFor,
-    /// Hop-by-hop (RFC 9110 §7.6.1, plus `Keep-Alive`, `Proxy-Connection` and the proxy-auth
-    /// pair, as `proxy::headers::is_hop_by_hop`) or set by the proxy itself.
-    Dropped,
     /// `Transfer-Encoding`, `Expect`, `Upgrade`: hyper serves such requests.
     HandOver,
 }
 
 impl Known {
-    /// Sorted by length first: one or two comparisons per field instead of a dozen.
+    /// By length first: one or two comparisons per field instead of a handful.
     fn of(name: &str) -> Option<Known> {
         let is = |n: &str| name.eq_ignore_ascii_case(n);
         Some(match name.len() {
-            2 if is("te") => Known::Dropped,
             4 if is("host") => Known::Host,
             6 if is("expect") => Known::HandOver,
             7 if is("upgrade") => Known::HandOver,
-            7 if is("trailer") => Known::Dropped,
             10 if is("connection") => Known::Connection,
-            10 if is("keep-alive") => Known::Dropped,
             12 if is("x-request-id") => Known::RequestId,
-            13 if is("authorization") => Known::Dropped,
             14 if is("content-length") => Known::ContentLength,
-            15 if is("x-forwarded-for") => Known::ForwardedFor,
-            16 if is("x-forwarded-host") || is("proxy-connection") => Known::Dropped,
-            17 if is("x-forwarded-proto") => Known::Dropped,
             17 if is("transfer-encoding") => Known::HandOver,
-            18 if is("proxy-authenticate") => Known::Dropped,
-            19 if is("proxy-authorization") => Known::Dropped,
             _ => return None,
         })
     }
@@ -474,60 +304,6 @@ mod tests {
     }
 
     #[test]
-    fn field_tables_agree_with_the_general_path() {
-        for name in [
-            "connection",
-            "keep-alive",
-            "proxy-connection",
-            "te",
-            "trailer",
-            "transfer-encoding",
-            "upgrade",
-            "proxy-authorization",
-            "proxy-authenticate",
-        ] {
-            let header = http::HeaderName::from_static(name);
-            assert!(crate::pipeline::headers::is_hop_by_hop(&header), "{name}");
-            assert!(
-                crate::http::is_hop_by_hop(name.to_ascii_uppercase().as_bytes()),
-                "{name}"
-            );
-            // A hop-by-hop field on a request is dropped, or the request goes to hyper.
-            assert!(
-                matches!(
-                    Known::of(name),
-                    Some(Known::Dropped | Known::HandOver | Known::Connection)
-                ),
-                "{name}"
-            );
-        }
-        for name in ["x-forwarded-proto", "X-Forwarded-Host", "Authorization"] {
-            assert_eq!(Known::of(name), Some(Known::Dropped), "{name}");
-        }
-        for name in ["accept", "x-forwarded", "hosts", "content-type"] {
-            assert_eq!(Known::of(name), None, "{name}");
-            assert!(!crate::http::is_hop_by_hop(name.as_bytes()), "{name}");
-        }
-    }
-
-    #[test]
-    fn addresses_are_written_as_display_writes_them() {
-        for ip in [
-            "0.0.0.0",
-            "127.0.0.1",
-            "10.20.255.9",
-            "192.168.100.1",
-            "::1",
-            "2001:db8::7",
-        ] {
-            let ip: IpAddr = ip.parse().unwrap();
-            let mut out = Vec::new();
-            write_ip(&mut out, ip);
-            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
-        }
-    }
-
-    #[test]
     fn what_the_fast_path_leaves_to_hyper() {
         let mut spans = Vec::new();
         let handed_over = |raw: &str, spans: &mut Vec<Span>| {
@@ -560,7 +336,7 @@ mod tests {
         assert_eq!(&raw[head.host.clone().unwrap()], "app:8080");
         assert_eq!(head.body_len, 4);
         assert_eq!(head.head_len, raw.len() - 4);
-        assert!(head.names_fields && !head.close);
+        assert!(!head.close);
         assert!(matches!(
             parse_request(&raw.as_bytes()[..20], &mut spans),
             Parsed::Partial

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use super::body::{self, Framing};
 use super::{write_field, UpstreamError, MAX_HEADERS, MAX_RESPONSE_HEAD, READ_CHUNK};
 use crate::error::ProxyError;
-use crate::http::{connection_drops, is_hop_by_hop};
+use crate::pipeline::plan::response_field_passes;
 
 pub(super) struct ResponseHead {
     pub(super) status: u16,
@@ -112,9 +112,8 @@ fn write_client_head(
         .any(|h| h.name.eq_ignore_ascii_case("connection"));
     for h in headers {
         let name = h.name.as_bytes();
-        if is_hop_by_hop(name)
-            || has_connection && connection_drops(name) && has_token(headers, "connection", name)
-        {
+        let named = || has_connection && has_token(headers, "connection", name);
+        if !response_field_passes(name, named) {
             continue;
         }
         // The proxy frames what it sends; only a bodiless answer (HEAD, 304) passes the

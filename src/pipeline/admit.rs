@@ -1,0 +1,113 @@
+//! The first phase, on the request head alone (before any body byte is read): is the request
+//! well-formed, is the client allowed, which route takes it, which token holder serves it.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use super::{ConnInfo, RequestLog};
+use crate::error::ProxyError;
+use crate::routes::Route;
+use crate::state::Generation;
+use crate::token::{AccessToken, TokenHolder};
+
+/// What the pipeline reads of a request head, whatever transport carried it.
+pub(crate) struct HeadFacts<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    /// The target was in absolute form (`GET http://host/x`), HTTP/1.x only.
+    pub absolute_form: bool,
+    /// HTTP/1.1 (exactly one `Host` is required, RFC 9112 §3.2).
+    pub http11: bool,
+    /// The first `Host` field, and whether there was more than one.
+    pub host: Option<&'a [u8]>,
+    pub more_hosts: bool,
+    /// h2's `:authority`, used for routing when there is no `Host`.
+    pub authority: Option<&'a str>,
+    /// The value of the API key header, if `[server.access]` names one and it was sent.
+    pub api_key: Option<&'a [u8]>,
+}
+
+/// A request admitted to a route.
+pub(crate) struct Admitted<'g> {
+    /// The route's position in the table (its upstream client is per route).
+    pub index: usize,
+    pub route: &'g Route,
+    /// The profile and its token holder; `None` for `profile = "none"`.
+    pub holder: Option<(&'g str, &'g Arc<TokenHolder>)>,
+}
+
+/// Decides, on the head alone, whether and where the request goes (contract §3, §5, §8).
+pub(crate) fn admit<'g>(
+    generation: &'g Generation,
+    conn: ConnInfo,
+    head: &HeadFacts<'_>,
+    log: &mut RequestLog,
+) -> Result<Admitted<'g>, ProxyError> {
+    // No open proxy: CONNECT and absolute-form targets are refused (RFC 9112 §3.2.2 lets a
+    // server accept absolute-form, but a reverse proxy that did could be aimed elsewhere).
+    if *head.method == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    if head.absolute_form {
+        return Err(ProxyError::BadRequest(
+            "absolute-form request targets are not accepted: this is a reverse proxy; send the path only".into(),
+        ));
+    }
+    if let Some(e) = crate::http::host_fields_error(head.http11, head.host, head.more_hosts) {
+        return Err(ProxyError::BadRequest(e.into()));
+    }
+    crate::http::path::validate(head.path)
+        .map_err(|e| ProxyError::BadRequest(e.message().into()))?;
+    if let Some(access) = &generation.access {
+        access.check_key(conn.peer.ip(), head.api_key)?;
+    }
+    // Host values are checked above (visible ASCII), so this is the whole value.
+    let host = head
+        .host
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .or(head.authority);
+    let (index, route) = generation
+        .routes
+        .find(head.method, host, head.path)
+        .ok_or_else(|| ProxyError::NoRoute {
+            method: head.method.to_string(),
+            path: head.path.to_owned(),
+        })?;
+    log.route = Some(route.config.name.clone());
+    log.profile = route.config.profile.clone();
+    let holder = match &route.config.profile {
+        Some(profile) => match generation.tokens.get(profile) {
+            Some(holder) => Some((profile.as_str(), holder)),
+            None => {
+                return Err(ProxyError::UpstreamUnreachable {
+                    route: route.config.name.clone(),
+                    detail: format!("profile {profile} has no token holder"),
+                })
+            }
+        },
+        None => None,
+    };
+    Ok(Admitted {
+        index,
+        route,
+        holder,
+    })
+}
+
+/// The second phase: the route's token, waiting for a fetch in flight (contract §4); a
+/// request is never forwarded without one.
+pub(crate) async fn token(
+    admitted: &Admitted<'_>,
+    log: &mut RequestLog,
+) -> Result<Option<Arc<AccessToken>>, ProxyError> {
+    let Some((profile, holder)) = admitted.holder else {
+        return Ok(None);
+    };
+    let token = holder
+        .get(profile)
+        .await
+        .map_err(ProxyError::TokenUnavailable)?;
+    log.fingerprint = Some(token.fingerprint.clone());
+    Ok(Some(token))
+}

@@ -1,0 +1,186 @@
+//! hyper's server as a transport: h2 and h2c clients, inbound TLS, and the HTTP/1.x
+//! connections the fast path hands over. It turns hyper's `Request` into the pipeline's
+//! terms and the pipeline's answer back into a `Response`; the rules are the pipeline's.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use http::{Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::error::ProxyError;
+use crate::pipeline::body::{self, Prepared};
+use crate::pipeline::plan::Plan;
+use crate::pipeline::{self, ConnInfo, HeadFacts, InflightGuard, RequestLog};
+use crate::state::{Generation, Shared};
+use crate::{BoxError, ProxyBody};
+
+/// The hyper service function for the proxy listener.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let metrics = &shared.metrics;
+    metrics.inflight.inc();
+    let _inflight = InflightGuard(&metrics.inflight);
+    let generation = shared.load();
+    let request_id = crate::http::request_id(req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut log = RequestLog::default();
+
+    let response = match forward(&shared, &generation, conn, req, &request_id, &mut log).await {
+        Ok(response) => response,
+        Err(e) => {
+            log.error = Some(e.to_string());
+            e.into_response(&request_id)
+        }
+    };
+    pipeline::record(
+        &shared,
+        conn,
+        &request_id,
+        &method,
+        &path,
+        response.status().as_u16(),
+        started,
+        &log,
+    );
+    Ok(response)
+}
+
+async fn forward(
+    shared: &Shared,
+    generation: &Generation,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    log: &mut RequestLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let key_header = generation.access.as_ref().map(|a| a.header());
+    let facts = HeadFacts {
+        method: req.method(),
+        path: req.uri().path(),
+        absolute_form: req.version() < Version::HTTP_2 && req.uri().scheme().is_some(),
+        http11: req.version() == Version::HTTP_11,
+        host: hosts.next().map(|h| h.as_bytes()),
+        more_hosts: hosts.next().is_some(),
+        authority: req.uri().authority().map(|a| a.as_str()),
+        api_key: key_header
+            .and_then(|k| req.headers().get(k))
+            .map(|v| v.as_bytes()),
+    };
+    let admitted = pipeline::admit(generation, conn, &facts, log)?;
+    let route = admitted.route;
+    let token = pipeline::admit::token(&admitted, log).await?;
+
+    let (parts, incoming) = req.into_parts();
+    let uri = upstream_uri(route, &parts.uri)?;
+    // HTTP/2 clients name the host in `:authority` rather than `Host` (RFC 9113 §8.3.1).
+    let client_host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let plan = Plan {
+        route,
+        conn,
+        request_id,
+        key_header,
+    };
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| crate::http::parse_length(v.as_bytes()));
+    let stall = generation.config.server.body_read_timeout;
+    let incoming = pipeline::stall::StallGuard::new(incoming, stall).boxed();
+    let mut head = plan.encode_headers(&parts.headers, client_host.as_ref(), None);
+    body::frame(&mut head, &parts.method, &incoming);
+
+    let keep = route.config.retry_on_401 && token.is_some() || idempotent(&parts.method);
+    let prepared = if keep {
+        body::prepare(incoming, declared).await?
+    } else {
+        Prepared::Stream(incoming)
+    };
+    let (mut stream, copy) = match prepared {
+        Prepared::Replayable(bytes) => (None, Some(bytes)),
+        Prepared::Stream(body) => (Some(body), None),
+    };
+    let build = |token: Option<&crate::token::AccessToken>, body: ProxyBody| {
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = head.clone();
+        if let Some(t) = token {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, t.header.clone());
+        }
+        request
+    };
+    // A body kept whole can be sent again (a retry, a replay); a streamed one only once.
+    let mut next_body = |copy: &Option<Bytes>| -> Option<ProxyBody> {
+        match copy {
+            Some(bytes) => Some(crate::error::full(bytes.clone())),
+            None => stream.take(),
+        }
+    };
+    let (response, _) = pipeline::send(
+        shared,
+        &admitted,
+        || next_body(&copy).map(|b| build(token.as_deref(), b)),
+        log,
+    )
+    .await?;
+    let status = response.status().as_u16();
+    let fresh = pipeline::replay::after_answer(
+        shared,
+        &admitted,
+        status,
+        token.as_ref(),
+        copy.is_some(),
+        log,
+    )
+    .await;
+    let Some(fresh) = fresh else {
+        return Ok(into_proxy_response(response));
+    };
+    drop(response);
+    let (again, _) = pipeline::send(
+        shared,
+        &admitted,
+        || next_body(&copy).map(|b| build(Some(&fresh), b)),
+        log,
+    )
+    .await?;
+    Ok(into_proxy_response(again))
+}
+
+fn idempotent(method: &http::Method) -> bool {
+    pipeline::may_retry(method, true)
+}
+
+fn upstream_uri(route: &crate::routes::Route, original: &Uri) -> Result<Uri, ProxyError> {
+    let target = &route.config.upstream;
+    let path_and_query = route.upstream_path_and_query(original.path(), original.query());
+    Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
+}
+
+fn into_proxy_response(response: Response<Incoming>) -> Response<ProxyBody> {
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed())
+}
