@@ -11,6 +11,7 @@ use egain_proxy::mock::{MockEgain, MockOptions};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use sha2::{Digest, Sha256};
+use support::transport::On;
 use support::*;
 
 #[tokio::test]
@@ -82,13 +83,13 @@ async fn anonymous_customer_token_request_is_exactly_egains() {
     );
 }
 
-#[tokio::test]
-async fn upstream_sees_the_proxy_token_never_the_clients() {
+async fn upstream_sees_the_proxy_token_never_the_clients(on: On) {
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::start().await;
-    let proxy = proxy_for(&tokens, &upstream, "", "").await;
-    let response = client()
-        .get(proxy.url("/x"))
+    let proxy = on.proxy_for(&tokens, &upstream, "", "").await;
+    let response = on
+        .client()
+        .get(on.url(&proxy, "/x"))
         .header("authorization", "Basic dXNlcjpwYXNz")
         .send()
         .await
@@ -100,13 +101,13 @@ async fn upstream_sees_the_proxy_token_never_the_clients() {
     assert!(tokens.is_live(seen.header("authorization")), "{auth:?}");
 }
 
-#[tokio::test]
-async fn paths_queries_and_prefixes_join_byte_for_byte() {
+async fn paths_queries_and_prefixes_join_byte_for_byte(on: On) {
+    let head = on.head();
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::start().await;
     let base = format!("{}/base/v4/", upstream.url());
     let config = format!(
-        "{HEAD}{}{}{}{}",
+        "{head}{}{}{}{}",
         client_app_profile("p", &tokens, ""),
         route("strip", "/api/", &base, "p", "strip_prefix = true"),
         route("keep", "/keep", &base, "p", ""),
@@ -128,14 +129,14 @@ async fn paths_queries_and_prefixes_join_byte_for_byte() {
         ("/a//b;p=1", "/a//b;p=1"),
     ];
     for (sent, expected) in cases {
-        let r = client().get(proxy.url(sent)).send().await.unwrap();
+        let r = on.client().get(on.url(&proxy, sent)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{sent}");
         assert_eq!(upstream.last().target, expected, "{sent}");
     }
 }
 
-#[tokio::test]
-async fn hop_by_hop_and_forwarding_headers() {
+async fn hop_by_hop_and_forwarding_headers(on: On) {
+    let head = on.head();
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::with(|_| {
         json_response(
@@ -151,7 +152,7 @@ async fn hop_by_hop_and_forwarding_headers() {
     })
     .await;
     let config = format!(
-        "{HEAD}{}{}",
+        "{head}{}{}",
         client_app_profile("p", &tokens, ""),
         route(
             "r",
@@ -162,8 +163,9 @@ async fn hop_by_hop_and_forwarding_headers() {
         )
     );
     let proxy = TestProxy::start(&config).await;
-    let response = client()
-        .get(proxy.url("/h"))
+    let response = on
+        .client()
+        .get(on.url(&proxy, "/h"))
         .header("connection", "x-client-hop")
         .header("x-client-hop", "1")
         .header("te", "trailers")
@@ -171,7 +173,6 @@ async fn hop_by_hop_and_forwarding_headers() {
         .header("x-forwarded-for", "203.0.113.9")
         .header("x-request-id", "req-123")
         .header("cookie", "session=1")
-        .header("expect", "100-continue")
         .header("accept-language", "fr")
         .header("host", "app.internal:8080")
         .send()
@@ -199,25 +200,25 @@ async fn hop_by_hop_and_forwarding_headers() {
         seen.header("x-forwarded-for"),
         Some("203.0.113.9, 127.0.0.1")
     );
-    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some(on.proto()));
     assert_eq!(seen.header("x-forwarded-host"), Some("app.internal:8080"));
     assert_eq!(seen.header("x-request-id"), Some("req-123"));
     assert_eq!(seen.header("accept-language"), Some("en-US"));
 
     // Without a client id, one is generated and passed on.
-    client().get(proxy.url("/h")).send().await.unwrap();
+    on.client().get(on.url(&proxy, "/h")).send().await.unwrap();
     assert_eq!(
         upstream.last().header("x-request-id").map(str::len),
         Some(32)
     );
 }
 
-#[tokio::test]
-async fn unmatched_request_gets_no_route_json() {
+async fn unmatched_request_gets_no_route_json(on: On) {
+    let head = on.head();
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::start().await;
     let config = format!(
-        "{HEAD}{}{}",
+        "{head}{}{}",
         client_app_profile("p", &tokens, ""),
         route(
             "r",
@@ -233,8 +234,9 @@ async fn unmatched_request_gets_no_route_json() {
         ("GET", "/other"),
         ("POST", "/knowledge/x"),
     ] {
-        let r = client()
-            .request(method.parse().unwrap(), proxy.url(path))
+        let r = on
+            .client()
+            .request(method.parse().unwrap(), on.url(&proxy, path))
             .header("x-request-id", "rid-1")
             .send()
             .await
@@ -493,8 +495,8 @@ async fn h2c_clients_are_served() {
     );
 }
 
-#[tokio::test]
-async fn upstream_failures_map_to_502_and_504() {
+async fn upstream_failures_map_to_502_and_504(on: On) {
+    let head = on.head();
     let tokens = TokenServer::healthy(3600).await;
     // A port with nothing listening.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
@@ -508,7 +510,7 @@ async fn upstream_failures_map_to_502_and_504() {
     })
     .await;
     let config = format!(
-        "{HEAD}{}{}{}{}",
+        "{head}{}{}{}{}",
         client_app_profile("p", &tokens, ""),
         route("dead", "/dead", &format!("http://{dead}"), "p", ""),
         route(
@@ -521,16 +523,26 @@ async fn upstream_failures_map_to_502_and_504() {
         route("ok", "/ok", &ok.url(), "p", ""),
     );
     let proxy = TestProxy::start(&config).await;
-    let r = client().get(proxy.url("/dead")).send().await.unwrap();
+    let r = on
+        .client()
+        .get(on.url(&proxy, "/dead"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 502);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "upstream_unreachable");
-    let r = client().get(proxy.url("/hang")).send().await.unwrap();
+    let r = on
+        .client()
+        .get(on.url(&proxy, "/hang"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 504);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "upstream_timeout");
     // And the proxy keeps serving.
-    assert_eq!(status(client().get(proxy.url("/ok"))).await, 200);
+    assert_eq!(status(on.client().get(on.url(&proxy, "/ok"))).await, 200);
 }
 
 #[tokio::test]
@@ -603,3 +615,11 @@ async fn every_listen_address_serves() {
     let _ = tx.send(());
     task.await.unwrap();
 }
+
+on_every_transport!(
+    upstream_sees_the_proxy_token_never_the_clients,
+    paths_queries_and_prefixes_join_byte_for_byte,
+    hop_by_hop_and_forwarding_headers,
+    unmatched_request_gets_no_route_json,
+    upstream_failures_map_to_502_and_504,
+);

@@ -9,7 +9,9 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
 use support::tls::*;
+use support::transport::On;
 use support::*;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -215,31 +217,33 @@ async fn https_listener_serves_h2_and_http1() {
     assert_eq!(r.status(), 200);
 }
 
-#[tokio::test]
-async fn api_keys_and_allow_list() {
+async fn api_keys_and_allow_list(on: On) {
+    let head = on.head();
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::start().await;
     let key = "k-0123456789abcdef";
     let config = format!(
-        "{HEAD}[server.access]\napi_keys = [\"{key}\", \"other-0123456789abcdef\"]\nallow = [\"127.0.0.0/8\"]\n{}{}",
+        "{head}[server.access]\napi_keys = [\"{key}\", \"other-0123456789abcdef\"]\nallow = [\"127.0.0.0/8\"]\n{}{}",
         client_app_profile("p", &tokens, ""),
         route("r", "/", &upstream.url(), "p", "")
     );
     let proxy = TestProxy::start(&config).await;
-    let r = client().get(proxy.url("/x")).send().await.unwrap();
+    let r = on.client().get(on.url(&proxy, "/x")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "proxy_auth_required");
-    let r = client()
-        .get(proxy.url("/x"))
+    let r = on
+        .client()
+        .get(on.url(&proxy, "/x"))
         .header("x-proxy-key", "k-0123456789abcdeX")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
     assert!(upstream.seen().is_empty());
-    let r = client()
-        .get(proxy.url("/x"))
+    let r = on
+        .client()
+        .get(on.url(&proxy, "/x"))
         .header("x-proxy-key", key)
         .send()
         .await
@@ -251,13 +255,14 @@ async fn api_keys_and_allow_list() {
     );
 
     let config = format!(
-        "{HEAD}[server.access]\napi_keys = [\"{key}\"]\nallow = [\"10.0.0.0/8\"]\n{}{}",
+        "{head}[server.access]\napi_keys = [\"{key}\"]\nallow = [\"10.0.0.0/8\"]\n{}{}",
         client_app_profile("p", &tokens, ""),
         route("r", "/", &upstream.url(), "p", "")
     );
     let proxy = TestProxy::start(&config).await;
-    let r = client()
-        .get(proxy.url("/x"))
+    let r = on
+        .client()
+        .get(on.url(&proxy, "/x"))
         .header("x-proxy-key", key)
         .send()
         .await
@@ -541,3 +546,5 @@ async fn keys_are_compared_whole() {
         200
     );
 }
+
+on_every_transport!(api_keys_and_allow_list,);

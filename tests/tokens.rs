@@ -4,6 +4,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::transport::On;
 use support::*;
 
 fn raw(status: u16, body: &str) -> Reply {
@@ -124,8 +125,7 @@ async fn retry_after_is_honoured() {
     assert!(g[0] >= Duration::from_secs(2), "retried after {:?}", g[0]);
 }
 
-#[tokio::test]
-async fn oauth_errors_are_named_in_the_503() {
+async fn oauth_errors_are_named_in_the_503(on: On) {
     let tokens = TokenServer::start(|_| {
         raw(
             401,
@@ -134,9 +134,9 @@ async fn oauth_errors_are_named_in_the_503() {
     })
     .await;
     let upstream = Upstream::start().await;
-    let proxy = proxy_for(&tokens, &upstream, "", "").await;
+    let proxy = on.proxy_for(&tokens, &upstream, "", "").await;
     eventually(Duration::from_secs(5), || tokens.count() >= 1).await;
-    let r = client().get(proxy.url("/a")).send().await.unwrap();
+    let r = on.client().get(on.url(&proxy, "/a")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     let body = error_body(r).await;
     let message = body["message"].as_str().unwrap();
@@ -263,20 +263,19 @@ async fn steady_traffic_refreshes_at_eighty_percent_without_storms_or_gaps() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocation_is_recovered_with_one_token_request_and_replays() {
+async fn revocation_is_recovered_with_one_token_request_and_replays(on: On) {
     let tokens = TokenServer::healthy(3600).await;
     let upstream = checking_upstream(&tokens).await;
-    let proxy = proxy_for(&tokens, &upstream, "", "").await;
+    let proxy = on.proxy_for(&tokens, &upstream, "", "").await;
     proxy.ready().await;
-    assert_eq!(status(client().get(proxy.url("/warm"))).await, 200);
+    assert_eq!(status(on.client().get(on.url(&proxy, "/warm"))).await, 200);
     tokens.revoke_all();
 
-    let client = client();
+    let client = on.client();
     let mut tasks = Vec::new();
     for i in 0..50 {
         let client = client.clone();
-        let url = proxy.url(&format!("/r/{i}"));
+        let url = on.url(&proxy, &format!("/r/{i}"));
         tasks.push(tokio::spawn(async move {
             status(client.post(url).body(format!("body-{i}"))).await
         }));
@@ -304,17 +303,17 @@ async fn revocation_is_recovered_with_one_token_request_and_replays() {
     }
 }
 
-#[tokio::test]
-async fn replay_sends_the_identical_body_and_large_bodies_pass_the_401_through() {
+async fn replay_sends_the_identical_body_and_large_bodies_pass_the_401_through(on: On) {
     let tokens = TokenServer::healthy(3600).await;
     let upstream = checking_upstream(&tokens).await;
-    let proxy = proxy_for(&tokens, &upstream, "", "").await;
+    let proxy = on.proxy_for(&tokens, &upstream, "", "").await;
     proxy.ready().await;
 
     tokens.revoke_all();
     let body: Vec<u8> = (0..60 * 1024).map(|i| (i % 256) as u8).collect();
-    let r = client()
-        .put(proxy.url("/small"))
+    let r = on
+        .client()
+        .put(on.url(&proxy, "/small"))
         .body(body.clone())
         .send()
         .await
@@ -335,8 +334,9 @@ async fn replay_sends_the_identical_body_and_large_bodies_pass_the_401_through()
     tokio::time::sleep(Duration::from_millis(5100)).await;
     tokens.revoke_all();
     let big = vec![7u8; 100 * 1024];
-    let r = client()
-        .put(proxy.url("/big"))
+    let r = on
+        .client()
+        .put(on.url(&proxy, "/big"))
         .body(big)
         .send()
         .await
@@ -344,7 +344,7 @@ async fn replay_sends_the_identical_body_and_large_bodies_pass_the_401_through()
     assert_eq!(r.status(), 401);
     assert_eq!(error_body(r).await["code"], "401-101");
     eventually(Duration::from_secs(5), || tokens.count() == 3).await;
-    assert_eq!(status(client().get(proxy.url("/after"))).await, 200);
+    assert_eq!(status(on.client().get(on.url(&proxy, "/after"))).await, 200);
 }
 
 #[tokio::test]
@@ -434,3 +434,9 @@ async fn missing_expires_in_uses_default_ttl() {
         "{g:?}"
     );
 }
+
+on_every_transport!(
+    oauth_errors_are_named_in_the_503,
+    revocation_is_recovered_with_one_token_request_and_replays,
+    replay_sends_the_identical_body_and_large_bodies_pass_the_401_through,
+);

@@ -4,6 +4,7 @@
 
 pub mod raw;
 pub mod tls;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
