@@ -44,6 +44,9 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// The `kind` label of `egain_proxy_upstream_errors_total`.
+pub const UPSTREAM_ERROR_KINDS: [&str; 3] = ["connect", "timeout", "protocol"];
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -133,6 +136,39 @@ impl Metrics {
             config_reloads,
             inflight,
             replays,
+        }
+    }
+
+    /// Creates every series whose labels are known from the config at 0, so alerts on
+    /// `increase()` see the first failure (a series born at 1 has no increase): reload
+    /// outcomes, forced refreshes per profile, replays and upstream errors per route and kind.
+    pub fn prepare<'a>(
+        &self,
+        routes: impl Iterator<Item = &'a str>,
+        profiles: impl Iterator<Item = &'a str>,
+    ) {
+        for outcome in ["success", "error"] {
+            let _ = self
+                .config_reloads
+                .get_or_create(&OutcomeLabels { outcome });
+        }
+        for profile in profiles {
+            let labels = ProfileLabels {
+                profile: profile.to_owned(),
+            };
+            let _ = self.forced_refreshes.get_or_create(&labels);
+        }
+        for route in routes {
+            let labels = RouteLabels {
+                route: route.to_owned(),
+            };
+            let _ = self.replays.get_or_create(&labels);
+            for kind in UPSTREAM_ERROR_KINDS {
+                let _ = self.upstream_errors.get_or_create(&UpstreamErrorLabels {
+                    route: route.to_owned(),
+                    kind,
+                });
+            }
         }
     }
 

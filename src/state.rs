@@ -35,6 +35,10 @@ impl Generation {
         let err = |m: String| ConfigError::general(m);
         let upstreams = Upstreams::build(&config, previous.map(|p| &p.upstreams)).map_err(err)?;
         let tokens = Tokens::build(&config, previous.map(|p| &p.tokens), metrics).map_err(err)?;
+        metrics.prepare(
+            config.routes.iter().map(|r| r.name.as_str()),
+            config.profiles.keys().map(String::as_str),
+        );
         Ok(Generation {
             number,
             routes: RouteTable::new(&config.routes),

@@ -166,6 +166,39 @@ async fn metrics_count_what_was_served() {
     assert!(expiry > 3500.0 && expiry <= 3600.0, "{expiry}");
     assert_eq!(value("egain_proxy_inflight_requests", &[]), 0.0);
     assert!(!text.contains("/api/"), "paths must not become labels");
+    // Series with labels known from the config exist from the start, at 0, so alerts on
+    // increase() fire on the first event.
+    let present = |name: &str, labels: &[&str]| {
+        samples
+            .iter()
+            .any(|(n, l, v)| n == name && labels.iter().all(|want| l.contains(want)) && *v == 0.0)
+    };
+    for (name, labels) in [
+        (
+            "egain_proxy_config_reloads_total",
+            &["outcome=\"success\""][..],
+        ),
+        ("egain_proxy_config_reloads_total", &["outcome=\"error\""]),
+        (
+            "egain_proxy_token_forced_refreshes_total",
+            &["profile=\"portal\""],
+        ),
+        ("egain_proxy_replays_total", &["route=\"api\""]),
+        (
+            "egain_proxy_upstream_errors_total",
+            &["route=\"api\"", "kind=\"connect\""],
+        ),
+        (
+            "egain_proxy_upstream_errors_total",
+            &["route=\"api\"", "kind=\"timeout\""],
+        ),
+        (
+            "egain_proxy_upstream_errors_total",
+            &["route=\"api\"", "kind=\"protocol\""],
+        ),
+    ] {
+        assert!(present(name, labels), "{name} {labels:?} at 0:\n{text}");
+    }
 }
 
 #[tokio::test]

@@ -140,9 +140,10 @@ async fn oauth_errors_are_named_in_the_503(on: On) {
     assert_eq!(r.status(), 503);
     let body = error_body(r).await;
     let message = body["message"].as_str().unwrap();
-    assert!(
-        message.contains("\"portal\"") && message.contains("invalid_client"),
-        "{message}"
+    // The README's form: the profile, then the token endpoint's words, the code once.
+    assert_eq!(
+        message,
+        "no valid token for profile \"portal\": the token endpoint refused the request (HTTP 401): invalid_client (Client authentication failed)"
     );
     assert!(!message.contains("secret-portal"));
 }
