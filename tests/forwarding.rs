@@ -532,6 +532,12 @@ async fn upstream_failures_map_to_502_and_504(on: On) {
     assert_eq!(r.status(), 502);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "upstream_unreachable");
+    // The same words on every transport: the OS's, after "cannot connect".
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the upstream of route \"dead\" could not be reached: cannot connect: Connection refused"),
+        "{message}"
+    );
     let r = on
         .client()
         .get(on.url(&proxy, "/hang"))
@@ -541,6 +547,18 @@ async fn upstream_failures_map_to_502_and_504(on: On) {
     assert_eq!(r.status(), 504);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "upstream_timeout");
+    let metrics = proxy.shared.metrics.encode();
+    for (route, kind, n) in [
+        ("dead", "connect", 1),
+        ("dead", "timeout", 0),
+        ("dead", "protocol", 0),
+        ("hang", "timeout", 1),
+        ("hang", "connect", 0),
+    ] {
+        let line =
+            format!("egain_proxy_upstream_errors_total{{route=\"{route}\",kind=\"{kind}\"}} {n}");
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
+    }
     // And the proxy keeps serving.
     assert_eq!(status(on.client().get(on.url(&proxy, "/ok"))).await, 200);
 }

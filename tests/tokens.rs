@@ -436,7 +436,32 @@ async fn missing_expires_in_uses_default_ttl() {
     );
 }
 
+/// With `retry_on_401 = false` the upstream's 401 passes straight through: no replay, and
+/// the token is not retired.
+async fn without_retry_on_401_the_401_passes_through(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = checking_upstream(&tokens).await;
+    let proxy = on
+        .proxy_for(&tokens, &upstream, "", "retry_on_401 = false")
+        .await;
+    proxy.ready().await;
+    tokens.revoke_all();
+    let r = on
+        .client()
+        .post(on.url(&proxy, "/x"))
+        .body("b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(error_body(r).await["code"], "401-101");
+    assert_eq!(upstream.seen().len(), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(tokens.count(), 1, "no forced refresh");
+}
+
 on_every_transport!(
+    without_retry_on_401_the_401_passes_through,
     oauth_errors_are_named_in_the_503,
     revocation_is_recovered_with_one_token_request_and_replays,
     replay_sends_the_identical_body_and_large_bodies_pass_the_401_through,

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::raw::*;
@@ -229,5 +230,47 @@ async fn requests_the_fast_path_leaves_to_hyper_are_served_on_the_same_connectio
             "{}",
             r.head
         );
+    }
+}
+
+/// A reused connection that the upstream closes after reading a request, without a word:
+/// an idempotent request is retried once on a new connection, a POST is not (it may have
+/// been processed), on both inbound transports and both upstream clients.
+#[tokio::test]
+async fn idempotent_requests_survive_a_reused_connection_closed_under_them() {
+    let tokens = TokenServer::healthy(3600).await;
+    let once = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let upstream = RawUpstream::start(move |head| {
+        let target = head.split(' ').nth(1).unwrap_or("").to_owned();
+        // The first time each /die target arrives, close without answering.
+        if target.starts_with("/die") && once.lock().unwrap().insert(target) {
+            return (Vec::new(), true);
+        }
+        reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    })
+    .await;
+    let proxy = proxy_to(&upstream, &tokens).await;
+    for inbound in INBOUND {
+        let mut client = Client::on(&proxy, inbound).await;
+        // Leaves a pooled connection behind.
+        let (_, body) = client.get("/warm").await;
+        assert_eq!(body, b"ok");
+        for (method, expected) in [("GET", "200"), ("DELETE", "200"), ("POST", "502")] {
+            let target = format!("/die-{method}-{inbound:?}");
+            client
+                .send(&format!(
+                    "{method} {target} HTTP/1.1\r\nHost: app\r\nContent-Length: 1\r\n\r\nx"
+                ))
+                .await;
+            let (head, _) = client.response(false).await;
+            assert_eq!(
+                head.split(' ').nth(1),
+                Some(expected),
+                "{method} {inbound:?}: {head}"
+            );
+            // Another request leaves a fresh pooled connection for the next case.
+            let (_, body) = client.get("/warm").await;
+            assert_eq!(body, b"ok");
+        }
     }
 }
