@@ -9,40 +9,68 @@
 
 pub mod path;
 
-/// Connection-specific fields (RFC 9110 §7.6.1, plus `Keep-Alive` and `Proxy-Connection` from
-/// earlier practice, and the proxy-auth pair of RFC 9110 §11.7, which are addressed to this
-/// proxy, never to the origin): never forwarded in either direction.
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
+/// What kind of field a name is, for the rules: one length switch, so a request's fields
+/// are classified in one or two comparisons each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldClass {
+    /// Connection-specific (RFC 9110 §7.6.1, plus `Keep-Alive` and `Proxy-Connection` from
+    /// earlier practice, and the proxy-auth pair of RFC 9110 §11.7, which are addressed to
+    /// this proxy, never to the origin): never forwarded in either direction.
+    HopByHop,
+    /// Decided by the proxy alone on a forwarded message: `Content-Length` (it frames what it
+    /// sends itself), `Host` and `Authorization` (the upstream's and the proxy's token), its
+    /// own `X-Forwarded-Proto`/`-Host` and `x-request-id`. `Connection` cannot remove them (a
+    /// client's `Connection: content-length` would otherwise unframe a body the proxy still
+    /// sends) and a route's `set_headers`/`remove_headers` may not name them.
+    Managed,
+    /// `Transfer-Encoding`: hop-by-hop and managed at once.
+    TransferEncoding,
+    /// `X-Forwarded-For`: managed; the client's list is extended.
+    ForwardedFor,
+    /// `Expect`: answered on the hop it arrives on (RFC 9110 §10.1.1).
+    Expect,
+    Other,
+}
+
+#[inline]
+pub fn classify(name: &[u8]) -> FieldClass {
+    use FieldClass::*;
     let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
     match name.len() {
-        2 => is(b"te"),
-        7 => is(b"upgrade") || is(b"trailer"),
-        10 => is(b"connection") || is(b"keep-alive"),
-        16 => is(b"proxy-connection"),
-        17 => is(b"transfer-encoding"),
-        18 => is(b"proxy-authenticate"),
-        19 => is(b"proxy-authorization"),
-        _ => false,
+        2 if is(b"te") => HopByHop,
+        4 if is(b"host") => Managed,
+        6 if is(b"expect") => Expect,
+        7 if is(b"upgrade") || is(b"trailer") => HopByHop,
+        10 if is(b"connection") || is(b"keep-alive") => HopByHop,
+        12 if is(b"x-request-id") => Managed,
+        13 if is(b"authorization") => Managed,
+        14 if is(b"content-length") => Managed,
+        15 if is(b"x-forwarded-for") => ForwardedFor,
+        16 if is(b"x-forwarded-host") => Managed,
+        16 if is(b"proxy-connection") => HopByHop,
+        17 if is(b"x-forwarded-proto") => Managed,
+        17 if is(b"transfer-encoding") => TransferEncoding,
+        18 if is(b"proxy-authenticate") => HopByHop,
+        19 if is(b"proxy-authorization") => HopByHop,
+        _ => Other,
     }
 }
 
-/// Fields the proxy alone decides on a forwarded message: the framing pair (it frames what
-/// it sends itself), `Host` and `Authorization` (the upstream's and the proxy's token), and
-/// its own `X-Forwarded-*` and `x-request-id`. `Connection` cannot remove them (a client's
-/// `Connection: content-length` would otherwise unframe a body the proxy still sends) and a
-/// route's `set_headers`/`remove_headers` may not name them.
+/// Connection-specific fields (`FieldClass::HopByHop`, and `Transfer-Encoding`).
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    matches!(
+        classify(name),
+        FieldClass::HopByHop | FieldClass::TransferEncoding
+    )
+}
+
+/// Fields the proxy alone decides (`FieldClass::Managed`, `Transfer-Encoding` and
+/// `X-Forwarded-For`).
 pub fn is_managed(name: &[u8]) -> bool {
-    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
-    match name.len() {
-        4 => is(b"host"),
-        12 => is(b"x-request-id"),
-        13 => is(b"authorization"),
-        14 => is(b"content-length"),
-        15 => is(b"x-forwarded-for"),
-        16 => is(b"x-forwarded-host"),
-        17 => is(b"x-forwarded-proto") || is(b"transfer-encoding"),
-        _ => false,
-    }
+    matches!(
+        classify(name),
+        FieldClass::Managed | FieldClass::TransferEncoding | FieldClass::ForwardedFor
+    )
 }
 
 /// Whether a field named in `Connection` is dropped: any field but the managed ones (which
@@ -79,9 +107,27 @@ pub fn is_valid_host(value: &[u8]) -> bool {
             None => (value, &[][..]),
         },
     };
-    let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
-    host.iter().all(reg_name) && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
+    host.iter().all(|&b| REG_NAME[usize::from(b)])
+        && port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
 }
+
+/// RFC 3986 reg-name bytes: unreserved, sub-delims and `%` (of pct-encoded).
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let extra = b"-._~!$&'()*+,;=%";
+    let mut i = 0;
+    while i < extra.len() {
+        table[extra[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 /// Why a request's `Host` fields are refused (RFC 9112 §3.2: an HTTP/1.1 request has
 /// exactly one, with a valid value; HTTP/1.0 and h2 requests may have none), or `None`.

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 
 use super::ConnInfo;
-use crate::http::{connection_drops, is_hop_by_hop, is_managed, list_items, trim};
+use crate::http::{classify, connection_drops, is_hop_by_hop, list_items, trim, FieldClass};
 use crate::routes::Route;
 use crate::token::AccessToken;
 
@@ -50,20 +50,25 @@ pub struct RawHead<'a, F> {
     pub fields: F,
     /// The body length when the client framed one with `Content-Length`.
     pub body_len: Option<usize>,
+    /// Whether a `Connection` field names fields (anything but `is_connection_option`s); the
+    /// parser saw every `Connection` line, so it tells rather than have the encoder look.
+    pub connection_names: bool,
 }
 
 impl Plan<'_> {
     /// The rule for one client field; `named_in_connection` says whether the client's
     /// `Connection` lists it.
     pub fn fate(&self, name: &[u8], named_in_connection: impl FnOnce() -> bool) -> Fate {
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            return Fate::ForwardedFor;
-        }
-        // Managed fields are the proxy's to write (framing, Host, Authorization, its own
-        // X-Forwarded-* and x-request-id); `Expect` was answered on this hop (hyper sends
-        // the 100 when the body is first read; RFC 9110 §10.1.1).
-        if is_managed(name) || is_hop_by_hop(name) || name.eq_ignore_ascii_case(b"expect") {
-            return Fate::Drop;
+        match classify(name) {
+            FieldClass::ForwardedFor => return Fate::ForwardedFor,
+            // Managed fields are the proxy's to write (framing, Host, Authorization, its own
+            // X-Forwarded-* and x-request-id); `Expect` was answered on this hop (hyper sends
+            // the 100 when the body is first read; RFC 9110 §10.1.1).
+            FieldClass::Managed
+            | FieldClass::HopByHop
+            | FieldClass::TransferEncoding
+            | FieldClass::Expect => return Fate::Drop,
+            FieldClass::Other => {}
         }
         let route = &self.route.config;
         let named = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
@@ -132,9 +137,7 @@ impl Plan<'_> {
         out.extend_from_slice(route.upstream.authority.as_str().as_bytes());
         out.extend_from_slice(b"\r\n");
 
-        let connection_names = head.fields.clone().any(|(n, v)| {
-            n.eq_ignore_ascii_case(b"connection") && list_items(v).any(|t| !is_option(t))
-        });
+        let connection_names = head.connection_names;
         let named = |name: &[u8]| {
             connection_names
                 && head.fields.clone().any(|(n, v)| {
@@ -142,16 +145,19 @@ impl Plan<'_> {
                         && list_items(v).any(|t| t.eq_ignore_ascii_case(name))
                 })
         };
+        let mut forwarded_for = false;
         for (name, value) in head.fields.clone() {
-            if self.fate(name, || named(name)) == Fate::Pass {
-                write_field(out, name, value);
+            match self.fate(name, || named(name)) {
+                Fate::Pass => write_field(out, name, value),
+                Fate::ForwardedFor => forwarded_for = true,
+                Fate::Drop => {}
             }
         }
         out.extend_from_slice(b"x-forwarded-for: ");
         let forwarded = head
             .fields
             .clone()
-            .filter(|(n, _)| self.fate(n, || false) == Fate::ForwardedFor)
+            .filter(|(n, _)| forwarded_for && n.eq_ignore_ascii_case(b"x-forwarded-for"))
             .map(|(_, v)| v);
         self.write_forwarded_for(forwarded, out);
         out.extend_from_slice(b"\r\nx-forwarded-proto: ");
@@ -193,7 +199,7 @@ impl Plan<'_> {
             .get_all(http::header::CONNECTION)
             .iter()
             .flat_map(|v| list_items(v.as_bytes()))
-            .filter(|t| !is_option(t))
+            .filter(|t| !is_connection_option(t))
             .collect();
         let mut out = HeaderMap::with_capacity(client.len() + 6);
         let mut forwarded = Vec::new();
@@ -232,7 +238,7 @@ impl Plan<'_> {
 }
 
 /// `close` and `keep-alive` in `Connection` are connection options, not field names.
-fn is_option(token: &[u8]) -> bool {
+pub fn is_connection_option(token: &[u8]) -> bool {
     token.is_empty()
         || token.eq_ignore_ascii_case(b"close")
         || token.eq_ignore_ascii_case(b"keep-alive")
@@ -246,6 +252,7 @@ pub fn response_field_passes(name: &[u8], named_in_connection: impl FnOnce() -> 
 }
 
 /// Appends one header field line, `name: value`.
+#[inline]
 pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");

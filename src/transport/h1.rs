@@ -437,6 +437,7 @@ where
                 .iter()
                 .map(|s| (&buf[s.name.clone()], &buf[s.value.clone()])),
             body_len: head.has_length.then_some(head.body_len),
+            connection_names: head.connection_names,
         };
         let body = &buf[head.head_len..head.head_len + head.body_len];
         plan.encode_h1(&raw, token, body, &mut self.out);

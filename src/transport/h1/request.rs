@@ -9,7 +9,7 @@ use http::Method;
 
 use super::{body, MAX_HEADERS};
 use crate::http::{is_sane_request_id, new_request_id};
-use crate::pipeline::plan::{Plan, RawHead};
+use crate::pipeline::plan::{is_connection_option, Plan, RawHead};
 use crate::pipeline::{ConnInfo, REPLAY_LIMIT};
 use crate::routes::Route;
 use crate::token::AccessToken;
@@ -50,6 +50,7 @@ pub fn rewrite_head(
             .iter()
             .map(|s| (&raw[s.name.clone()], &raw[s.value.clone()])),
         body_len: head.has_length.then_some(head.body_len),
+        connection_names: head.connection_names,
     };
     let body = &raw[head.head_len..head.head_len + head.body_len];
     plan.encode_h1(&raw_head, token, body, out);
@@ -76,6 +77,8 @@ pub(super) struct Head {
     pub(super) close: bool,
     /// The client framed a body with `Content-Length` (the proxy writes its own).
     pub(super) has_length: bool,
+    /// A `Connection` field names other fields (`RawHead::connection_names`).
+    pub(super) connection_names: bool,
 }
 
 pub(super) enum Parsed {
@@ -167,6 +170,7 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
         request_id: None,
         close: false,
         has_length: false,
+        connection_names: false,
     };
     let mut content_length = None;
     spans.clear();
@@ -197,6 +201,8 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
                         head.close = true;
                     } else if token.eq_ignore_ascii_case(b"upgrade") {
                         return Parsed::HandOver;
+                    } else if !is_connection_option(token) {
+                        head.connection_names = true;
                     }
                 }
             }
