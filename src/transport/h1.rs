@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::error::ProxyError;
-use crate::pipeline::plan::{Plan, RawHead};
+use crate::pipeline::plan::Plan;
 use crate::pipeline::{
     self, replay, ConnInfo, HeadFacts, InflightGuard, RequestLog, UpstreamFailure,
 };
@@ -253,6 +253,7 @@ where
 
         let outcome = self.forward(generation, head, &request_id, &mut log).await;
         let path = text(&self.read[head.path.clone()]);
+        let mut close = false;
         let (status, body) = match outcome {
             Outcome::Forwarded(status, body) => (status, Some(body)),
             Outcome::Failed(e) => {
@@ -261,19 +262,7 @@ where
                 // the connection closes after the answer rather than read what is left.
                 let unread = self.read.len() < head.head_len + head.body_len;
                 let status = write_error(&mut self.out, e, &request_id, head.close || unread);
-                if self.io.write_all(&self.out).await.is_err() || unread {
-                    crate::pipeline::record(
-                        &shared,
-                        self.info,
-                        &request_id,
-                        &head.method,
-                        path,
-                        status,
-                        started,
-                        &log,
-                    );
-                    return Err(self.close().await);
-                }
+                close = self.io.write_all(&self.out).await.is_err() || unread;
                 (status, None)
             }
             Outcome::ClientGone => return Err(End::Close),
@@ -289,6 +278,9 @@ where
             &log,
         );
         drop(inflight);
+        if close {
+            return Err(self.close().await);
+        }
         match body {
             None => Ok(()),
             Some(body) => self.rest_of_body(body).await,
@@ -426,21 +418,13 @@ where
 
     /// Writes the upstream request (`plan`, with `token`) and its body into `self.out`.
     fn write_request(&mut self, plan: &Plan<'_>, head: &Head, token: Option<&AccessToken>) {
-        let buf = &self.read;
-        let raw = RawHead {
-            method: head.method.as_str(),
-            path: text(&buf[head.path.clone()]),
-            query: head.query.clone().map(|q| text(&buf[q])),
-            host: head.host.clone().map(|h| &buf[h]),
-            fields: self
-                .spans
-                .iter()
-                .map(|s| (&buf[s.name.clone()], &buf[s.value.clone()])),
-            body_len: head.has_length.then_some(head.body_len),
-            connection_names: head.connection_names,
-        };
-        let body = &buf[head.head_len..head.head_len + head.body_len];
-        plan.encode_h1(&raw, token, body, &mut self.out);
+        let body = &self.read[head.head_len..head.head_len + head.body_len];
+        plan.encode_h1(
+            &head.raw(&self.read, &self.spans),
+            token,
+            body,
+            &mut self.out,
+        );
     }
 
     /// `https://` upstreams: the request in `self.out` goes through hyper's pooled client

@@ -131,6 +131,27 @@ pub fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
 
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
+/// Ends a response head for the client: the proxy's own framing field for what it will
+/// send (`Content-Length`, or chunked for chunked and close-delimited bodies, so the client
+/// connection can stay open), `connection: close` when it closes after, the blank line.
+pub fn end_head(out: &mut Vec<u8>, framing: Framing, close: bool) {
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked | Framing::Close => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        Framing::Empty => {}
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

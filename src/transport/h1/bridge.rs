@@ -93,21 +93,7 @@ pub(super) fn write_head(
         }
         write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    match framing {
-        Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        Framing::Chunked | Framing::Close => {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-        Framing::Empty => {}
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    body::end_head(out, framing, close);
 }
 
 /// Waits for the next piece of a relayed body, then takes whatever else is ready; see

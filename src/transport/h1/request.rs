@@ -41,19 +41,8 @@ pub fn rewrite_head(
         request_id: &request_id,
         key_header: None,
     };
-    let raw_head = RawHead {
-        method: head.method.as_str(),
-        path: text(&raw[head.path.clone()]),
-        query: head.query.clone().map(|q| text(&raw[q])),
-        host: head.host.clone().map(|h| &raw[h]),
-        fields: spans
-            .iter()
-            .map(|s| (&raw[s.name.clone()], &raw[s.value.clone()])),
-        body_len: head.has_length.then_some(head.body_len),
-        connection_names: head.connection_names,
-    };
     let body = &raw[head.head_len..head.head_len + head.body_len];
-    plan.encode_h1(&raw_head, token, body, out);
+    plan.encode_h1(&head.raw(raw, &spans), token, body, out);
     true
 }
 
@@ -79,6 +68,27 @@ pub(super) struct Head {
     pub(super) has_length: bool,
     /// A `Connection` field names other fields (`RawHead::connection_names`).
     pub(super) connection_names: bool,
+}
+
+impl Head {
+    /// The head as the pipeline's encoder reads it, from the buffer it was parsed from.
+    pub(super) fn raw<'a>(
+        &'a self,
+        buf: &'a [u8],
+        spans: &'a [Span],
+    ) -> RawHead<'a, impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone> {
+        RawHead {
+            method: self.method.as_str(),
+            path: text(&buf[self.path.clone()]),
+            query: self.query.clone().map(|q| text(&buf[q])),
+            host: self.host.clone().map(|h| &buf[h]),
+            fields: spans
+                .iter()
+                .map(|s| (&buf[s.name.clone()], &buf[s.value.clone()])),
+            body_len: self.has_length.then_some(self.body_len),
+            connection_names: self.connection_names,
+        }
+    }
 }
 
 pub(super) enum Parsed {

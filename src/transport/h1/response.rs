@@ -123,21 +123,7 @@ fn write_client_head(
         }
         write_field(out, name, h.value);
     }
-    match framing {
-        Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        Framing::Chunked | Framing::Close => {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-        Framing::Empty => {}
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    body::end_head(out, framing, close);
 }
 
 /// The proxy's own JSON error response; returns its status.
