@@ -98,6 +98,7 @@ pub(crate) async fn send(
     };
     let deadline = tokio::time::Instant::now() + route.config.timeout;
     let mut retried = false;
+    let mut unprocessed_retries = 0;
     loop {
         let Some(mut request) = make() else {
             return Err(upstream_failed(
@@ -124,6 +125,13 @@ pub(crate) async fn send(
                 UpstreamFailure::Connect(cause),
             ));
         }
+        // An h2 upstream that did not process the stream (GOAWAY above its last stream id,
+        // REFUSED_STREAM) left it safe to send again, whatever the method (RFC 9113 §8.7).
+        // A few times: a new connection can meet the next GOAWAY.
+        if unprocessed(&e) && unprocessed_retries < 3 {
+            unprocessed_retries += 1;
+            continue;
+        }
         // hyper's client already retries requests it never wrote; this is the idempotent
         // half of the rule, for connections that closed before answering.
         if !retried && closed_before_answer(&e) && may_retry(&method, true) {
@@ -137,6 +145,20 @@ pub(crate) async fn send(
             UpstreamFailure::Protocol(what),
         ));
     }
+}
+
+/// Whether an h2 upstream told us it did not process the request: a GOAWAY whose last
+/// stream id is below the stream, or a REFUSED_STREAM reset (RFC 9113 §6.8, §8.7).
+fn unprocessed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {

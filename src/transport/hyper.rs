@@ -105,12 +105,9 @@ async fn forward(
     let mut head = plan.encode_headers(&parts.headers, client_host.as_ref(), None);
     body::frame(&mut head, &parts.method, &incoming);
 
-    let keep = route.config.retry_on_401 && token.is_some() || idempotent(&parts.method);
-    let prepared = if keep {
-        body::prepare(incoming, declared).await?
-    } else {
-        Prepared::Stream(incoming)
-    };
+    // Bodies up to REPLAY_LIMIT are kept whole, so a 401 replay, a retry of an idempotent
+    // request, or of one an h2 upstream did not process, can send them again.
+    let prepared = body::prepare(incoming, declared).await?;
     let (mut stream, copy) = match prepared {
         Prepared::Replayable(bytes) => (None, Some(bytes)),
         Prepared::Stream(body) => (Some(body), None),
@@ -163,10 +160,6 @@ async fn forward(
     )
     .await?;
     Ok(into_proxy_response(again))
-}
-
-fn idempotent(method: &http::Method) -> bool {
-    pipeline::may_retry(method, true)
 }
 
 fn upstream_uri(route: &crate::routes::Route, original: &Uri) -> Result<Uri, ProxyError> {
