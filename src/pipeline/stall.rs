@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::BoxError;
 
-/// The error a stalled body ends with; `crate::proxy` maps it to 408.
+/// The error a stalled body ends with; `pipeline::send` and `body::prepare` map it to 408.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body stalled for {0:?}")]
 pub struct BodyStalled(pub Duration);

@@ -1,25 +1,27 @@
-//! The HTTP/1.1 fast path.
+//! The HTTP/1.1 fast path: a transport. It parses and moves bytes; what a request becomes
+//! is the pipeline's (`crate::pipeline`), which this path calls phase by phase.
 //!
 //! Most traffic through the proxy is small HTTP/1.1 requests. For those to `http://`
 //! upstreams, one task per client connection parses the request head in place (httparse),
-//! writes the upstream request head straight from those bytes, exchanges it on a pooled
-//! upstream connection in the same task, and passes the response through with its own
-//! framing. No header map, no per-request task hand-off, one read and one write per side.
+//! writes the pipeline's plan for the upstream request straight into a buffer, exchanges it
+//! on a pooled upstream connection in the same task, and passes the response through with
+//! its own framing. No header map, no per-request task hand-off, one read and one write per
+//! side.
 //!
-//! `request` parses and rewrites heads, `response` reads and rewrites response heads and
-//! writes the proxy's own errors, `body` knows response framing, `pool` keeps upstream
-//! connections, `bridge` relays through hyper's client, `deadline` and `prefixed` are the
-//! I/O helpers.
+//! `request` parses heads, `response` reads upstream response heads and writes the client's
+//! and the proxy's own errors, `body` scans chunked bodies and ends response heads, `bridge`
+//! relays through hyper's client, `deadline` and `prefixed` are the I/O helpers. The
+//! upstream pool is `crate::upstream::pool`.
 //!
 //! `https://` upstreams keep the client side here and use hyper's pooled client (h2 or
 //! HTTP/1.1 by ALPN) for the upstream side (`bridge`).
 //!
-//! Anything this path does not handle itself is handed, with every byte read so far, to the
-//! general hyper-based path (`crate::proxy`), which then serves the connection for the rest
-//! of its life: HTTP/2 (prior knowledge or ALPN), HTTP/1.0, `Transfer-Encoding` or
+//! Anything this path does not handle itself goes back, with every byte read so far, to
+//! `crate::server`, which hands the connection to hyper (`crate::transport::hyper`) for the
+//! rest of its life: HTTP/2 (prior knowledge or ALPN), HTTP/1.0, `Transfer-Encoding` or
 //! `Expect` on a request, upgrades, request bodies over `REPLAY_LIMIT`, targets outside the
-//! plain path-and-query alphabet, oversized or malformed heads (hyper answers 400/431). The
-//! two paths apply the same rules; the integration tests run against both.
+//! plain path-and-query alphabet, two or no `Host` fields or an invalid one, oversized or
+//! malformed heads (hyper answers 400/431). The integration tests run on both.
 
 mod body;
 mod bridge;
