@@ -113,21 +113,23 @@ pub fn is_valid_host(value: &[u8]) -> bool {
 }
 
 /// RFC 3986 reg-name bytes: unreserved, sub-delims and `%` (of pct-encoded).
-static REG_NAME: [bool; 256] = {
+static REG_NAME: [bool; 256] = byte_table(b"-._~!$&'()*+,;=%");
+
+/// A byte-class table: ASCII letters and digits, and `extra`.
+pub const fn byte_table(extra: &[u8]) -> [bool; 256] {
     let mut table = [false; 256];
     let mut b = 0;
     while b < 256 {
         table[b] = (b as u8).is_ascii_alphanumeric();
         b += 1;
     }
-    let extra = b"-._~!$&'()*+,;=%";
     let mut i = 0;
     while i < extra.len() {
         table[extra[i] as usize] = true;
         i += 1;
     }
     table
-};
+}
 
 /// Why a request's `Host` fields are refused (RFC 9112 §3.2: an HTTP/1.1 request has
 /// exactly one, with a valid value; HTTP/1.0 and h2 requests may have none), or `None`.

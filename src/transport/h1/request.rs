@@ -118,22 +118,7 @@ pub(super) fn is_target_byte(b: u8) -> bool {
     TARGET_BYTES[usize::from(b)]
 }
 
-pub(super) static TARGET_BYTES: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        table[b] = c.is_ascii_alphanumeric();
-        b += 1;
-    }
-    let extra = b"-._~!$&'()*+,;=:@/?%";
-    let mut i = 0;
-    while i < extra.len() {
-        table[extra[i] as usize] = true;
-        i += 1;
-    }
-    table
-};
+pub(super) static TARGET_BYTES: [bool; 256] = crate::http::byte_table(b"-._~!$&'()*+,;=:@/?%");
 
 pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
     // Left uninitialised: httparse fills what it uses (saves a 3 KiB memset per request).
