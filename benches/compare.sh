@@ -9,6 +9,13 @@
 #
 #   benches/compare.sh                      # defaults below
 #   CONNS=64 DURATION=10 ROUNDS=5 benches/compare.sh
+#   UPSTREAM=https benches/compare.sh       # the upstream over TLS (private CA), HTTP/1.1
+#   UPSTREAM=https-h2 benches/compare.sh    # the same, offering h2 by ALPN as well
+#
+# With a TLS upstream every proxy verifies its certificate against the private CA and keeps
+# its upstream connections (and TLS sessions) alive, as a careful operator would configure
+# them; nginx speaks HTTP/1.1 upstream (it cannot speak h2 to upstreams), HAProxy and
+# egain-proxy take h2 when the upstream offers it.
 #
 # Needs: nginx and wrk (Debian/Ubuntu: apt-get install nginx-light wrk; HAProxy optional:
 # apt-get install haproxy), taskset (util-linux), and a release build (done here).
@@ -18,11 +25,15 @@ CONNS=${CONNS:-64}
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-5}
 WRK_THREADS=${WRK_THREADS:-1}
+UPSTREAM=${UPSTREAM:-http}
+case "$UPSTREAM" in http|https|https-h2) ;; *) echo "UPSTREAM is http, https or https-h2" >&2; exit 2 ;; esac
 PROXY_CPU=${PROXY_CPU:-0}
 OTHER_CPU=${OTHER_CPU:-1}
 
 missing=()
-for tool in nginx wrk taskset curl; do
+tools=(nginx wrk taskset curl)
+[ "$UPSTREAM" = http ] || tools+=(openssl)
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -50,8 +61,37 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(free_port); TOK=$(free_port); NGX=$(free_port); EGP=$(free_port); HAP=$(free_port)
 
+# For a TLS upstream: a private CA and a certificate for localhost / 127.0.0.1.
+mkdir -p "$work/up" "$work/ngx" "$work/tls"
+up_listen="127.0.0.1:$UP"
+up_scheme=http
+ngx_tls=""
+hap_tls=""
+egp_tls=""
+if [ "$UPSTREAM" != http ]; then
+  tls=$work/tls
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=compare.sh test CA" -keyout "$tls/ca-key.pem" -out "$tls/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" \
+    -keyout "$tls/up-key.pem" -out "$tls/up.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$tls/ext.cnf"
+  openssl x509 -req -in "$tls/up.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca-key.pem" -CAcreateserial \
+    -days 2 -extfile "$tls/ext.cnf" -out "$tls/up.pem" 2>/dev/null
+  up_scheme=https
+  if [ "$UPSTREAM" = https-h2 ]; then
+    up_listen="127.0.0.1:$UP ssl http2"
+    hap_alpn="alpn h2,http/1.1"
+  else
+    up_listen="127.0.0.1:$UP ssl"
+    hap_alpn="alpn http/1.1"
+  fi
+  up_tls="ssl_certificate $tls/up.pem; ssl_certificate_key $tls/up-key.pem; ssl_session_cache shared:UP:10m;"
+  ngx_tls="proxy_ssl_verify on; proxy_ssl_trusted_certificate $tls/ca.pem; proxy_ssl_name localhost; proxy_ssl_server_name on; proxy_ssl_session_reuse on;"
+  hap_tls="ssl verify required ca-file $tls/ca.pem verifyhost localhost sni str(localhost) $hap_alpn"
+  egp_tls="ca_file = \"$tls/ca.pem\""
+fi
+
 # The upstream: nginx answering a small JSON body, one worker on the other CPU.
-mkdir -p "$work/up" "$work/ngx"
 cat > "$work/up/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -64,7 +104,8 @@ http {
   uwsgi_temp_path $work/up; scgi_temp_path $work/up;
   keepalive_requests 1000000;
   server {
-    listen 127.0.0.1:$UP;
+    listen $up_listen;
+    ${up_tls:-}
     location / { default_type application/json; return 200 '{"ok":true}'; }
   }
 }
@@ -90,7 +131,8 @@ http {
   server {
     listen 127.0.0.1:$NGX;
     location / {
-      proxy_pass http://api;
+      proxy_pass $up_scheme://api;
+      $ngx_tls
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer static-token-from-a-cron-job";
@@ -114,8 +156,9 @@ client_secret = "demo-client-app-secret"
 scopes = ["knowledge.portalmgr.manage"]
 [[routes]]
 path_prefix = "/"
-upstream = "http://127.0.0.1:$UP"
+upstream = "$up_scheme://127.0.0.1:$UP"
 profile = "portal"
+$egp_tls
 EOF
 taskset -c "$PROXY_CPU" "$BIN" run --config "$work/proxy.toml" 2> "$work/egain.log" & pids+=($!)
 
@@ -139,7 +182,7 @@ frontend f
   default_backend b
 backend b
   http-reuse always
-  server up 127.0.0.1:$UP
+  server up 127.0.0.1:$UP $hap_tls
 EOF
   taskset -c "$PROXY_CPU" "$HAPROXY" -f "$work/haproxy.cfg" -db & pids+=($!)
   names+=(haproxy); ports+=($HAP); procs+=("${pids[4]}")
@@ -154,7 +197,7 @@ for i in "${!ports[@]}"; do
 done
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs)"
-echo "proxies on CPU $PROXY_CPU; upstream, token server and wrk on CPU $OTHER_CPU; $CONNS connections, ${DURATION}s runs, $ROUNDS rounds"
+echo "proxies on CPU $PROXY_CPU; upstream ($UPSTREAM), token server and wrk on CPU $OTHER_CPU; $CONNS connections, ${DURATION}s runs, $ROUNDS rounds"
 # CPU time a proxy spent per request (user + system, its worker processes included): the
 # efficiency figure, steadier than req/s when the load generator shares a loaded core.
 cpu_ticks() {
