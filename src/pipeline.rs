@@ -99,12 +99,16 @@ pub(crate) async fn send(
     let deadline = tokio::time::Instant::now() + route.config.timeout;
     let mut retried = false;
     let mut unprocessed_retries = 0;
+    // The failure a retry was for: reported if the request cannot be sent again (a streamed
+    // body over REPLAY_LIMIT is sent once).
+    let mut last: Option<String> = None;
     loop {
         let Some(mut request) = make() else {
+            let what = last.unwrap_or_else(|| "the request could not be built".into());
             return Err(upstream_failed(
                 shared,
                 route,
-                UpstreamFailure::Protocol("the request could not be rebuilt".into()),
+                UpstreamFailure::Protocol(what),
             ));
         };
         let method = request.method().clone();
@@ -128,17 +132,19 @@ pub(crate) async fn send(
         // An h2 upstream that did not process the stream (GOAWAY above its last stream id,
         // REFUSED_STREAM) left it safe to send again, whatever the method (RFC 9113 §8.7).
         // A few times: a new connection can meet the next GOAWAY.
+        let what = format!("connection failed: {}", crate::error::chain(&e));
         if unprocessed(&e) && unprocessed_retries < 3 {
             unprocessed_retries += 1;
+            last = Some(what);
             continue;
         }
         // hyper's client already retries requests it never wrote; this is the idempotent
         // half of the rule, for connections that closed before answering.
         if !retried && closed_before_answer(&e) && may_retry(&method, true) {
             retried = true;
+            last = Some(what);
             continue;
         }
-        let what = format!("connection failed: {}", crate::error::chain(&e));
         return Err(upstream_failed(
             shared,
             route,
