@@ -39,8 +39,8 @@ pub enum ProxyError {
     Forbidden,
     #[error("no route matches {method} {path}")]
     NoRoute { method: String, path: String },
-    #[error("CONNECT is not supported: this is a reverse proxy, not a forward proxy")]
-    MethodNotAllowed,
+    #[error("{0} is not supported: this is a reverse proxy that adds credentials; CONNECT would make it a forward proxy and TRACE would reflect its token")]
+    MethodNotAllowed(String),
     #[error("the upstream of route {route:?} could not be reached: {detail}")]
     UpstreamUnreachable { route: String, detail: String },
     #[error("{0}")]
@@ -58,7 +58,7 @@ impl ProxyError {
             ProxyError::ProxyAuthRequired(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -72,7 +72,7 @@ impl ProxyError {
             ProxyError::ProxyAuthRequired(_) => "proxy_auth_required",
             ProxyError::Forbidden => "forbidden",
             ProxyError::NoRoute { .. } => "no_route",
-            ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
@@ -114,7 +114,7 @@ impl ProxyError {
                     HeaderValue::from_static("ProxyKey"),
                 );
             }
-            ProxyError::MethodNotAllowed => {
+            ProxyError::MethodNotAllowed(_) => {
                 headers.insert(
                     http::header::ALLOW,
                     HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),

@@ -167,6 +167,9 @@ pub fn response_framing<'a>(
     status: u16,
     fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Result<Framing, &'static str> {
+    if !(100..=599).contains(&status) {
+        return Err("a status code outside 100-599 (RFC 9110 §15)");
+    }
     if status == 101 {
         return Err("101 Switching Protocols without an upgrade request");
     }
@@ -323,6 +326,8 @@ mod tests {
         assert!(framing(false, 204, &[("content-length", "0")]).is_err());
         assert!(framing(false, 204, &[("transfer-encoding", "chunked")]).is_err());
         assert!(framing(false, 101, &[]).is_err());
+        assert!(framing(false, 999, &[]).is_err());
+        assert!(framing(false, 0, &[]).is_err());
     }
 
     #[test]

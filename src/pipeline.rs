@@ -189,6 +189,13 @@ fn checked(
     let status = response.status().as_u16();
     match crate::http::response_framing(*method == Method::HEAD, status, fields) {
         Ok(framing) => {
+            // As the fast path's pool: a connection that answered without a body (HEAD,
+            // 204, 304) is not used again, in case the upstream sends one anyway.
+            if framing == Framing::Empty && response.version() < http::Version::HTTP_2 {
+                if let Some(connected) = connection.connection_metadata().as_ref() {
+                    connected.poison();
+                }
+            }
             headers::remove_hop_by_hop(response.headers_mut());
             Ok((response, framing))
         }

@@ -547,4 +547,34 @@ async fn keys_are_compared_whole() {
     );
 }
 
-on_every_transport!(api_keys_and_allow_list,);
+/// TRACE would reflect the proxy's bearer token back to the client; a standard method in the
+/// wrong case might be the standard one to a lenient upstream.
+async fn trace_and_miscased_methods_are_refused(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let proxy = on.proxy_for(&tokens, &upstream, "", "").await;
+    proxy.ready().await;
+    let r = on
+        .client()
+        .request(http::Method::TRACE, on.url(&proxy, "/t"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "method_not_allowed");
+    let head = http::Method::from_bytes(b"head").unwrap();
+    let r = on
+        .client()
+        .request(head, on.url(&proxy, "/h"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+}
+
+on_every_transport!(
+    trace_and_miscased_methods_are_refused,
+    api_keys_and_allow_list,
+);

@@ -497,6 +497,90 @@ async fn ambiguous_responses_are_502_and_their_connection_is_never_reused() {
     }
 }
 
+/// Upstream answers that a lenient client would split into two responses, or that leave
+/// bytes on a connection for the next client: none of it reaches a client as a response.
+#[tokio::test]
+async fn nothing_an_upstream_sends_becomes_another_response() {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    const INJECTED: &str =
+        "HTTP/1.1 302 Found\r\nLocation: http://evil.example/\r\nContent-Length: 0\r\n\r\n";
+    let script: Reply = Arc::new(|head: &str| {
+        let target = head.split(' ').nth(1).unwrap_or("");
+        let answer = match target {
+            // A bare LF ends the trailer section for a lenient client, not for a strict one.
+            "/bare-lf-trailer" => format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\n{INJECTED}"),
+            "/bare-lf-trailer-line" => format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nx-t: 1\n{INJECTED}"),
+            "/ctl-in-extension" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;a=\x01\r\nhi\r\n0\r\n\r\n".into(),
+            "/status-999" => "HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n".into(),
+            // Bodiless answers followed, a little later, by bytes that look like a response.
+            "/late-after-head" | "/late-after-204" => {
+                let status = if target == "/late-after-head" { "200 OK" } else { "204 No Content" };
+                format!("HTTP/1.1 {status}\r\nContent-Length: 8\r\n\r\n{PAUSE}HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nINJECTED")
+            }
+            _ => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".into(),
+        };
+        (answer.into_bytes(), false)
+    });
+    for (kind, upstream, extra) in upstreams(&ca, script).await {
+        let proxy = proxy_for_raw(&tokens, &upstream, &extra).await;
+        for inbound in INBOUND {
+            for (method, target) in [
+                ("GET", "/bare-lf-trailer"),
+                ("GET", "/bare-lf-trailer-line"),
+                ("GET", "/ctl-in-extension"),
+                ("GET", "/status-999"),
+                ("HEAD", "/late-after-head"),
+                ("GET", "/late-after-204"),
+            ] {
+                let case = format!("{kind} upstream, {inbound:?} inbound, {method} {target}");
+                let mut a = Client::on(&proxy, inbound).await;
+                a.send(&format!("{method} {target} HTTP/1.1\r\nHost: app\r\n\r\n"))
+                    .await;
+                let mut b = Client::on(&proxy, inbound).await;
+                if target.starts_with("/late") {
+                    // A's answer is complete; at once, while the upstream is still to send its
+                    // stray bytes, another client's request: on a pooled connection it would
+                    // get them.
+                    let (head, _) = a.response(method == "HEAD").await;
+                    assert!(!head.contains("INJECTED"), "{case}: {head}");
+                }
+                b.send("GET /next HTTP/1.1\r\nHost: app\r\n\r\n").await;
+                // Every byte A gets, unparsed: a lenient client must not find a second
+                // response in it.
+                let mut raw = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(Ok(n)) = tokio::time::timeout(
+                    std::time::Duration::from_millis(400),
+                    tokio::io::AsyncReadExt::read(&mut a.stream, &mut chunk),
+                )
+                .await
+                {
+                    if n == 0 {
+                        break;
+                    }
+                    raw.extend_from_slice(&chunk[..n]);
+                }
+                let text = String::from_utf8_lossy(&raw).into_owned();
+                assert!(
+                    !text.contains("302 Found") && !text.contains("INJECTED"),
+                    "{case}: {text:?}"
+                );
+                if !text.is_empty() {
+                    let status = text.split(' ').nth(1).unwrap_or("");
+                    assert!(["200", "204", "502"].contains(&status), "{case}: {text:?}");
+                }
+                let (head, body) = b.response(false).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{case}: {head}");
+                assert_eq!(
+                    body, b"ok",
+                    "{case}: another client got someone else's bytes"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_body_that_breaks_after_its_head_went_out_closes_the_client_connection() {
     let ca = TestCa::new();

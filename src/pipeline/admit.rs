@@ -46,8 +46,20 @@ pub(crate) fn admit<'g>(
 ) -> Result<Admitted<'g>, ProxyError> {
     // No open proxy: CONNECT and absolute-form targets are refused (RFC 9112 §3.2.2 lets a
     // server accept absolute-form, but a reverse proxy that did could be aimed elsewhere).
-    if *head.method == Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed);
+    // TRACE reflects the request back, the proxy's bearer token included (RFC 9110 §9.3.8
+    // lets a proxy refuse it).
+    if *head.method == Method::CONNECT || *head.method == Method::TRACE {
+        return Err(ProxyError::MethodNotAllowed(head.method.to_string()));
+    }
+    // A standard method in the wrong case is another method to this proxy (methods are
+    // case-sensitive) but may be the standard one to a lenient upstream: `head` answered
+    // without a body would desync the connection.
+    if is_miscased_standard(head.method.as_str()) {
+        return Err(ProxyError::BadRequest(format!(
+            "{:?} is not {:?}: methods are case-sensitive",
+            head.method.as_str(),
+            head.method.as_str().to_ascii_uppercase()
+        )));
     }
     if head.absolute_form {
         return Err(ProxyError::BadRequest(
@@ -93,6 +105,15 @@ pub(crate) fn admit<'g>(
         route,
         holder,
     })
+}
+
+fn is_miscased_standard(method: &str) -> bool {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    STANDARD
+        .iter()
+        .any(|s| s.eq_ignore_ascii_case(method) && *s != method)
 }
 
 /// The second phase: the route's token, waiting for a fetch in flight (contract §4); a

@@ -69,8 +69,8 @@ impl ChunkedScanner {
                 },
                 State::Extension => match b {
                     b'\r' => self.state = State::SizeLf,
-                    b'\n' => return Err(ChunkError),
-                    _ => {}
+                    _ if is_text(b) => {}
+                    _ => return Err(ChunkError),
                 },
                 State::SizeLf => {
                     if b != b'\n' {
@@ -96,18 +96,21 @@ impl ChunkedScanner {
                 State::DataCr if b == b'\r' => self.state = State::DataLf,
                 State::DataLf if b == b'\n' => self.state = State::Size,
                 State::DataCr | State::DataLf => return Err(ChunkError),
+                // The body passes to the client byte for byte, so it must be framed exactly:
+                // CRLF only (a bare LF would end a line for a lenient client and not for us,
+                // RFC 9112 §2.2, §11.2) and no control bytes in extensions or trailers.
                 State::TrailerStart => {
-                    self.state = if b == b'\r' {
-                        State::EndLf
-                    } else {
-                        State::TrailerLine
+                    self.state = match b {
+                        b'\r' => State::EndLf,
+                        _ if is_text(b) && b != b' ' && b != b'\t' => State::TrailerLine,
+                        _ => return Err(ChunkError),
                     }
                 }
-                State::TrailerLine => {
-                    if b == b'\r' {
-                        self.state = State::TrailerLf;
-                    }
-                }
+                State::TrailerLine => match b {
+                    b'\r' => self.state = State::TrailerLf,
+                    _ if is_text(b) => {}
+                    _ => return Err(ChunkError),
+                },
                 State::TrailerLf | State::EndLf if b != b'\n' => return Err(ChunkError),
                 State::TrailerLf => self.state = State::TrailerStart,
                 State::EndLf => self.state = State::Done,
@@ -117,6 +120,11 @@ impl ChunkedScanner {
         }
         Ok(i)
     }
+}
+
+/// Visible ASCII, SP, HTAB and obs-text: what a field line or chunk extension may hold.
+fn is_text(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
 }
 
 /// Appends `data` as one chunk of the chunked coding.
@@ -169,6 +177,10 @@ mod tests {
             b"\r\n",
             b"5\nhello",
             b"fffffffffffffffff\r\n",
+            b"0\r\n\nHTTP/1.1 302 Found\r\n\r\n",
+            b"0\r\nx-t: 1\nHTTP/1.1 302 Found\r\n\r\n",
+            b"2;a=\x01\r\nhi\r\n",
+            b"0\r\n x-folded: 1\r\n\r\n",
         ] {
             assert!(ChunkedScanner::default().scan(bad).is_err(), "{bad:?}");
         }

@@ -46,7 +46,11 @@ pub(super) async fn read_response_head(
                         .map(|h| (h.name.as_bytes(), h.value));
                     let framing = crate::http::response_framing(head_request, status, fields)
                         .map_err(UpstreamError::Protocol)?;
+                    // A connection that answered without a body (HEAD, 204, 304) is not kept:
+                    // upstreams that wrongly send one anyway would have it read as the next
+                    // client's response.
                     let keep_alive = response.version == Some(1)
+                        && framing != Framing::Empty
                         && !has_token(response.headers, "connection", b"close");
                     out.clear();
                     write_client_head(out, &response, framing, client_close);
