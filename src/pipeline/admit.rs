@@ -54,7 +54,7 @@ pub(crate) fn admit<'g>(
     // A standard method in the wrong case is another method to this proxy (methods are
     // case-sensitive) but may be the standard one to a lenient upstream: `head` answered
     // without a body would desync the connection.
-    if is_miscased_standard(head.method.as_str()) {
+    if is_miscased_standard(head.method) {
         return Err(ProxyError::BadRequest(format!(
             "{:?} is not {:?}: methods are case-sensitive",
             head.method.as_str(),
@@ -107,7 +107,23 @@ pub(crate) fn admit<'g>(
     })
 }
 
-fn is_miscased_standard(method: &str) -> bool {
+fn is_miscased_standard(method: &Method) -> bool {
+    // The standard methods parse to their own constants: only extensions need a look.
+    if matches!(
+        *method,
+        Method::GET
+            | Method::HEAD
+            | Method::POST
+            | Method::PUT
+            | Method::DELETE
+            | Method::PATCH
+            | Method::OPTIONS
+            | Method::CONNECT
+            | Method::TRACE
+    ) {
+        return false;
+    }
+    let method = method.as_str();
     const STANDARD: [&str; 9] = [
         "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
     ];
