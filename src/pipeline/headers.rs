@@ -4,28 +4,22 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-pub use crate::http::{request_id, X_REQUEST_ID};
-
 use super::plan::response_field_passes;
-
-/// Connection-specific header fields (`crate::http::is_hop_by_hop`).
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    crate::http::is_hop_by_hop(name.as_str().as_bytes())
-}
 
 /// Removes what of a response does not pass to the client.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<Vec<u8>> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| crate::http::list_items(v.as_bytes()))
-        .map(<[u8]>::to_ascii_lowercase)
-        .collect();
+    let named = |name: &[u8]| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| crate::http::list_items(v.as_bytes()))
+            .any(|t| t.eq_ignore_ascii_case(name))
+    };
     let gone: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {
             let bytes = name.as_str().as_bytes();
-            !response_field_passes(bytes, || named.iter().any(|n| n == bytes))
+            !response_field_passes(bytes, || named(bytes))
         })
         .cloned()
         .collect();
