@@ -88,8 +88,7 @@ pub(crate) async fn send(
     log: &mut RequestLog,
 ) -> Result<(Response<Incoming>, Framing), ProxyError> {
     let route = admitted.route;
-    let generation = shared.load();
-    let Some(client) = generation.upstreams.for_route(admitted.index) else {
+    let Some(client) = admitted.generation.upstreams.for_route(admitted.index) else {
         return Err(upstream_failed(
             shared,
             route,

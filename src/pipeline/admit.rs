@@ -30,6 +30,8 @@ pub(crate) struct HeadFacts<'a> {
 
 /// A request admitted to a route.
 pub(crate) struct Admitted<'g> {
+    /// The configuration it was admitted under (and finishes on).
+    pub generation: &'g Generation,
     /// The route's position in the table (its upstream client is per route).
     pub index: usize,
     pub route: &'g Route,
@@ -101,6 +103,7 @@ pub(crate) fn admit<'g>(
         None => None,
     };
     Ok(Admitted {
+        generation,
         index,
         route,
         holder,
