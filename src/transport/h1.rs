@@ -377,17 +377,18 @@ where
             Err(e) => return Outcome::Failed(pipeline::upstream_failed(&self.shared, route, e)),
         };
         log.upstream_status = Some(answer.status);
-        let shared = Arc::clone(&self.shared);
         let status = answer.status;
         // Bodies on this path are at most REPLAY_LIMIT and kept whole: always replayable.
         if let Some(fresh) =
-            replay::after_answer(&shared, &admitted, status, token.as_ref(), true, log).await
+            replay::after_answer(&self.shared, &admitted, status, token.as_ref(), true, log).await
         {
             self.write_request(&plan, head, Some(&fresh));
             // The 401's connection is dropped rather than drained: one reconnect, rarely.
             answer = match self.exchange(route, head).await {
                 Ok(answer) => answer,
-                Err(e) => return Outcome::Failed(pipeline::upstream_failed(&shared, route, e)),
+                Err(e) => {
+                    return Outcome::Failed(pipeline::upstream_failed(&self.shared, route, e))
+                }
             };
             log.upstream_status = Some(answer.status);
         }
@@ -410,7 +411,7 @@ where
             // A malformed chunked body before anything went to the client: a 502, and the
             // upstream connection is dropped (a later malformation closes the client's).
             let what = UpstreamFailure::Protocol("invalid response: malformed chunked body".into());
-            return Outcome::Failed(pipeline::upstream_failed(&shared, route, what));
+            return Outcome::Failed(pipeline::upstream_failed(&self.shared, route, what));
         }
         if self.io.write_all(&self.out).await.is_err() {
             return Outcome::ClientGone;
@@ -440,14 +441,14 @@ where
         token: Option<&Arc<AccessToken>>,
         log: &mut RequestLog,
     ) -> Outcome<'g> {
-        let shared = Arc::clone(&self.shared);
         let route = admitted.route;
         let (mut response, mut framing) = match self.send_via(admitted, log).await {
             Ok(answer) => answer,
             Err(e) => return Outcome::Failed(e),
         };
         let status = response.status().as_u16();
-        if let Some(fresh) = replay::after_answer(&shared, admitted, status, token, true, log).await
+        if let Some(fresh) =
+            replay::after_answer(&self.shared, admitted, status, token, true, log).await
         {
             drop(response);
             self.write_request(plan, head, Some(&fresh));
@@ -475,7 +476,7 @@ where
             tracing::debug!(error = %e, "upstream response body failed");
             let what =
                 UpstreamFailure::Protocol("invalid response: malformed response body".into());
-            return Outcome::Failed(pipeline::upstream_failed(&shared, route, what));
+            return Outcome::Failed(pipeline::upstream_failed(&self.shared, route, what));
         }
         if self.io.write_all(&self.out).await.is_err() {
             return Outcome::ClientGone;
