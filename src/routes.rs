@@ -116,6 +116,18 @@ impl RouteTable {
     }
 }
 
+/// A one-route table for unit tests: profile `p`, every path to `upstream`, and `extra`
+/// route lines.
+#[cfg(test)]
+pub(crate) fn test_table(upstream: &str, extra: &str) -> RouteTable {
+    let text = format!(
+        "[profiles.p]\nkind = \"client_app\"\ntoken_url = \"http://127.0.0.1:1/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n[[routes]]\npath_prefix = \"/\"\nupstream = \"{upstream}\"\nprofile = \"p\"\n{extra}\n"
+    );
+    let config = crate::config::Config::parse(&text, std::path::Path::new("."), &|_| None)
+        .unwrap_or_else(|e| panic!("test config: {e}"));
+    RouteTable::new(&config.routes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -286,13 +286,10 @@ mod tests {
     use super::*;
 
     fn table() -> crate::routes::RouteTable {
-        let config = crate::config::Config::parse(
-            "[profiles.p]\nkind = \"client_app\"\ntoken_url = \"http://127.0.0.1:1/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n[[routes]]\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\nprofile = \"p\"\nset_headers = { x-set = \"1\" }\nremove_headers = [\"cookie\"]\n",
-            std::path::Path::new("."),
-            &|_| None,
+        crate::routes::test_table(
+            "http://127.0.0.1:1",
+            "set_headers = { x-set = \"1\" }\nremove_headers = [\"cookie\"]",
         )
-        .unwrap();
-        crate::routes::RouteTable::new(&config.routes)
     }
 
     #[test]

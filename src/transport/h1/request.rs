@@ -255,13 +255,10 @@ mod tests {
     use std::time::Instant;
 
     fn test_route() -> crate::routes::RouteTable {
-        let config = crate::config::Config::parse(
-            "[profiles.p]\nkind = \"client_app\"\ntoken_url = \"http://127.0.0.1:1/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n[[routes]]\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:1/base\"\nprofile = \"p\"\nset_headers = { x-team = \"t\" }\nremove_headers = [\"cookie\"]\n",
-            std::path::Path::new("."),
-            &|_| None,
+        crate::routes::test_table(
+            "http://127.0.0.1:1/base",
+            "set_headers = { x-team = \"t\" }\nremove_headers = [\"cookie\"]",
         )
-        .unwrap();
-        crate::routes::RouteTable::new(&config.routes)
     }
 
     proptest! {
