@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /reload`.
-//! Never served on the proxy listener.
+//! The admin listener: `/` (the HTML page), `/healthz`, `/readyz`, `/metrics`, `/status`,
+//! `POST /reload`. Never served on the proxy listener.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -58,6 +58,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/") => page(),
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET | &Method::HEAD, "/readyz") => readyz(&shared),
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(&shared),
@@ -74,16 +75,68 @@ pub async fn handle(
                 &json!({ "reloaded": false, "error": e.to_string() }),
             ),
         },
-        (_, "/healthz" | "/readyz" | "/metrics" | "/status" | "/reload") => json_response(
+        (_, "/" | "/healthz" | "/readyz" | "/metrics" | "/status" | "/reload") => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({ "error": "method_not_allowed" }),
         ),
         _ => json_response(
             StatusCode::NOT_FOUND,
-            &json!({ "error": "not_found", "endpoints": ["/healthz", "/readyz", "/metrics", "/status", "POST /reload"] }),
+            &json!({ "error": "not_found", "endpoints": ["/", "/healthz", "/readyz", "/metrics", "/status", "POST /reload"] }),
         ),
     };
     Ok(response)
+}
+
+/// The page, assembled once: its style and script are inline (one document, no other
+/// request but `/status`), and the Content-Security-Policy allows exactly those two by hash,
+/// so nothing else can run or load on it.
+struct Page {
+    html: bytes::Bytes,
+    csp: HeaderValue,
+}
+
+fn page() -> Response<ProxyBody> {
+    static PAGE: std::sync::OnceLock<Page> = std::sync::OnceLock::new();
+    let page = PAGE.get_or_init(|| {
+        const STYLE: &str = include_str!("admin/page.css");
+        const SCRIPT: &str = include_str!("admin/page.js");
+        let html = include_str!("admin/page.html")
+            .replace("{{style}}", STYLE)
+            .replace("{{script}}", SCRIPT);
+        let hash = |text: &str| {
+            use base64::Engine;
+            use sha2::Digest;
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(text))
+        };
+        let csp = format!(
+            "default-src 'none'; script-src 'sha256-{}'; style-src 'sha256-{}'; \
+             connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+            hash(SCRIPT),
+            hash(STYLE)
+        );
+        Page {
+            html: bytes::Bytes::from(html),
+            // Base64 and ASCII only: always a valid header value.
+            csp: HeaderValue::from_str(&csp)
+                .unwrap_or(HeaderValue::from_static("default-src 'none'")),
+        }
+    });
+    let mut response = Response::new(full(page.html.clone()));
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert("content-security-policy", page.csp.clone());
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    headers.insert("cache-control", HeaderValue::from_static("no-store"));
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
@@ -148,11 +201,20 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "shares_token_with": holder.profile_names().iter().filter(|n| *n != name).collect::<Vec<_>>(),
                 "token_fingerprint": token.as_ref().map(|t| t.fingerprint.clone()),
                 "expires_in_seconds": token.as_ref().map(|t| t.expires_at.saturating_duration_since(now).as_secs_f64()),
-                "last_refresh": status.last_refresh.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                "lifetime_seconds": token.as_ref().map(|t| t.lifetime.as_secs_f64()),
+                "last_refresh": status.last_refresh.map(rfc3339),
                 "fetch_count": status.fetch_count,
                 "failures_in_a_row": status.failures_in_a_row,
                 "next_attempt_in_seconds": status.next_attempt.map(|n| n.saturating_duration_since(now).as_secs_f64()),
                 "last_error": status.last_error.as_ref().map(|e| e.to_string()),
+                "oauth_error": status.last_error.as_ref().and_then(|e| e.oauth_error()),
+                "recent_fetches": status.recent.iter().map(|f| json!({
+                    "at": rfc3339(f.at),
+                    "outcome": f.outcome,
+                    "duration_ms": f.duration.as_secs_f64() * 1000.0,
+                    "oauth_error": f.oauth_error,
+                    "error": f.error,
+                })).collect::<Vec<_>>(),
             }),
         );
     }
@@ -169,6 +231,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "upstream": format!("{}://{}{}", c.upstream.scheme, c.upstream.authority, c.upstream.base_path),
                 "profile": c.profile.as_deref().unwrap_or("none"),
                 "strip_prefix": c.strip_prefix,
+                "recent": shared.metrics.recent.snapshot(&c.name),
             })
         })
         .collect();
@@ -176,7 +239,18 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "generation": generation.number,
         "ready": generation.unready_profiles().is_empty(),
+        "uptime_seconds": shared.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        "reload": shared.last_reload().map(|r| json!({
+            "at": rfc3339(r.at),
+            "outcome": if r.error.is_none() { "success" } else { "error" },
+            "generation": r.generation,
+            "error": r.error,
+        })),
         "profiles": profiles,
         "routes": routes,
     })
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }

@@ -75,7 +75,8 @@ pub fn banner(
     );
     if let Some(admin) = admin {
         out.push_str(&format!(
-            "\x20 curl -s http://{admin}/status\n\x20 curl -s http://{admin}/metrics\n"
+            "\x20 curl -s http://{admin}/status\n\x20 curl -s http://{admin}/metrics\n\n\
+             Admin page (token state, routes, latency): open http://{admin}/ in a browser\n"
         ));
     }
     out.push_str(&format!(

@@ -2,6 +2,8 @@
 //! come from the config, methods are folded to the standard set, statuses are numbers; never
 //! a path.
 
+pub mod recent;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -58,6 +60,8 @@ pub struct Metrics {
     pub config_reloads: Family<OutcomeLabels, Counter>,
     pub inflight: Gauge,
     pub replays: Family<RouteLabels, Counter>,
+    /// The last minutes per route, for the admin page.
+    pub recent: recent::Recent,
 }
 
 impl Default for Metrics {
@@ -136,6 +140,7 @@ impl Metrics {
             config_reloads,
             inflight,
             replays,
+            recent: recent::Recent::default(),
         }
     }
 

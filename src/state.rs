@@ -69,6 +69,18 @@ pub struct Shared {
     /// Idle keep-alive connections to plain-HTTP upstreams (the HTTP/1.1 fast path); kept
     /// across reloads.
     pub h1_pool: crate::upstream::Pool,
+    /// The outcome of the last reload, for `/status` and the admin page.
+    last_reload: std::sync::Mutex<Option<ReloadRecord>>,
+    pub started: std::time::SystemTime,
+}
+
+/// One reload attempt as `/status` shows it.
+#[derive(Debug, Clone)]
+pub struct ReloadRecord {
+    pub at: std::time::SystemTime,
+    /// The generation installed; `None` when the reload failed.
+    pub generation: Option<u64>,
+    pub error: Option<String>,
 }
 
 impl Shared {
@@ -84,7 +96,16 @@ impl Shared {
             next_number: AtomicU64::new(2),
             reload_lock: Mutex::new(()),
             h1_pool: crate::upstream::Pool::default(),
+            last_reload: std::sync::Mutex::new(None),
+            started: std::time::SystemTime::now(),
         }))
+    }
+
+    pub fn last_reload(&self) -> Option<ReloadRecord> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn load(&self) -> Arc<Generation> {
@@ -115,6 +136,11 @@ impl Shared {
             .config_reloads
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReloadRecord {
+            at: std::time::SystemTime::now(),
+            generation: result.as_ref().ok().copied(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+        });
         match &result {
             Ok(n) => tracing::info!(generation = n, "configuration reloaded"),
             Err(e) => {

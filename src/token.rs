@@ -114,6 +114,24 @@ pub struct HolderStatus {
     pub last_error: Option<FetchError>,
     pub last_refresh: Option<SystemTime>,
     pub next_attempt: Option<Instant>,
+    /// The last `RECENT_FETCHES` token requests, oldest first.
+    pub recent: std::collections::VecDeque<FetchRecord>,
+}
+
+/// How many token requests `/status` remembers per holder.
+pub const RECENT_FETCHES: usize = 10;
+
+/// One token request as `/status` shows it: when, how it ended, how long it took.
+#[derive(Debug, Clone)]
+pub struct FetchRecord {
+    pub at: SystemTime,
+    /// The `outcome` label of `egain_proxy_token_fetches_total`.
+    pub outcome: &'static str,
+    pub duration: Duration,
+    /// The OAuth `error` code of a refusal (`invalid_client`, ...).
+    pub oauth_error: Option<String>,
+    /// The error's text (what `last_error` shows), for failures.
+    pub error: Option<String>,
 }
 
 pub struct TokenHolder {

@@ -95,6 +95,7 @@ pub(crate) fn record(
             route: route.to_owned(),
         })
         .observe(elapsed.as_secs_f64());
+    metrics.recent.record(route, status, elapsed);
     tracing::info!(
         target: "egain_proxy::access",
         request_id = request_id.to_str().unwrap_or(""),

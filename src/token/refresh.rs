@@ -85,6 +85,23 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
     let mut s = lock(&holder.status);
     s.fetching = false;
     s.fetch_count += 1;
+    if s.recent.len() == super::RECENT_FETCHES {
+        s.recent.pop_front();
+    }
+    s.recent.push_back(super::FetchRecord {
+        at: SystemTime::now(),
+        outcome: match &token {
+            Ok(_) => "success",
+            Err(e) => e.outcome(),
+        },
+        duration: sent_at.elapsed(),
+        oauth_error: token
+            .as_ref()
+            .err()
+            .and_then(|e| e.oauth_error())
+            .map(str::to_owned),
+        error: token.as_ref().err().map(|e| e.to_string()),
+    });
     match token {
         Ok((token, source)) => {
             tracing::info!(
