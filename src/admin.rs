@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::error::{full, json_response};
 use crate::metrics::ProfileLabels;
 use crate::state::Shared;
+use crate::token::cache::Health;
 use crate::ProxyBody;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -206,6 +207,8 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "fetch_count": status.fetch_count,
                 "failures_in_a_row": status.failures_in_a_row,
                 "next_attempt_in_seconds": status.next_attempt.map(|n| n.saturating_duration_since(now).as_secs_f64()),
+                "token_source": status.source,
+                "cache_hits": status.cache_hits,
                 "last_error": status.last_error.as_ref().map(|e| e.to_string()),
                 "oauth_error": status.last_error.as_ref().and_then(|e| e.oauth_error()),
                 "recent_fetches": status.recent.iter().map(|f| json!({
@@ -248,6 +251,21 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         })),
         "profiles": profiles,
         "routes": routes,
+        "token_cache": generation.token_cache.as_ref().map(|c| {
+            let (state, error, since) = match c.health() {
+                Health::Unknown => ("connecting", None, None),
+                Health::Up => ("up", None, None),
+                Health::Down { error, since } => ("down", Some(error), Some(rfc3339(since))),
+            };
+            json!({
+                "state": state,
+                "redis": c.config.redacted_url(),
+                "key_prefix": c.config.key_prefix,
+                "error": error,
+                "down_since": since,
+                "fallback": if state == "down" { "each replica fetches its own tokens" } else { "none" },
+            })
+        }),
     })
 }
 

@@ -118,6 +118,60 @@ pub struct Config {
     pub log: LogConfig,
     pub profiles: BTreeMap<String, ProfileConfig>,
     pub routes: Vec<RouteConfig>,
+    /// `[token_cache]`: tokens shared with other replicas through Redis.
+    pub token_cache: Option<TokenCacheConfig>,
+}
+
+/// `[token_cache]` (contract §10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenCacheConfig {
+    /// `redis://` or `rediss://`; may carry a password, hence a `Secret`.
+    pub redis: Secret,
+    pub key_prefix: String,
+    pub encryption_key_file: PathBuf,
+    /// The 32-byte AEAD key read from `encryption_key_file`.
+    pub key: Secret32,
+    /// The longest wait for one Redis operation.
+    pub timeout: Duration,
+}
+
+/// A 32-byte key that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret32(pub [u8; 32]);
+
+impl std::fmt::Debug for Secret32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret32([redacted])")
+    }
+}
+
+impl TokenCacheConfig {
+    /// The Redis URL with any password replaced by `***`, for `/status`, logs and `check`.
+    pub fn redacted_url(&self) -> String {
+        redact_url_password(self.redis.expose())
+    }
+}
+
+/// `scheme://user:pass@host` -> `scheme://user:***@host`; other text unchanged.
+pub fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                // `redis://password@host` is a password alone.
+                "***".to_owned()
+            };
+            format!("{scheme}://{masked}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -172,6 +172,15 @@ fn check(path: &std::path::Path) -> ExitCode {
     if config.routes.is_empty() {
         println!("warning  no routes: every request will get 404");
     }
+    if let Some(c) = &config.token_cache {
+        println!(
+            "cache    {} prefix {:?}, key file {} (32-byte key read), timeout {} (Redis is not contacted by check)",
+            c.redacted_url(),
+            c.key_prefix,
+            c.encryption_key_file.display(),
+            humantime::format_duration(c.timeout)
+        );
+    }
     ExitCode::SUCCESS
 }
 

@@ -42,6 +42,15 @@ pub struct ProfileLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+/// The `op` label of `egain_proxy_token_cache_errors_total`.
+pub const TOKEN_CACHE_OPS: [&str; 7] =
+    ["get", "set", "lock", "unlock", "purge", "decode", "connect"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -60,6 +69,8 @@ pub struct Metrics {
     pub config_reloads: Family<OutcomeLabels, Counter>,
     pub inflight: Gauge,
     pub replays: Family<RouteLabels, Counter>,
+    pub token_cache_errors: Family<OpLabels, Counter>,
+    pub token_cache_hits: Family<ProfileLabels, Counter>,
     /// The last minutes per route, for the admin page.
     pub recent: recent::Recent,
 }
@@ -129,8 +140,22 @@ impl Metrics {
             "Requests replayed with a fresh token after an upstream 401",
             replays.clone(),
         );
+        let token_cache_errors = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_token_cache_errors",
+            "Failed shared token cache operations by op (get, set, lock, unlock, purge, decode, connect)",
+            token_cache_errors.clone(),
+        );
+        let token_cache_hits = Family::<ProfileLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_token_cache_hits",
+            "Tokens taken from the shared cache instead of the token endpoint",
+            token_cache_hits.clone(),
+        );
         Metrics {
             registry,
+            token_cache_errors,
+            token_cache_hits,
             requests,
             request_duration,
             upstream_errors,
@@ -174,6 +199,13 @@ impl Metrics {
                     kind,
                 });
             }
+        }
+    }
+
+    /// With `[token_cache]`: every error series at 0, so the first failure shows as an increase.
+    pub fn prepare_token_cache(&self) {
+        for op in TOKEN_CACHE_OPS {
+            let _ = self.token_cache_errors.get_or_create(&OpLabels { op });
         }
     }
 

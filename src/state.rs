@@ -13,6 +13,7 @@ use crate::access::Access;
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::routes::RouteTable;
+use crate::token::cache::TokenCache;
 use crate::token::Tokens;
 use crate::upstream::Upstreams;
 
@@ -23,6 +24,8 @@ pub struct Generation {
     pub upstreams: Upstreams,
     pub tokens: Tokens,
     pub access: Option<Access>,
+    /// `[token_cache]`: shared with every holder of this generation.
+    pub token_cache: Option<Arc<TokenCache>>,
 }
 
 impl Generation {
@@ -35,6 +38,20 @@ impl Generation {
         let err = |m: String| ConfigError::general(m);
         let upstreams = Upstreams::build(&config, previous.map(|p| &p.upstreams)).map_err(err)?;
         let tokens = Tokens::build(&config, previous.map(|p| &p.tokens), metrics).map_err(err)?;
+        // Keep the cache (its connection and health) when its settings did not change.
+        let token_cache = match (
+            &config.token_cache,
+            previous.and_then(|p| p.token_cache.as_ref()),
+        ) {
+            (None, _) => None,
+            (Some(c), Some(old)) if old.config == *c => Some(Arc::clone(old)),
+            (Some(c), _) => Some(Arc::new(
+                TokenCache::new(c.clone(), Arc::clone(metrics)).map_err(err)?,
+            )),
+        };
+        if token_cache.is_some() {
+            metrics.prepare_token_cache();
+        }
         metrics.prepare(
             config.routes.iter().map(|r| r.name.as_str()),
             config.profiles.keys().map(String::as_str),
@@ -46,7 +63,15 @@ impl Generation {
             config: Arc::new(config),
             upstreams,
             tokens,
+            token_cache,
         })
+    }
+
+    /// Points every holder at this generation's shared cache (or none).
+    fn share_tokens(&self) {
+        for (_, holder) in self.tokens.iter() {
+            holder.set_cache(self.token_cache.clone());
+        }
     }
 
     /// Profiles used by at least one route that have no usable token.
@@ -88,6 +113,7 @@ impl Shared {
     pub fn start(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Shared>, ConfigError> {
         let metrics = Arc::new(Metrics::new());
         let generation = Generation::build(1, config, None, &metrics)?;
+        generation.share_tokens();
         generation.tokens.start_all();
         Ok(Arc::new(Shared {
             current: ArcSwap::from_pointee(generation),
@@ -157,6 +183,7 @@ impl Shared {
         warn_restart_only_changes(&old.config, &config);
         let number = self.next_number.fetch_add(1, Ordering::Relaxed);
         let next = Generation::build(number, config, Some(&old), &self.metrics)?;
+        next.share_tokens();
         next.tokens.start_all();
         old.tokens.retire_unused(&next.tokens);
         self.current.store(Arc::new(next));

@@ -4,6 +4,7 @@
 //! Only the holder's background refresher (`refresh.rs`) ever requests a token, which makes
 //! fetches single-flight by construction; requests only read, wait, or ask for a refresh.
 
+pub mod cache;
 pub mod fetch;
 pub mod refresh;
 
@@ -43,6 +44,9 @@ pub struct AccessToken {
     pub scope: Option<String>,
     pub lifetime: Duration,
     pub obtained_at: SystemTime,
+    /// The value stored in the shared cache for this token, for the compare-and-delete after
+    /// an upstream 401; `None` when it is not shared.
+    pub shared: Option<Arc<[u8]>>,
 }
 
 impl std::fmt::Debug for AccessToken {
@@ -78,6 +82,7 @@ impl AccessToken {
             scope,
             lifetime,
             obtained_at: SystemTime::now(),
+            shared: None,
         })
     }
 
@@ -114,6 +119,10 @@ pub struct HolderStatus {
     pub last_error: Option<FetchError>,
     pub last_refresh: Option<SystemTime>,
     pub next_attempt: Option<Instant>,
+    /// Tokens taken from the shared cache instead of the endpoint.
+    pub cache_hits: u64,
+    /// Where the current token came from: `endpoint` or `cache`.
+    pub source: Option<&'static str>,
     /// The last `RECENT_FETCHES` token requests, oldest first.
     pub recent: std::collections::VecDeque<FetchRecord>,
 }
@@ -148,6 +157,10 @@ pub struct TokenHolder {
     client: reqwest::Client,
     metrics: Arc<Metrics>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The shared cache of the current generation, if `[token_cache]` is set.
+    cache: ArcSwapOption<cache::TokenCache>,
+    /// The cached value of a token an upstream rejected, for the refresher to purge.
+    rejected: Mutex<Option<Arc<[u8]>>>,
 }
 
 impl std::fmt::Debug for TokenHolder {
@@ -176,6 +189,8 @@ impl TokenHolder {
             client,
             metrics,
             task: Mutex::new(None),
+            cache: ArcSwapOption::empty(),
+            rejected: Mutex::new(None),
         }))
     }
 
@@ -193,6 +208,11 @@ impl TokenHolder {
         if let Some(task) = lock(&self.task).take() {
             task.abort();
         }
+    }
+
+    /// Shares this holder's tokens through `cache` (or stops sharing, with `None`).
+    pub fn set_cache(&self, cache: Option<Arc<cache::TokenCache>>) {
+        self.cache.store(cache);
     }
 
     pub fn profile_names(&self) -> Arc<Vec<String>> {
@@ -298,6 +318,9 @@ impl TokenHolder {
             _ => false,
         };
         if swapped {
+            if let Some(value) = &sent.shared {
+                *lock(&self.rejected) = Some(Arc::clone(value));
+            }
             for profile in self.profile_names().iter() {
                 self.metrics
                     .forced_refreshes

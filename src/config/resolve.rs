@@ -19,6 +19,16 @@ pub(super) struct RawConfig {
     profiles: BTreeMap<String, RawProfile>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    token_cache: Option<RawTokenCache>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenCache {
+    redis: String,
+    key_prefix: Option<String>,
+    encryption_key_file: PathBuf,
+    timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,12 +189,67 @@ pub(super) fn resolve(raw: RawConfig, base: &Path) -> Result<Config, ConfigError
         let route = resolve_route(i, r, &profiles, &routes, base)?;
         routes.push(route);
     }
+    let token_cache = raw
+        .token_cache
+        .map(|c| resolve_token_cache(c, base))
+        .transpose()?;
     Ok(Config {
         server,
         admin,
         log,
         profiles,
         routes,
+        token_cache,
+    })
+}
+
+/// `[token_cache]`: the URL's shape, the prefix, the key file, the timeout.
+fn resolve_token_cache(raw: RawTokenCache, base: &Path) -> Result<TokenCacheConfig, ConfigError> {
+    let at = |key: &str| format!("token_cache.{key}");
+    let scheme = raw.redis.split_once("://").map(|(s, _)| s);
+    if !matches!(scheme, Some("redis" | "rediss")) {
+        return Err(ConfigError::at(
+            at("redis"),
+            format!(
+                "{} is not a redis:// or rediss:// URL",
+                redact_url_password(&raw.redis)
+            ),
+        ));
+    }
+    // The client's own parser decides what it can connect to; its message never holds the URL.
+    if let Err(e) = redis::Client::open(raw.redis.as_str()) {
+        return Err(ConfigError::at(
+            at("redis"),
+            format!("{}: {e}", redact_url_password(&raw.redis)),
+        ));
+    }
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| "egain-proxy".to_owned());
+    if key_prefix.is_empty()
+        || !key_prefix
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+    {
+        return Err(ConfigError::at(
+            at("key_prefix"),
+            format!("{key_prefix:?} must be non-empty printable ASCII without spaces or braces"),
+        ));
+    }
+    let timeout = raw.timeout.map_or(Duration::from_millis(250), |d| d.0);
+    if timeout.is_zero() || timeout > Duration::from_secs(10) {
+        return Err(ConfigError::at(
+            at("timeout"),
+            "must be more than 0 and at most 10s (it bounds every Redis operation)",
+        ));
+    }
+    let encryption_key_file = in_dir(base, &raw.encryption_key_file);
+    let key = secrets::read_key_file(&encryption_key_file)
+        .map_err(|m| ConfigError::at(at("encryption_key_file"), m))?;
+    Ok(TokenCacheConfig {
+        redis: Secret::new(raw.redis),
+        key_prefix,
+        encryption_key_file,
+        key: Secret32(key),
+        timeout,
     })
 }
 

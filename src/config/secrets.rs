@@ -111,6 +111,36 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<Secret, String> {
     Ok(Secret::new(value))
 }
 
+/// A 32-byte key file (`[token_cache] encryption_key_file`): exactly 32 bytes are the raw key;
+/// anything else is base64 (surrounding whitespace ignored) that must decode to 32 bytes.
+/// Errors never quote the file's content.
+pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) {
+        return Ok(key);
+    }
+    use base64::Engine;
+    let text = String::from_utf8_lossy(&bytes);
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|_| {
+            format!(
+                "{} holds {} bytes: neither a raw 32-byte key nor base64 \
+                 (make one with `head -c 32 /dev/urandom | base64`)",
+                path.display(),
+                bytes.len()
+            )
+        })?;
+    <[u8; 32]>::try_from(decoded.as_slice()).map_err(|_| {
+        format!(
+            "{} decodes to {} bytes; the key must be 32 bytes \
+             (make one with `head -c 32 /dev/urandom | base64`)",
+            path.display(),
+            decoded.len()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +168,33 @@ mod tests {
         assert_eq!(err, "environment variable EGAIN_SECRET is not set");
         assert!(interpolate("${A", &env).is_err());
         assert!(interpolate("${A B}", &env).is_err());
+    }
+
+    #[test]
+    fn key_files_are_raw_32_bytes_or_base64_of_32() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        assert_eq!(read_key_file(&path).unwrap(), [7u8; 32]);
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+        std::fs::write(&path, format!("  {b64}\n")).unwrap();
+        assert_eq!(read_key_file(&path).unwrap(), [9u8; 32]);
+        std::fs::write(&path, "not base64 at all, and a secret-looking value").unwrap();
+        let err = read_key_file(&path).unwrap_err();
+        assert!(
+            err.contains("neither a raw 32-byte key nor base64"),
+            "{err}"
+        );
+        assert!(!err.contains("secret-looking"), "{err}");
+        let short = base64::engine::general_purpose::STANDARD.encode([1u8; 16]);
+        std::fs::write(&path, short).unwrap();
+        assert!(read_key_file(&path)
+            .unwrap_err()
+            .contains("decodes to 16 bytes"));
+        assert!(read_key_file(&dir.path().join("missing"))
+            .unwrap_err()
+            .contains("cannot read"));
     }
 
     #[test]

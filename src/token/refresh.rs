@@ -7,8 +7,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 
+use super::cache::Coordination;
 use super::{fetch, lock, AccessToken, FetchError, TokenHolder};
-use crate::metrics::FetchLabels;
+use crate::metrics::{FetchLabels, ProfileLabels};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -58,6 +59,51 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
         s.next_attempt = None;
     }
     let profile = holder.label();
+    let cache = holder.cache.load_full();
+    let mut locked = false;
+    if let Some(cache) = &cache {
+        let rejected = lock(&holder.rejected).take();
+        if let Some(value) = &rejected {
+            // Only if it is still the one the upstream refused: never a newer token.
+            cache.purge(&holder.settings, value).await;
+        }
+        match cache
+            .coordinate(&holder.settings, rejected.as_deref())
+            .await
+        {
+            Coordination::Taken(shared) => {
+                let shared = *shared;
+                let mut token = shared.token;
+                token.shared = Some(shared.value);
+                tracing::info!(
+                    profile = %profile,
+                    fingerprint = %token.fingerprint,
+                    expires_in_s = token.expires_at.saturating_duration_since(Instant::now()).as_secs(),
+                    "token taken from the shared cache"
+                );
+                for name in holder.profile_names().iter() {
+                    holder
+                        .metrics
+                        .token_cache_hits
+                        .get_or_create(&ProfileLabels {
+                            profile: name.clone(),
+                        })
+                        .inc();
+                }
+                let mut s = lock(&holder.status);
+                s.fetching = false;
+                s.cache_hits += 1;
+                s.source = Some("cache");
+                s.failures_in_a_row = 0;
+                s.last_error = None;
+                s.last_refresh = Some(SystemTime::now());
+                drop(s);
+                holder.install(token);
+                return Ok(());
+            }
+            Coordination::Fetch { locked: l } => locked = l,
+        }
+    }
     // The lifetime counts from the moment the request is sent, not from the answer.
     let sent_at = Instant::now();
     let result = fetch::fetch(&holder.client, &holder.settings).await;
@@ -77,11 +123,31 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
     }
     let token = result.and_then(|r| {
         AccessToken::new(&r.access_token, r.lifetime, sent_at, r.scope.clone())
-            .map(|t| (t, r.lifetime_source))
+            .map(|t| (t, r.lifetime_source, r))
             .ok_or_else(|| {
                 FetchError::BadResponse("access_token cannot be sent in a header".into())
             })
     });
+    // Share it before releasing the lock, so the replicas waiting on it find it.
+    let token = match (token, &cache) {
+        (Ok((mut t, source, r)), Some(cache)) => {
+            t.shared = cache
+                .store(
+                    &holder.settings,
+                    &r.access_token,
+                    sent_at,
+                    r.lifetime,
+                    r.scope,
+                )
+                .await;
+            Ok((t, source))
+        }
+        (Ok((t, source, _)), None) => Ok((t, source)),
+        (Err(e), _) => Err(e),
+    };
+    if let (true, Some(cache)) = (locked, &cache) {
+        cache.unlock(&holder.settings).await;
+    }
     let mut s = lock(&holder.status);
     s.fetching = false;
     s.fetch_count += 1;
@@ -116,6 +182,7 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
             s.failures_in_a_row = 0;
             s.last_error = None;
             s.last_refresh = Some(SystemTime::now());
+            s.source = Some("endpoint");
             drop(s);
             holder.install(token);
             Ok(())

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod redis_server;
 pub mod tls;
 pub mod transport;
 

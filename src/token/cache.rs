@@ -1,0 +1,466 @@
+//! The shared token cache (contract §10): replicas with equal token settings share one token
+//! through Redis.
+//!
+//! - Key: `{prefix}:token:{id}` where `id` is an HMAC-SHA-256, under the cache key, of the
+//!   whole token request (URL with query, client id, secret, scopes, client auth, extra
+//!   params and headers, default lifetime). Without the key the name says nothing; different
+//!   settings never share.
+//! - Value: version byte, 12-byte random nonce, AES-256-GCM ciphertext of the token, its send
+//!   time and lifetime; the Redis key is the associated data, so a value cannot be moved to
+//!   another key. The Redis TTL is the token's remaining life.
+//! - Single flight: `{prefix}:lock:{id}`, `SET NX PX` with this process's owner value,
+//!   released by a compare-and-delete script, so only its owner releases it. Replicas that do
+//!   not win wait for the winner's token by polling, up to the request wait of §4.
+//! - After an upstream 401 the token is deleted only if it is still the one sent
+//!   (compare-and-delete on the ciphertext).
+//! - Any Redis trouble (down, slow, full, garbage) makes the caller fetch for itself; the
+//!   change of state is logged once and every error counted by operation.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use super::AccessToken;
+use crate::config::{TokenCacheConfig, TokenSettings};
+use crate::metrics::{Metrics, OpLabels};
+
+const VERSION: u8 = 1;
+const NONCE_LEN: usize = 12;
+/// How often a replica that lost the lock looks for the winner's token.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Deletes KEYS[1] only when it still holds ARGV[1]: lock release and 401 purge.
+const COMPARE_AND_DELETE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// What is encrypted: never stored in clear.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    access_token: String,
+    /// When the token request was sent, unix milliseconds: lifetimes count from there.
+    sent_at_ms: u64,
+    lifetime_ms: u64,
+    scope: Option<String>,
+}
+
+/// A token read from (or written to) the cache, with the exact stored bytes for the 401 purge.
+pub struct SharedToken {
+    pub token: AccessToken,
+    pub value: Arc<[u8]>,
+    /// Past 80% of its life: the next refresh is due.
+    pub refresh_due: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// No operation yet.
+    Unknown,
+    Up,
+    Down {
+        error: String,
+        since: SystemTime,
+    },
+}
+
+pub struct TokenCache {
+    pub config: TokenCacheConfig,
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    cipher: Aes256Gcm,
+    /// Random per process: the lock's owner value.
+    owner: String,
+    health: Mutex<Health>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("redis", &self.config.redacted_url())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a cache operation failed; the text never holds a token, key or password.
+#[derive(Debug)]
+pub struct CacheError {
+    pub op: &'static str,
+    pub message: String,
+}
+
+/// The outcome of asking the cache before a token request.
+pub enum Coordination {
+    /// A valid shared token: no request needed.
+    Taken(Box<SharedToken>),
+    /// Fetch: holding the lock (`true`), or alone because the cache is unusable or the lock
+    /// holder took too long (`false`).
+    Fetch { locked: bool },
+}
+
+impl TokenCache {
+    pub fn new(config: TokenCacheConfig, metrics: Arc<Metrics>) -> Result<TokenCache, String> {
+        let client = redis::Client::open(config.redis.expose())
+            .map_err(|e| format!("token_cache.redis {}: {e}", config.redacted_url()))?;
+        let cipher = Aes256Gcm::new_from_slice(&config.key.0)
+            .map_err(|_| "token_cache: the encryption key must be 32 bytes".to_owned())?;
+        let mut owner = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut owner);
+        Ok(TokenCache {
+            config,
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            cipher,
+            owner: hex(&owner),
+            health: Mutex::new(Health::Unknown),
+            metrics,
+        })
+    }
+
+    pub fn health(&self) -> Health {
+        lock(&self.health).clone()
+    }
+
+    /// `{prefix}:token:{id}` and `{prefix}:lock:{id}` for `settings`.
+    pub fn keys(&self, settings: &TokenSettings) -> (String, String) {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.config.key.0)
+            .expect("HMAC takes keys of any length");
+        // Length-prefixed fields: no two different settings feed the same bytes.
+        let mut field = |bytes: &[u8]| {
+            mac.update(&(bytes.len() as u64).to_be_bytes());
+            mac.update(bytes);
+        };
+        field(b"egain-proxy token cache v1");
+        field(settings.kind.as_str().as_bytes());
+        field(settings.token_url.as_bytes());
+        field(settings.client_id.as_bytes());
+        field(settings.client_secret.expose().as_bytes());
+        field(format!("{:?}", settings.client_auth).as_bytes());
+        field(&(settings.scopes.len() as u64).to_be_bytes());
+        for scope in &settings.scopes {
+            field(scope.as_bytes());
+        }
+        for list in [&settings.extra_params, &settings.extra_headers] {
+            field(&(list.len() as u64).to_be_bytes());
+            for (name, value) in list {
+                field(name.as_bytes());
+                field(value.as_bytes());
+            }
+        }
+        field(&settings.default_ttl.as_millis().to_be_bytes());
+        let id = hex(&mac.finalize().into_bytes()[..20]);
+        let prefix = &self.config.key_prefix;
+        (
+            format!("{prefix}:token:{id}"),
+            format!("{prefix}:lock:{id}"),
+        )
+    }
+
+    /// Before a token request: a valid shared token, or the right to fetch. `rejected` is the
+    /// value of a token an upstream refused, which is never taken again.
+    pub async fn coordinate(
+        &self,
+        settings: &TokenSettings,
+        rejected: Option<&[u8]>,
+    ) -> Coordination {
+        let (key, lock_key) = self.keys(settings);
+        // The winner's fetch is bounded by the endpoint timeout; wait a little longer than
+        // that, and never longer than a request waits for a token.
+        let deadline =
+            Instant::now() + (settings.timeout + Duration::from_secs(1)).min(super::WAIT_FOR_TOKEN);
+        let lock_ttl = settings.timeout + Duration::from_secs(2);
+        loop {
+            match self.get(&key).await {
+                Ok(Some(t)) if !t.refresh_due && rejected != Some(&t.value[..]) => {
+                    return Coordination::Taken(Box::new(t))
+                }
+                Ok(_) => {}
+                Err(_) => return Coordination::Fetch { locked: false },
+            }
+            match self.try_lock(&lock_key, lock_ttl).await {
+                Ok(true) => {
+                    // Someone may have stored between our read and our lock.
+                    if let Ok(Some(t)) = self.get(&key).await {
+                        if !t.refresh_due && rejected != Some(&t.value[..]) {
+                            self.unlock(settings).await;
+                            return Coordination::Taken(Box::new(t));
+                        }
+                    }
+                    return Coordination::Fetch { locked: true };
+                }
+                Ok(false) if Instant::now() < deadline => tokio::time::sleep(POLL).await,
+                Ok(false) => {
+                    tracing::warn!(
+                        "token cache: another replica holds the refresh lock for too long; fetching here"
+                    );
+                    return Coordination::Fetch { locked: false };
+                }
+                Err(_) => return Coordination::Fetch { locked: false },
+            }
+        }
+    }
+
+    /// Stores a freshly fetched token for the other replicas; returns the stored value.
+    pub async fn store(
+        &self,
+        settings: &TokenSettings,
+        access_token: &str,
+        sent_at: Instant,
+        lifetime: Duration,
+        scope: Option<String>,
+    ) -> Option<Arc<[u8]>> {
+        let (key, _) = self.keys(settings);
+        let sent_at_ms =
+            unix_ms(SystemTime::now()).saturating_sub(sent_at.elapsed().as_millis() as u64);
+        let remaining = lifetime.saturating_sub(sent_at.elapsed());
+        if remaining < Duration::from_millis(10) {
+            return None;
+        }
+        let stored = Stored {
+            access_token: access_token.to_owned(),
+            sent_at_ms,
+            lifetime_ms: lifetime.as_millis() as u64,
+            scope,
+        };
+        let value: Arc<[u8]> = self.seal(&key, &stored)?.into();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&key)
+            .arg(&value[..])
+            .arg("PX")
+            .arg(remaining.as_millis() as u64);
+        self.run::<()>("set", cmd).await.ok()?;
+        Some(value)
+    }
+
+    /// Releases the lock if this process still owns it.
+    pub async fn unlock(&self, settings: &TokenSettings) {
+        let (_, lock_key) = self.keys(settings);
+        let _ = self
+            .compare_and_delete("unlock", &lock_key, self.owner.as_bytes())
+            .await;
+    }
+
+    /// After an upstream 401: deletes the shared token only if it is still `value`.
+    pub async fn purge(&self, settings: &TokenSettings, value: &[u8]) -> bool {
+        let (key, _) = self.keys(settings);
+        matches!(self.compare_and_delete("purge", &key, value).await, Ok(1))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<SharedToken>, CacheError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        let Some(value) = self.run::<Option<Vec<u8>>>("get", cmd).await? else {
+            return Ok(None);
+        };
+        match self.open(key, &value) {
+            Some(t) => Ok(Some(t)),
+            None => {
+                // Garbage, a value from another key or another encryption key: a miss that
+                // the next store overwrites, counted so it does not go unseen.
+                self.failed(CacheError {
+                    op: "decode",
+                    message: "a cached value could not be decrypted (another encryption key, or not written by egain-proxy)".into(),
+                });
+                Ok(None)
+            }
+        }
+    }
+
+    async fn try_lock(&self, lock_key: &str, ttl: Duration) -> Result<bool, CacheError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(lock_key)
+            .arg(&self.owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64);
+        let answer: Option<String> = self.run("lock", cmd).await?;
+        Ok(answer.is_some())
+    }
+
+    async fn compare_and_delete(
+        &self,
+        op: &'static str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<i64, CacheError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(COMPARE_AND_DELETE).arg(1).arg(key).arg(value);
+        self.run(op, cmd).await
+    }
+
+    /// One command under the timeout, on the shared connection (made on first use, and again
+    /// after any failure).
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: redis::Cmd,
+    ) -> Result<T, CacheError> {
+        let timeout = self.config.timeout;
+        let result = tokio::time::timeout(timeout, async {
+            let mut conn = self.connection().await.map_err(|m| ("connect", m))?;
+            let answer = cmd
+                .query_async::<T>(&mut conn)
+                .await
+                .map_err(|e| (op, describe(e)));
+            if answer.is_err() {
+                *self.conn.lock().await = None;
+            }
+            answer
+        })
+        .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => {
+                // A connection that timed out may be wedged: start afresh next time.
+                if let Ok(mut conn) = self.conn.try_lock() {
+                    *conn = None;
+                }
+                let waited = humantime::format_duration(timeout);
+                Err((op, format!("no answer within {waited}")))
+            }
+        };
+        match result {
+            Ok(value) => {
+                self.succeeded();
+                Ok(value)
+            }
+            Err((op, message)) => {
+                self.failed(CacheError {
+                    op,
+                    message: message.clone(),
+                });
+                Err(CacheError { op, message })
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, String> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = &*slot {
+            return Ok(conn.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(self.config.timeout)
+            .set_response_timeout(self.config.timeout);
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(describe)?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn succeeded(&self) {
+        let mut health = lock(&self.health);
+        if let Health::Down { since, .. } = &*health {
+            let down_for = since.elapsed().unwrap_or_default();
+            tracing::info!(
+                redis = %self.config.redacted_url(),
+                down_for_s = down_for.as_secs(),
+                "token cache answering again: sharing tokens with other replicas"
+            );
+        }
+        *health = Health::Up;
+    }
+
+    fn failed(&self, error: CacheError) {
+        self.metrics
+            .token_cache_errors
+            .get_or_create(&OpLabels { op: error.op })
+            .inc();
+        let mut health = lock(&self.health);
+        if !matches!(&*health, Health::Down { .. }) {
+            tracing::warn!(
+                redis = %self.config.redacted_url(),
+                op = error.op,
+                error = %error.message,
+                "token cache unavailable: each replica fetches its own tokens until it answers"
+            );
+            *health = Health::Down {
+                error: format!("{}: {}", error.op, error.message),
+                since: SystemTime::now(),
+            };
+        }
+    }
+
+    fn seal(&self, key: &str, stored: &Stored) -> Option<Vec<u8>> {
+        let plain = serde_json::to_vec(stored).ok()?;
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let sealed = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &plain,
+                    aad: key.as_bytes(),
+                },
+            )
+            .ok()?;
+        let mut value = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        value.push(VERSION);
+        value.extend_from_slice(&nonce);
+        value.extend_from_slice(&sealed);
+        Some(value)
+    }
+
+    /// Decrypts and checks a cached value; `None` for anything not sealed by this key for
+    /// this Redis key, or no longer usable.
+    fn open(&self, key: &str, value: &[u8]) -> Option<SharedToken> {
+        let (&version, rest) = value.split_first()?;
+        if version != VERSION || rest.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let plain = self
+            .cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: key.as_bytes(),
+                },
+            )
+            .ok()?;
+        let stored: Stored = serde_json::from_slice(&plain).ok()?;
+        let now_ms = unix_ms(SystemTime::now());
+        let age = Duration::from_millis(now_ms.saturating_sub(stored.sent_at_ms));
+        let lifetime = Duration::from_millis(stored.lifetime_ms);
+        let sent_at = Instant::now().checked_sub(age)?;
+        let token = AccessToken::new(&stored.access_token, lifetime, sent_at, stored.scope)?;
+        if !token.is_usable(Instant::now()) {
+            return None;
+        }
+        Some(SharedToken {
+            refresh_due: Instant::now() >= token.refresh_at,
+            token,
+            value: value.into(),
+        })
+    }
+}
+
+fn describe(e: redis::RedisError) -> String {
+    // RedisError's text names the kind and the server's message, never our arguments.
+    e.to_string()
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,134 @@
+//! A real `redis-server` on an ephemeral loopback port, started and stopped by the test.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+fn binary() -> String {
+    let name = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+    match Command::new(&name).arg("--version").output() {
+        Ok(o) if o.status.success() => name,
+        _ => panic!(
+            "`{name}` not found: install Debian's redis-server (`apt-get install redis-server`), \
+             or point $REDIS_SERVER at one; .ci/run installs it"
+        ),
+    }
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut dir = tempfile::tempdir().unwrap();
+        for _ in 0..10 {
+            // Ask the kernel for a free port, then give it to redis (which cannot report one).
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut server = RedisServer {
+                port,
+                child: None,
+                dir,
+            };
+            if server.spawn() {
+                return server;
+            }
+            dir = server.into_dir();
+        }
+        panic!("redis-server did not start on any of 10 ports");
+    }
+
+    fn into_dir(mut self) -> tempfile::TempDir {
+        self.kill();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new(binary())
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(mut c) = self.client().get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return true;
+                }
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    /// SIGKILL: Redis vanishes mid-conversation.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(
+            self.spawn(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+
+    /// Every key under `prefix` with its value.
+    pub fn dump(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let mut c = self.client().get_connection().unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query(&mut c)
+            .unwrap();
+        keys.into_iter()
+            .filter_map(|k| {
+                let v: Option<Vec<u8>> = redis::cmd("GET").arg(&k).query(&mut c).ok()?;
+                Some((k, v?))
+            })
+            .collect()
+    }
+
+    pub fn set(&self, key: &str, value: &[u8]) {
+        let mut c = self.client().get_connection().unwrap();
+        let _: () = redis::cmd("SET").arg(key).arg(value).query(&mut c).unwrap();
+    }
+
+    pub fn pttl(&self, key: &str) -> i64 {
+        let mut c = self.client().get_connection().unwrap();
+        redis::cmd("PTTL").arg(key).query(&mut c).unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
