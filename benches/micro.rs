@@ -126,7 +126,7 @@ fn settings() -> TokenSettings {
         kind: ProfileKind::ClientApp,
         token_url: "http://127.0.0.1:1/t".into(),
         client_id: "i".into(),
-        client_secret: Secret::new("s"),
+        client_secret: egain_proxy::config::secrets::ClientSecret::Inline(Secret::new("s")),
         scopes: vec![],
         client_auth: ClientAuth::Body,
         timeout: Duration::from_secs(1),

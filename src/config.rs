@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use resolve::{is_loopback_host, prefix_scope};
-pub use secrets::Secret;
+pub use secrets::{ClientSecret, Secret};
 
 use resolve::{resolve, RawConfig};
 
@@ -222,7 +222,7 @@ pub struct TokenSettings {
     /// `user_type=customer&domain_hint=<tenant>` there).
     pub token_url: String,
     pub client_id: String,
-    pub client_secret: Secret,
+    pub client_secret: ClientSecret,
     /// Final scopes, already prefixed for the anonymous flow.
     pub scopes: Vec<String>,
     pub client_auth: ClientAuth,
@@ -423,7 +423,7 @@ profile = "portal"
                 "https://api.ai.egain.cloud/auth/core.aiservices.read"
             ]
         );
-        assert_eq!(anon.client_secret.expose(), "s3cret");
+        assert_eq!(anon.client_secret.current().expose(), "s3cret");
         let route = &c.routes[0];
         assert_eq!(route.name, "route0");
         assert_eq!(route.upstream.base_path, "/base");

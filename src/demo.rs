@@ -67,7 +67,7 @@ pub fn banner(
          Try these (the proxy adds the bearer token; the mock API rejects requests without one):\n\n\
          \x20 curl -s http://{proxy}/knowledge/portalmgr/v4/portals\n\
          \x20 curl -s 'http://{proxy}/customer/knowledge/portalmgr/v4/articles/search?q=reset%20password'\n\
-         \x20 curl -s -X POST -H 'content-type: application/json' -d '{{\"q\":\"hi\"}}' http://{proxy}/knowledge/contentmgr/v4/articles\n\
+         \x20 curl -s -X POST -H 'content-type: application/json' -d '{{\"q\":\"hi\"}}' http://{proxy}/knowledge/contentmgr/v4/articles   # 403 403-197: the portal profile lacks a contentmgr scope\n\
          \x20 curl -s http://{proxy}/nowhere          # 404 no_route from the proxy itself\n\
          \x20 curl -s {mock_base}/knowledge/portalmgr/v4/portals   # straight to the mock: 401, no token\n",
         mock_addr = mock.addr(),

@@ -52,6 +52,9 @@ enum Command {
         /// Lifetime of issued tokens, in seconds
         #[arg(long, default_value_t = 3600)]
         token_ttl: u64,
+        /// API calls allowed per token per minute; more get eGain's 429 (default: no limit)
+        #[arg(long)]
+        rate_limit: Option<u64>,
     },
 }
 
@@ -76,7 +79,11 @@ fn main() -> ExitCode {
         Command::Check => check(&config_path),
         Command::Token { profile, show } => runtime.block_on(token(&config_path, &profile, show)),
         Command::Demo { port } => runtime.block_on(demo(port)),
-        Command::MockEgain { listen, token_ttl } => runtime.block_on(mock_egain(listen, token_ttl)),
+        Command::MockEgain {
+            listen,
+            token_ttl,
+            rate_limit,
+        } => runtime.block_on(mock_egain(listen, token_ttl, rate_limit)),
     }
 }
 
@@ -272,10 +279,11 @@ async fn demo(port: u16) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn mock_egain(listen: std::net::SocketAddr, ttl: u64) -> ExitCode {
+async fn mock_egain(listen: std::net::SocketAddr, ttl: u64, rate_limit: Option<u64>) -> ExitCode {
     egain_proxy::init_logging(LogFormat::Text, "info");
     let options = MockOptions {
         token_ttl: Duration::from_secs(ttl.max(1)),
+        rate_limit_per_minute: rate_limit,
         ..MockOptions::default()
     };
     let mock = match MockEgain::start(listen, options).await {
@@ -301,7 +309,10 @@ async fn mock_egain(listen: std::net::SocketAddr, ttl: u64) -> ExitCode {
         o.anonymous.1
     );
     println!(
-        "  API: any other path; requires a live bearer token it issued (token lifetime {ttl}s)"
+        "  API: any other path; requires a live bearer token it issued (token lifetime {ttl}s);\n\
+         \x20      /knowledge/<module>/... and /core/<module>/... need a <family>.<module> scope (else 403 403-197);\n\
+         \x20      a WebSocket upgrade on any API path echoes messages{}",
+        rate_limit.map_or(String::new(), |n| format!("; {n} calls per token per minute, then 429"))
     );
     egain_proxy::shutdown_signal().await;
     ExitCode::SUCCESS

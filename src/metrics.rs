@@ -42,6 +42,12 @@ pub struct ProfileLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteProfileLabels {
+    pub route: String,
+    pub profile: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: &'static str,
 }
@@ -70,6 +76,8 @@ pub struct Metrics {
     pub inflight: Gauge,
     pub replays: Family<RouteLabels, Counter>,
     pub token_cache_errors: Family<OpLabels, Counter>,
+    pub upstream_scope_errors: Family<RouteProfileLabels, Counter>,
+    pub upgrades: Family<RouteLabels, Counter>,
     pub token_cache_hits: Family<ProfileLabels, Counter>,
     /// The last minutes per route, for the admin page.
     pub recent: recent::Recent,
@@ -152,9 +160,23 @@ impl Metrics {
             "Tokens taken from the shared cache instead of the token endpoint",
             token_cache_hits.clone(),
         );
+        let upstream_scope_errors = Family::<RouteProfileLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_upstream_scope_errors",
+            "eGain 403 answers with code 403-197 (scope not assigned to the client), by route and profile",
+            upstream_scope_errors.clone(),
+        );
+        let upgrades = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "egain_proxy_upgrades",
+            "Upgraded connections (WebSocket tunnels) opened, by route",
+            upgrades.clone(),
+        );
         Metrics {
             registry,
             token_cache_errors,
+            upstream_scope_errors,
+            upgrades,
             token_cache_hits,
             requests,
             request_duration,
@@ -193,6 +215,7 @@ impl Metrics {
                 route: route.to_owned(),
             };
             let _ = self.replays.get_or_create(&labels);
+            let _ = self.upgrades.get_or_create(&labels);
             for kind in UPSTREAM_ERROR_KINDS {
                 let _ = self.upstream_errors.get_or_create(&UpstreamErrorLabels {
                     route: route.to_owned(),

@@ -1,7 +1,9 @@
 //! An embedded mock of eGain, used by `demo`, `mock-egain` and the tests: both token
 //! endpoints, validating requests the way eGain documents them, and a small API that accepts
 //! only live bearer tokens it issued and answers like eGain when it does not
-//! (`{"code":"401-101","developerMessage":"..."}`).
+//! (`{"code":"401-101","developerMessage":"..."}`), refuses a token without the API's scope
+//! (`403` with `403-197`), can rate-limit (`429` with `Retry-After` and `X-RateLimit-*`), and
+//! accepts WebSocket upgrades (echoing every message) with the same bearer check.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -43,6 +45,8 @@ pub struct MockOptions {
     pub client_app: (String, String),
     /// (client_id, client_secret) accepted by the anonymous-customer endpoint.
     pub anonymous: (String, String),
+    /// API calls allowed per token per minute; more get eGain's 429. `None`: no limit.
+    pub rate_limit_per_minute: Option<u64>,
 }
 
 impl Default for MockOptions {
@@ -55,6 +59,7 @@ impl Default for MockOptions {
                 DEMO_ANON_CLIENT_ID.to_owned(),
                 DEMO_ANON_CLIENT_SECRET.to_owned(),
             ),
+            rate_limit_per_minute: None,
         }
     }
 }
@@ -72,6 +77,9 @@ struct State {
     token_requests: AtomicU64,
     api_requests: AtomicU64,
     api_rejections: AtomicU64,
+    /// token -> (minute, calls in it), for the rate limit.
+    calls: Mutex<HashMap<String, (u64, u64)>>,
+    upgrades: AtomicU64,
 }
 
 /// A running mock; stops when dropped.
@@ -135,6 +143,11 @@ impl MockEgain {
         self.state.api_requests.load(Ordering::SeqCst)
     }
 
+    /// WebSocket upgrades accepted.
+    pub fn upgrades(&self) -> u64 {
+        self.state.upgrades.load(Ordering::SeqCst)
+    }
+
     pub fn api_rejections(&self) -> u64 {
         self.state.api_rejections.load(Ordering::SeqCst)
     }
@@ -167,7 +180,7 @@ async fn serve(listener: TcpListener, state: Arc<State>, options: MockOptions) {
                 async move { Ok::<_, Infallible>(route(req, &state, &options).await) }
             });
             let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         });
     }
@@ -197,7 +210,7 @@ async fn route(req: Request<Incoming>, state: &State, options: &MockOptions) -> 
     } else if path == ANON_TOKEN_PATH {
         token(req, state, options, "anonymous_customer").await
     } else {
-        api(req, state).await
+        api(req, state, options).await
     }
 }
 
@@ -367,7 +380,7 @@ fn egain_401(state: &State, message: &str) -> MockResponse {
     )
 }
 
-async fn api(req: Request<Incoming>, state: &State) -> MockResponse {
+async fn api(mut req: Request<Incoming>, state: &State, options: &MockOptions) -> MockResponse {
     state.api_requests.fetch_add(1, Ordering::SeqCst);
     let bearer = req
         .headers()
@@ -393,6 +406,58 @@ async fn api(req: Request<Incoming>, state: &State) -> MockResponse {
     if Instant::now() >= issued.expires_at {
         return egain_401(state, "The access token has expired.");
     }
+    if let Some(needed) = required_scope(req.uri().path()) {
+        if !issued.scopes.iter().any(|s| s.contains(&needed)) {
+            return json(
+                StatusCode::FORBIDDEN,
+                json!({
+                    "code": "403-197",
+                    "developerMessage": format!("The scope required for this API ({needed}) is not assigned to the client application."),
+                }),
+            );
+        }
+    }
+    let mut limit_headers = Vec::new();
+    if let Some(limit) = options.rate_limit_per_minute {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let minute = now / 60;
+        let used = {
+            let mut calls = state.calls.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = calls.entry(token.clone()).or_insert((minute, 0));
+            if entry.0 != minute {
+                *entry = (minute, 0);
+            }
+            entry.1 += 1;
+            entry.1
+        };
+        let reset = std::time::UNIX_EPOCH + Duration::from_secs((minute + 1) * 60);
+        limit_headers = vec![
+            ("x-ratelimit-limit", limit.to_string()),
+            (
+                "x-ratelimit-remaining",
+                limit.saturating_sub(used).to_string(),
+            ),
+            (
+                "x-ratelimit-reset",
+                humantime::format_rfc3339_seconds(reset).to_string(),
+            ),
+        ];
+        if used > limit {
+            let mut r = json(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({ "code": "429", "developerMessage": "Too many requests: the rate limit for this client is exceeded." }),
+            );
+            limit_headers.push(("retry-after", ((minute + 1) * 60 - now).max(1).to_string()));
+            add_headers(&mut r, &limit_headers);
+            return r;
+        }
+    }
+    if is_websocket(&req) {
+        return websocket(&mut req, state, &issued);
+    }
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let method = req.method().to_string();
@@ -400,6 +465,18 @@ async fn api(req: Request<Incoming>, state: &State) -> MockResponse {
         Ok(b) => b.to_bytes().len(),
         Err(_) => 0,
     };
+    let mut response = api_answer(&path, query, &method, body_len, &issued);
+    add_headers(&mut response, &limit_headers);
+    response
+}
+
+fn api_answer(
+    path: &str,
+    query: Option<String>,
+    method: &str,
+    body_len: usize,
+    issued: &Issued,
+) -> MockResponse {
     if path.ends_with("/portals") && method == "GET" {
         return json(
             StatusCode::OK,
@@ -421,4 +498,89 @@ async fn api(req: Request<Incoming>, state: &State) -> MockResponse {
             "body_bytes": body_len,
         }),
     )
+}
+
+fn add_headers(response: &mut MockResponse, headers: &[(&'static str, String)]) {
+    for (name, value) in headers {
+        if let Ok(v) = http::HeaderValue::from_str(value) {
+            response.headers_mut().insert(*name, v);
+        }
+    }
+}
+
+/// The scope an API path needs, as eGain names them: `/knowledge/portalmgr/...` needs a
+/// `knowledge.portalmgr.*` scope. Other paths need none.
+fn required_scope(path: &str) -> Option<String> {
+    let mut segments = path.trim_start_matches('/').split('/');
+    let family = segments.next()?;
+    let module = segments.next()?;
+    let known = matches!(family, "knowledge" | "core") && !module.is_empty();
+    known.then(|| format!("{family}.{module}"))
+}
+
+fn is_websocket(req: &Request<Incoming>) -> bool {
+    let has = |name: http::header::HeaderName, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    has(http::header::CONNECTION, "upgrade") && has(http::header::UPGRADE, "websocket")
+}
+
+/// Accepts a WebSocket handshake (RFC 6455 §4.2) and echoes every text and binary message;
+/// the first message it sends says which token kind it saw.
+fn websocket(req: &mut Request<Incoming>, state: &State, issued: &Issued) -> MockResponse {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role, Message};
+    let Some(key) = req.headers().get("sec-websocket-key") else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            json!({ "code": "400", "developerMessage": "Sec-WebSocket-Key is required." }),
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(req);
+    state.upgrades.fetch_add(1, Ordering::SeqCst);
+    let hello = json!({ "mock": "egain-chat", "token_kind": issued.kind }).to_string();
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        if ws.send(Message::text(hello)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = ws.next().await {
+            let echo = match message {
+                Message::Text(_) | Message::Binary(_) => message,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if ws.send(echo).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    response
 }

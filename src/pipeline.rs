@@ -16,11 +16,13 @@
 
 pub mod admit;
 pub mod body;
+pub mod egain;
 pub mod finish;
 pub mod headers;
 pub mod plan;
 pub mod replay;
 pub mod stall;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 
@@ -210,4 +212,14 @@ fn checked(
             ))
         }
     }
+}
+
+/// hyper's response body as the proxy's body type.
+pub(crate) fn into_proxy_response(response: Response<Incoming>) -> Response<crate::ProxyBody> {
+    use http_body_util::BodyExt;
+    let (parts, body) = response.into_parts();
+    Response::from_parts(
+        parts,
+        body.map_err(|e| -> crate::BoxError { Box::new(e) }).boxed(),
+    )
 }

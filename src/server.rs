@@ -152,12 +152,24 @@ impl Proxy {
         let _ = stop_tx.send(true);
         // Every open connection holds a permit; all permits back means all connections closed.
         let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-        match tokio::time::timeout(grace, connections.acquire_many(all)).await {
+        // Upgraded connections (tunnels) left hyper's connection tasks; they get the same
+        // grace period, then are closed.
+        let tunnels = &self.shared.tunnels;
+        let drained = async {
+            let _ = connections.acquire_many(all).await;
+            tunnels.drained().await;
+        };
+        match tokio::time::timeout(grace, drained).await {
             Ok(_) => tracing::info!("all connections closed"),
-            Err(_) => tracing::warn!(
-                open = max_connections - connections.available_permits(),
-                "shutdown grace period over; closing remaining connections"
-            ),
+            Err(_) => {
+                tracing::warn!(
+                    open = max_connections - connections.available_permits(),
+                    tunnels = tunnels.open(),
+                    "shutdown grace period over; closing remaining connections"
+                );
+                tunnels.close_all();
+                let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.drained()).await;
+            }
         }
         self.shared.shutdown();
     }
@@ -286,7 +298,8 @@ async fn serve_connection<IO>(
             req,
         ))
     });
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    // With upgrades: a 101 hands the connection to a tunnel (`pipeline::upgrade`).
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         r = connection.as_mut() => r,

@@ -56,6 +56,16 @@ impl Generation {
             config.routes.iter().map(|r| r.name.as_str()),
             config.profiles.keys().map(String::as_str),
         );
+        for r in &config.routes {
+            if let Some(profile) = &r.profile {
+                let _ = metrics.upstream_scope_errors.get_or_create(
+                    &crate::metrics::RouteProfileLabels {
+                        route: r.name.clone(),
+                        profile: profile.clone(),
+                    },
+                );
+            }
+        }
         Ok(Generation {
             number,
             routes: RouteTable::new(&config.routes),
@@ -97,6 +107,10 @@ pub struct Shared {
     /// The outcome of the last reload, for `/status` and the admin page.
     last_reload: std::sync::Mutex<Option<ReloadRecord>>,
     pub started: std::time::SystemTime,
+    /// Open upgrade tunnels (WebSocket), closed at the end of a shutdown.
+    pub tunnels: crate::pipeline::upgrade::Tunnels,
+    /// (route, profile) pairs already warned about eGain's 403-197.
+    scope_warned: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// One reload attempt as `/status` shows it.
@@ -124,7 +138,17 @@ impl Shared {
             h1_pool: crate::upstream::Pool::default(),
             last_reload: std::sync::Mutex::new(None),
             started: std::time::SystemTime::now(),
+            scope_warned: Default::default(),
+            tunnels: Default::default(),
         }))
+    }
+
+    /// True the first time (route, profile) is seen with a scope error.
+    pub fn first_scope_error(&self, route: &str, profile: &str) -> bool {
+        self.scope_warned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((route.to_owned(), profile.to_owned()))
     }
 
     pub fn last_reload(&self) -> Option<ReloadRecord> {

@@ -424,8 +424,8 @@ fn resolve_profile(name: String, p: RawProfile, base: &Path) -> Result<ProfileCo
         (Some(s), None) if s.is_empty() => {
             return Err(ConfigError::at(at("client_secret"), "is empty"));
         }
-        (Some(s), None) => Secret::new(s),
-        (None, Some(path)) => secrets::read_secret_file(&file(&path))
+        (Some(s), None) => ClientSecret::Inline(Secret::new(s)),
+        (None, Some(path)) => ClientSecret::from_file(file(&path))
             .map_err(|m| ConfigError::at(at("client_secret_file"), m))?,
     };
     if p.client_id.is_empty() {

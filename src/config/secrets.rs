@@ -33,6 +33,93 @@ impl fmt::Display for Secret {
     }
 }
 
+/// A client secret: written in the config, or kept in a file that is read again before every
+/// token request, so a rotated secret (Kubernetes and Vault agents swap a `..data` symlink)
+/// is used from the next request on, without a reload. Two profiles with the same file are
+/// the same secret, whatever the file holds now.
+#[derive(Clone)]
+pub enum ClientSecret {
+    Inline(Secret),
+    File {
+        path: std::path::PathBuf,
+        current: std::sync::Arc<arc_swap::ArcSwap<Secret>>,
+    },
+}
+
+impl ClientSecret {
+    /// Reads `path` now (the config's check: a missing or empty file is an error).
+    pub fn from_file(path: std::path::PathBuf) -> Result<ClientSecret, String> {
+        let secret = read_secret_file(&path)?;
+        Ok(ClientSecret::File {
+            path,
+            current: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(secret)),
+        })
+    }
+
+    /// The secret as last read.
+    pub fn current(&self) -> Secret {
+        match self {
+            ClientSecret::Inline(s) => s.clone(),
+            ClientSecret::File { current, .. } => (**current.load()).clone(),
+        }
+    }
+
+    /// Reads the file again (following symlinks, so a `..data` swap is seen). Returns true
+    /// when the secret changed. A file that cannot be read (mid-swap, removed) keeps the last
+    /// secret, with a warning.
+    pub fn reread(&self) -> bool {
+        let ClientSecret::File { path, current } = self else {
+            return false;
+        };
+        match read_secret_file(path) {
+            Ok(fresh) if fresh != **current.load() => {
+                tracing::info!(
+                    file = %path.display(),
+                    secret = %fingerprint(fresh.expose().as_bytes()),
+                    "client secret file changed: using the new secret from this token request on"
+                );
+                current.store(std::sync::Arc::new(fresh));
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the client secret file; keeping the last secret");
+                false
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientSecret::Inline(_) => f.write_str("ClientSecret([redacted])"),
+            ClientSecret::File { path, .. } => write!(f, "ClientSecret(file {})", path.display()),
+        }
+    }
+}
+
+impl PartialEq for ClientSecret {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ClientSecret::Inline(a), ClientSecret::Inline(b)) => a == b,
+            (ClientSecret::File { path: a, .. }, ClientSecret::File { path: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ClientSecret {}
+
+impl std::hash::Hash for ClientSecret {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match self {
+            ClientSecret::Inline(s) => s.hash(state),
+            ClientSecret::File { path, .. } => path.hash(state),
+        }
+    }
+}
+
 /// First 8 hex characters of the SHA-256 of `value`: enough to tell two tokens apart in logs,
 /// useless for reconstructing either.
 pub fn fingerprint(value: &[u8]) -> String {

@@ -73,7 +73,8 @@ pub struct TokenCache {
     pub config: TokenCacheConfig,
     client: redis::Client,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
-    cipher: Aes256Gcm,
+    /// The key (and its cipher) as last read from `encryption_key_file`.
+    key: arc_swap::ArcSwap<Keyed>,
     /// Random per process: the lock's owner value.
     owner: String,
     health: Mutex<Health>,
@@ -108,19 +109,40 @@ impl TokenCache {
     pub fn new(config: TokenCacheConfig, metrics: Arc<Metrics>) -> Result<TokenCache, String> {
         let client = redis::Client::open(config.redis.expose())
             .map_err(|e| format!("token_cache.redis {}: {e}", config.redacted_url()))?;
-        let cipher = Aes256Gcm::new_from_slice(&config.key.0)
-            .map_err(|_| "token_cache: the encryption key must be 32 bytes".to_owned())?;
+        let key = Keyed::new(config.key.0)?;
         let mut owner = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut owner);
         Ok(TokenCache {
             config,
             client,
             conn: tokio::sync::Mutex::new(None),
-            cipher,
+            key: arc_swap::ArcSwap::from_pointee(key),
             owner: hex(&owner),
             health: Mutex::new(Health::Unknown),
             metrics,
         })
+    }
+
+    /// Reads `encryption_key_file` again (a rotated key, a `..data` symlink swap); from then on
+    /// values are sealed and opened with the new key. Values sealed with the old one become
+    /// counted misses that the next store replaces.
+    pub fn reread_key(&self) {
+        let path = &self.config.encryption_key_file;
+        match crate::config::secrets::read_key_file(path) {
+            Ok(key) if key != self.key.load().key => match Keyed::new(key) {
+                Ok(keyed) => {
+                    tracing::info!(file = %path.display(), "token cache key file changed: using the new key");
+                    self.key.store(Arc::new(keyed));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "token cache key unusable; keeping the last key")
+                }
+            },
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the token cache key file; keeping the last key")
+            }
+        }
     }
 
     pub fn health(&self) -> Health {
@@ -129,7 +151,7 @@ impl TokenCache {
 
     /// `{prefix}:token:{id}` and `{prefix}:lock:{id}` for `settings`.
     pub fn keys(&self, settings: &TokenSettings) -> (String, String) {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.config.key.0)
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key.load().key)
             .expect("HMAC takes keys of any length");
         // Length-prefixed fields: no two different settings feed the same bytes.
         let mut field = |bytes: &[u8]| {
@@ -140,7 +162,7 @@ impl TokenCache {
         field(settings.kind.as_str().as_bytes());
         field(settings.token_url.as_bytes());
         field(settings.client_id.as_bytes());
-        field(settings.client_secret.expose().as_bytes());
+        field(settings.client_secret.current().expose().as_bytes());
         field(format!("{:?}", settings.client_auth).as_bytes());
         field(&(settings.scopes.len() as u64).to_be_bytes());
         for scope in &settings.scopes {
@@ -395,6 +417,8 @@ impl TokenCache {
         let mut nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
         let sealed = self
+            .key
+            .load()
             .cipher
             .encrypt(
                 Nonce::from_slice(&nonce),
@@ -420,6 +444,8 @@ impl TokenCache {
         }
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let plain = self
+            .key
+            .load()
             .cipher
             .decrypt(
                 Nonce::from_slice(nonce),
@@ -443,6 +469,20 @@ impl TokenCache {
             token,
             value: value.into(),
         })
+    }
+}
+
+/// A key and its cipher, swapped together.
+struct Keyed {
+    key: [u8; 32],
+    cipher: Aes256Gcm,
+}
+
+impl Keyed {
+    fn new(key: [u8; 32]) -> Result<Keyed, String> {
+        let cipher = Aes256Gcm::new_from_slice(&key)
+            .map_err(|_| "token_cache: the encryption key must be 32 bytes".to_owned())?;
+        Ok(Keyed { key, cipher })
     }
 }
 

@@ -126,7 +126,7 @@ pub fn form_body(s: &TokenSettings) -> String {
     }
     if s.client_auth == ClientAuth::Body {
         form.append_pair("client_id", &s.client_id);
-        form.append_pair("client_secret", s.client_secret.expose());
+        form.append_pair("client_secret", s.client_secret.current().expose());
     }
     for (k, v) in &s.extra_params {
         form.append_pair(k, v);
@@ -137,7 +137,11 @@ pub fn form_body(s: &TokenSettings) -> String {
 /// RFC 6749 §2.3.1: id and secret are form-encoded, then joined with `:` and base64-encoded.
 pub fn basic_authorization(s: &TokenSettings) -> HeaderValue {
     let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
-    let pair = format!("{}:{}", enc(&s.client_id), enc(s.client_secret.expose()));
+    let pair = format!(
+        "{}:{}",
+        enc(&s.client_id),
+        enc(s.client_secret.current().expose())
+    );
     let b64 = base64::engine::general_purpose::STANDARD.encode(pair);
     let mut value = HeaderValue::from_str(&format!("Basic {b64}"))
         .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
@@ -481,7 +485,7 @@ mod tests {
             kind: ProfileKind::ClientApp,
             token_url: "https://x/t".into(),
             client_id: "id:1".into(),
-            client_secret: Secret::new("s&e cret"),
+            client_secret: crate::config::secrets::ClientSecret::Inline(Secret::new("s&e cret")),
             scopes: vec!["a.read".into(), "b.write".into()],
             client_auth: auth,
             timeout: Duration::from_secs(1),

@@ -59,9 +59,12 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
         s.next_attempt = None;
     }
     let profile = holder.label();
+    // A rotated secret file is used from this request on.
+    holder.settings.client_secret.reread();
     let cache = holder.cache.load_full();
     let mut locked = false;
     if let Some(cache) = &cache {
+        cache.reread_key();
         let rejected = lock(&holder.rejected).take();
         if let Some(value) = &rejected {
             // Only if it is still the one the upstream refused: never a newer token.
@@ -105,8 +108,30 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
         }
     }
     // The lifetime counts from the moment the request is sent, not from the answer.
-    let sent_at = Instant::now();
-    let result = fetch::fetch(&holder.client, &holder.settings).await;
+    let mut sent_at = Instant::now();
+    let mut result = fetch::fetch(&holder.client, &holder.settings).await;
+    // `invalid_client` just after the secret file changed: read it again and try the new
+    // secret at once rather than back off with the old one (contract §13).
+    if matches!(&result, Err(e) if e.oauth_error() == Some("invalid_client"))
+        && holder.settings.client_secret.reread()
+    {
+        for name in holder.profile_names().iter() {
+            holder
+                .metrics
+                .token_fetches
+                .get_or_create(&FetchLabels {
+                    profile: name.clone(),
+                    outcome: "oauth_error",
+                })
+                .inc();
+        }
+        tracing::warn!(
+            profile = %profile,
+            "token endpoint answered invalid_client and the secret file has changed: retrying with the new secret"
+        );
+        sent_at = Instant::now();
+        result = fetch::fetch(&holder.client, &holder.settings).await;
+    }
     let outcome = match &result {
         Ok(_) => "success",
         Err(e) => e.outcome(),

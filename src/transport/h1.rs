@@ -407,6 +407,10 @@ where
         };
         // self.out holds the client's response head (read_response_head).
         let first = answer.head_len..self.up.len();
+        if answer.status == 403 {
+            // The body bytes that came with the head (eGain's error bodies are small).
+            pipeline::egain::after_403(&self.shared, &admitted, &self.up[first.clone()]);
+        }
         if take_body(&mut streaming, &self.up[first], &mut self.out).is_err() {
             // A malformed chunked body before anything went to the client: a 502, and the
             // upstream connection is dropped (a later malformation closes the client's).
@@ -464,6 +468,7 @@ where
         }
         self.out.clear();
         bridge::write_head(&mut self.out, &response, framing, head.close);
+        let head_len = self.out.len();
         let status = response.status().as_u16();
         let mut relay = bridge::Relay {
             body: response.into_body(),
@@ -477,6 +482,10 @@ where
             let what =
                 UpstreamFailure::Protocol("invalid response: malformed response body".into());
             return Outcome::Failed(pipeline::upstream_failed(&self.shared, route, what));
+        }
+        if status == 403 {
+            // The body bytes that came with the head (eGain's error bodies are small).
+            pipeline::egain::after_403(&self.shared, admitted, &self.out[head_len..]);
         }
         if self.io.write_all(&self.out).await.is_err() {
             return Outcome::ClientGone;

@@ -17,7 +17,7 @@ use crate::pipeline::body::{self, Prepared};
 use crate::pipeline::plan::Plan;
 use crate::pipeline::{self, ConnInfo, HeadFacts, InflightGuard, RequestLog};
 use crate::state::{Generation, Shared};
-use crate::{BoxError, ProxyBody};
+use crate::ProxyBody;
 
 /// The hyper service function for the proxy listener.
 pub async fn handle(
@@ -56,10 +56,10 @@ pub async fn handle(
 }
 
 async fn forward(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     generation: &Generation,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     request_id: &HeaderValue,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -81,6 +81,8 @@ async fn forward(
     let route = admitted.route;
     let token = pipeline::admit::token(&admitted, log).await?;
 
+    let upgrade = pipeline::upgrade::requested(req.version(), req.headers());
+    let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, incoming) = req.into_parts();
     let uri = upstream_uri(route, &parts.uri)?;
     // HTTP/2 clients name the host in `:authority` rather than `Host` (RFC 9113 §8.3.1).
@@ -100,6 +102,23 @@ async fn forward(
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| crate::http::parse_length(v.as_bytes()));
+    if let (Some(protocol), Some(client)) = (upgrade, on_upgrade) {
+        let has_body = declared.is_some_and(|n| n > 0)
+            || parts.headers.contains_key(http::header::TRANSFER_ENCODING);
+        if has_body {
+            return Err(ProxyError::BadRequest(
+                "an upgrade request with a body is not supported".into(),
+            ));
+        }
+        let request = pipeline::upgrade::UpgradeRequest {
+            method: parts.method.clone(),
+            path_and_query: uri.path_and_query().map_or("/".into(), |p| p.to_string()),
+            headers: plan.encode_headers(&parts.headers, client_host.as_ref(), None),
+            protocol,
+            client,
+        };
+        return pipeline::upgrade::forward(shared, &admitted, request, token, log).await;
+    }
     let stall = generation.config.server.body_read_timeout;
     let incoming = pipeline::stall::StallGuard::new(incoming, stall).boxed();
     let mut head = plan.encode_headers(&parts.headers, client_host.as_ref(), None);
@@ -149,7 +168,7 @@ async fn forward(
     )
     .await;
     let Some(fresh) = fresh else {
-        return Ok(into_proxy_response(response));
+        return Ok(pipeline::egain::inspect(shared, &admitted, response).await);
     };
     drop(response);
     let (again, _) = pipeline::send(
@@ -159,7 +178,7 @@ async fn forward(
         log,
     )
     .await?;
-    Ok(into_proxy_response(again))
+    Ok(pipeline::egain::inspect(shared, &admitted, again).await)
 }
 
 fn upstream_uri(route: &crate::routes::Route, original: &Uri) -> Result<Uri, ProxyError> {
@@ -171,9 +190,4 @@ fn upstream_uri(route: &crate::routes::Route, original: &Uri) -> Result<Uri, Pro
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
-}
-
-fn into_proxy_response(response: Response<Incoming>) -> Response<ProxyBody> {
-    let (parts, body) = response.into_parts();
-    Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed())
 }

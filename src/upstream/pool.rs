@@ -72,7 +72,16 @@ fn is_quiet(stream: &TcpStream) -> bool {
 /// Opens a new connection to `authority` (port 80 when none is given), trying each resolved
 /// address in turn within `timeout`.
 pub async fn connect(authority: &Authority, timeout: Duration) -> io::Result<TcpStream> {
-    let port = authority.port_u16().unwrap_or(80);
+    connect_to(authority, 80, timeout).await
+}
+
+/// As `connect`, with `default_port` when the authority names none.
+pub async fn connect_to(
+    authority: &Authority,
+    default_port: u16,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let port = authority.port_u16().unwrap_or(default_port);
     let host = authority.host();
     let literal = host.trim_start_matches('[').trim_end_matches(']');
     let attempt = async {

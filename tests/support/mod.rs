@@ -2,6 +2,7 @@
 //! in-process on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod raw;
 pub mod redis_server;
 pub mod tls;
@@ -104,10 +105,13 @@ pub enum Reply {
 }
 
 pub type Behaviour = Box<dyn Fn(usize) -> Reply + Send + Sync>;
+/// A behaviour that reads the request (its form, headers).
+pub type RequestBehaviour = Arc<dyn Fn(&TokenRequest) -> Reply + Send + Sync>;
 
 struct TokenState {
     requests: Mutex<Vec<TokenRequest>>,
     behaviour: Mutex<Arc<Behaviour>>,
+    by_request: Mutex<Option<RequestBehaviour>>,
     /// token -> expiry, for upstreams that check what they receive.
     issued: Mutex<HashMap<String, Instant>>,
     counter: AtomicUsize,
@@ -125,6 +129,7 @@ impl TokenServer {
         let state = Arc::new(TokenState {
             requests: Mutex::new(Vec::new()),
             behaviour: Mutex::new(Arc::new(Box::new(behaviour))),
+            by_request: Mutex::new(None),
             issued: Mutex::new(HashMap::new()),
             counter: AtomicUsize::new(0),
         });
@@ -152,6 +157,14 @@ impl TokenServer {
 
     pub fn set_behaviour(&self, behaviour: impl Fn(usize) -> Reply + Send + Sync + 'static) {
         *self.state.behaviour.lock().unwrap() = Arc::new(Box::new(behaviour));
+    }
+
+    /// Answers by looking at each request; wins over the numbered behaviour.
+    pub fn answer_by_request(
+        &self,
+        behaviour: impl Fn(&TokenRequest) -> Reply + Send + Sync + 'static,
+    ) {
+        *self.state.by_request.lock().unwrap() = Some(Arc::new(behaviour));
     }
 
     pub fn requests(&self) -> Vec<TokenRequest> {
@@ -197,13 +210,15 @@ async fn token_reply(state: &TokenState, req: Request<Incoming>) -> Response<Pro
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     };
+    let by_request = state.by_request.lock().unwrap().clone();
+    let first = by_request.map(|b| b(&record));
     let n = {
         let mut requests = state.requests.lock().unwrap();
         requests.push(record);
         requests.len() - 1
     };
     let behaviour = Arc::clone(&state.behaviour.lock().unwrap());
-    let mut reply = behaviour(n);
+    let mut reply = first.unwrap_or_else(|| behaviour(n));
     if let Reply::Slow(d) = reply {
         tokio::time::sleep(d).await;
         reply = Reply::Token { ttl: Some(3600) };

@@ -40,6 +40,11 @@ impl On {
         }
     }
 
+    /// The CA that signed the proxy's certificate (TLS transports).
+    pub fn ca(&self) -> &TestCa {
+        &self.ca
+    }
+
     /// `[server]` (with `[server.tls]` for TLS) and `[admin]` on ephemeral loopback ports.
     /// Further `[server]` keys cannot follow it; tables can.
     pub fn head(&self) -> String {

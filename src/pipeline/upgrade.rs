@@ -1,0 +1,355 @@
+//! Upgrades (contract §11): an HTTP/1.1 request with `Connection: upgrade` and `Upgrade`
+//! (a WebSocket handshake, typically) goes through the same admission, route, path rules
+//! and token as any request, on a connection of its own to the upstream (HTTP/1.1 forced by
+//! ALPN, since h2 has no Upgrade). A `101` switches both sides to a byte tunnel until either
+//! side closes; any other answer passes through like a normal response, after the 401 rule.
+//! Tunnels are counted while open and closed at the end of the shutdown grace period.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderValue, CONNECTION, HOST, UPGRADE};
+use http::{Request, Response, StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::finish::{upstream_failed, UpstreamFailure};
+use super::{headers, replay, Admitted, RequestLog};
+use crate::error::ProxyError;
+use crate::metrics::RouteLabels;
+use crate::routes::Route;
+use crate::state::Shared;
+use crate::token::AccessToken;
+use crate::ProxyBody;
+
+/// The protocol an HTTP/1.1 request asks to switch to: its `Upgrade` value when its
+/// `Connection` lists `upgrade`. h2 has no Upgrade (RFC 9113 §8.2.2).
+pub fn requested(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let listed = headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| crate::http::list_items(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"upgrade")));
+    let mut upgrade = headers.get_all(UPGRADE).iter();
+    match (listed, upgrade.next(), upgrade.next()) {
+        (true, Some(value), None) if !value.is_empty() => Some(value.clone()),
+        _ => None,
+    }
+}
+
+/// Open tunnels, and the signal that closes them at the end of a shutdown.
+pub struct Tunnels {
+    open: AtomicUsize,
+    closed: tokio::sync::Notify,
+    close: watch::Sender<bool>,
+}
+
+impl Default for Tunnels {
+    fn default() -> Self {
+        Tunnels {
+            open: AtomicUsize::new(0),
+            closed: tokio::sync::Notify::new(),
+            close: watch::Sender::new(false),
+        }
+    }
+}
+
+impl Tunnels {
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no tunnel is open.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes every open tunnel (the end of the shutdown grace period).
+    pub fn close_all(&self) {
+        self.close.send_replace(true);
+    }
+}
+
+/// Counts one open tunnel in `Tunnels` and `egain_proxy_inflight_requests`.
+struct TunnelGuard {
+    shared: Arc<Shared>,
+}
+
+impl TunnelGuard {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.tunnels.open.fetch_add(1, Ordering::SeqCst);
+        shared.metrics.inflight.inc();
+        TunnelGuard { shared }
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.shared.metrics.inflight.dec();
+        self.shared.tunnels.open.fetch_sub(1, Ordering::SeqCst);
+        self.shared.tunnels.closed.notify_waiters();
+    }
+}
+
+/// What the transport hands over: the request line, the header map the plan made for the
+/// upstream (without Authorization), the protocol asked for, and the client side of the
+/// connection once hyper has sent the 101.
+pub(crate) struct UpgradeRequest {
+    pub method: http::Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub protocol: HeaderValue,
+    pub client: OnUpgrade,
+}
+
+pub(crate) async fn forward(
+    shared: &Arc<Shared>,
+    admitted: &Admitted<'_>,
+    request: UpgradeRequest,
+    token: Option<Arc<AccessToken>>,
+    log: &mut RequestLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let route = admitted.route;
+    let mut response = exchange(shared, route, &request, token.as_deref(), log).await?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = response.status().as_u16();
+        // No body to keep: always replayable.
+        if let Some(fresh) =
+            replay::after_answer(shared, admitted, status, token.as_ref(), true, log).await
+        {
+            drop(response);
+            response = exchange(shared, route, &request, Some(&fresh), log).await?;
+        }
+    }
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        headers::remove_hop_by_hop(response.headers_mut());
+        return Ok(super::egain::inspect(shared, admitted, response).await);
+    }
+    // The upstream switched: so does the client, once hyper has written this 101.
+    let upstream_side = hyper::upgrade::on(&mut response);
+    let (mut parts, _) = response.into_parts();
+    let protocol = parts.headers.get(UPGRADE).cloned();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(UPGRADE, protocol.unwrap_or(request.protocol.clone()));
+    parts
+        .headers
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    shared
+        .metrics
+        .upgrades
+        .get_or_create(&RouteLabels {
+            route: route.config.name.clone(),
+        })
+        .inc();
+    let guard = TunnelGuard::new(Arc::clone(shared));
+    let name = route.config.name.clone();
+    let client_side = request.client;
+    tokio::spawn(async move {
+        let _guard = guard;
+        let (client, upstream) = match tokio::join!(client_side, upstream_side) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                let e = c
+                    .err()
+                    .or(u.err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                tracing::debug!(route = %name, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let client = TokioIo::new(client);
+        let upstream = TokioIo::new(upstream);
+        let mut close = _guard.shared.tunnels.close.subscribe();
+        tokio::select! {
+            _ = tunnel(client, upstream) => {}
+            _ = close.wait_for(|c| *c) => {
+                tracing::debug!(route = %name, "tunnel closed by shutdown");
+            }
+        }
+    });
+    Ok(Response::from_parts(parts, crate::error::full("")))
+}
+
+/// One exchange on a new connection of its own: the upgrade request, the answer's head.
+async fn exchange(
+    shared: &Shared,
+    route: &Route,
+    request: &UpgradeRequest,
+    token: Option<&AccessToken>,
+    log: &mut RequestLog,
+) -> Result<Response<hyper::body::Incoming>, ProxyError> {
+    let io = connect(route)
+        .await
+        .map_err(|e| upstream_failed(shared, route, e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, ProxyBody>(TokioIo::new(io))
+        .await
+        .map_err(|e| upstream_failed(shared, route, UpstreamFailure::Protocol(e.to_string())))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upgrade connection ended with an error");
+        }
+    });
+    let mut outgoing = Request::new(crate::error::full(""));
+    *outgoing.method_mut() = request.method.clone();
+    *outgoing.uri_mut() = request
+        .path_and_query
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
+    let headers = outgoing.headers_mut();
+    *headers = request.headers.clone();
+    if let Ok(host) = HeaderValue::from_str(route.config.upstream.authority.as_str()) {
+        headers.insert(HOST, host);
+    }
+    headers.insert(UPGRADE, request.protocol.clone());
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(t) = token {
+        headers.insert(http::header::AUTHORIZATION, t.header.clone());
+    }
+    let response =
+        match tokio::time::timeout(route.config.timeout, sender.send_request(outgoing)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let what = format!("connection failed: {}", crate::error::chain(&e));
+                return Err(upstream_failed(
+                    shared,
+                    route,
+                    UpstreamFailure::Protocol(what),
+                ));
+            }
+            Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
+        };
+    log.upstream_status = Some(response.status().as_u16());
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let fields = response
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+        if let Err(what) = crate::http::response_framing(false, response.status().as_u16(), fields)
+        {
+            let what = format!("invalid response: {what}");
+            return Err(upstream_failed(
+                shared,
+                route,
+                UpstreamFailure::Protocol(what),
+            ));
+        }
+    }
+    Ok(response)
+}
+
+/// Moves bytes both ways until either side closes: when one direction ends, the other side's
+/// write half is shut down, the other direction gets a moment to finish, and both close.
+async fn tunnel<A, B>(a: A, b: B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let a_to_b = async {
+        let r = tokio::io::copy(&mut a_read, &mut b_write).await;
+        let _ = b_write.shutdown().await;
+        r
+    };
+    let b_to_a = async {
+        let r = tokio::io::copy(&mut b_read, &mut a_write).await;
+        let _ = a_write.shutdown().await;
+        r
+    };
+    tokio::pin!(a_to_b, b_to_a);
+    tokio::select! {
+        _ = &mut a_to_b => { let _ = tokio::time::timeout(LINGER, b_to_a).await; }
+        _ = &mut b_to_a => { let _ = tokio::time::timeout(LINGER, a_to_b).await; }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A new connection to the route's upstream: TCP, and TLS offering only http/1.1 for
+/// `https://` (certificate checked against the upstream's host name).
+async fn connect(route: &Route) -> Result<Box<dyn Io>, UpstreamFailure> {
+    let target = &route.config.upstream;
+    let tcp = crate::upstream::pool::connect_to(
+        &target.authority,
+        default_port(&target.scheme),
+        route.config.connect_timeout,
+    )
+    .await
+    .map_err(|e| UpstreamFailure::Connect(e.to_string()))?;
+    if target.scheme != http::uri::Scheme::HTTPS {
+        return Ok(Box::new(tcp));
+    }
+    let tls = crate::tls::client_config(route.config.ca_file.as_deref(), &[b"http/1.1"])
+        .map_err(UpstreamFailure::Connect)?;
+    let host = target
+        .authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| UpstreamFailure::Connect(format!("{host}: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| UpstreamFailure::Connect(format!("TLS: {e}")))?;
+    Ok(Box::new(stream))
+}
+
+fn default_port(scheme: &http::uri::Scheme) -> u16 {
+    if *scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in fields {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn an_upgrade_needs_both_fields_on_http11() {
+        let ws = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(requested(Version::HTTP_11, &ws).unwrap(), "websocket");
+        assert!(requested(Version::HTTP_2, &ws).is_none());
+        assert!(requested(Version::HTTP_10, &ws).is_none());
+        assert!(requested(Version::HTTP_11, &headers(&[("upgrade", "websocket")])).is_none());
+        assert!(requested(Version::HTTP_11, &headers(&[("connection", "upgrade")])).is_none());
+        let two = headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(requested(Version::HTTP_11, &two).is_none());
+    }
+}

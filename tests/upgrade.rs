@@ -1,0 +1,411 @@
+//! Upgrades (contract §11): WebSocket through the proxy, against a real WebSocket server
+//! (tokio-tungstenite) and a real WebSocket client, over both inbound HTTP/1.1 transports
+//! (plain, where the fast path hands the connection over, and TLS) and both upstream kinds
+//! (ws:// and wss:// with a private CA). h2 has no Upgrade (RFC 9113 §8.2.2).
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::tls::TestCa;
+use support::transport::{On, Transport};
+use support::*;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::Message;
+
+/// What the WebSocket server saw of each handshake.
+type Handshakes = Arc<Mutex<Vec<http::HeaderMap>>>;
+
+/// A WebSocket echo server; `refuse` answers the handshake with that status instead.
+/// With `tls`, it speaks wss:// with a certificate from that CA.
+async fn ws_server(
+    tls: Option<&TestCa>,
+    refuse: Option<u16>,
+) -> (std::net::SocketAddr, Handshakes, AbortOnDrop) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Handshakes = Arc::default();
+    let acceptor = tls.map(|ca| {
+        let (cert, key) = ca.leaf("ws-upstream");
+        tokio_rustls::TlsAcceptor::from(
+            egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap(),
+        )
+    });
+    let record = Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (record, acceptor) = (Arc::clone(&record), acceptor.clone());
+            tokio::spawn(async move {
+                match acceptor {
+                    Some(a) => {
+                        if let Ok(tls) = a.accept(stream).await {
+                            echo(tls, record, refuse).await
+                        }
+                    }
+                    None => echo(stream, record, refuse).await,
+                }
+            });
+        }
+    });
+    (addr, seen, AbortOnDrop(task))
+}
+
+// tungstenite's callback type is fixed.
+#[allow(clippy::result_large_err)]
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    record: Handshakes,
+    refuse: Option<u16>,
+) {
+    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        record.lock().unwrap().push(req.headers().clone());
+        match refuse {
+            Some(status) => {
+                let mut r = ErrorResponse::new(Some(r#"{"code":"403-197"}"#.to_owned()));
+                *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                Err(r)
+            }
+            None => Ok(resp),
+        }
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        return;
+    };
+    while let Some(Ok(message)) = ws.next().await {
+        if message.is_close() {
+            break;
+        }
+        if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+            break;
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A connection to the proxy over `on`'s HTTP/1.1 transport (TLS offering only http/1.1).
+async fn connect(on: &On, proxy: &TestProxy) -> Box<dyn Io> {
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    match on.transport {
+        Transport::TlsH2 => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(rustls::pki_types::CertificateDer::from(
+                    on.ca().ca.der().to_vec(),
+                ))
+                .unwrap();
+            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            Box::new(tls)
+        }
+        _ => Box::new(tcp),
+    }
+}
+
+fn handshake_request(
+    proxy: &TestProxy,
+    path: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut request = format!("ws://{}{path}", proxy.addr)
+        .into_client_request()
+        .unwrap();
+    // The client's own credentials never reach the upstream.
+    request.headers_mut().insert(
+        "authorization",
+        http::HeaderValue::from_static("Bearer the-client-s-own"),
+    );
+    request
+}
+
+/// The same body for both inbound HTTP/1.1 transports and both upstream kinds.
+async fn websocket_round_trip(on: On, tls_upstream: bool) {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream_ca = TestCa::new();
+    let (ws_addr, seen, _server) = ws_server(tls_upstream.then_some(&upstream_ca), None).await;
+    let (scheme, extra) = if tls_upstream {
+        ("https", format!("ca_file = \"{}\"", upstream_ca.ca_file()))
+    } else {
+        ("http", String::new())
+    };
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("portal", &tokens, ""),
+            route(
+                "chat",
+                "/chat",
+                &format!("{scheme}://{ws_addr}"),
+                "portal",
+                &extra
+            )
+        ))
+        .await;
+    proxy.ready().await;
+
+    let io = connect(&on, &proxy).await;
+    let (mut ws, response) =
+        tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws?room=1"), io)
+            .await
+            .expect("the handshake through the proxy failed");
+    assert_eq!(response.status(), 101);
+
+    // Text and binary, small and 1 MiB, both ways.
+    let big_text = "é".repeat(512 * 1024);
+    let big_binary: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    for message in [
+        Message::text("hello"),
+        Message::binary(vec![0u8, 1, 2, 255]),
+        Message::text(big_text),
+        Message::binary(big_binary),
+    ] {
+        ws.send(message.clone()).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no echo")
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, message);
+    }
+    // The metrics see the tunnel while it is open.
+    let metrics = client()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("egain_proxy_upgrades_total{route=\"chat\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("egain_proxy_inflight_requests 1"),
+        "{metrics}"
+    );
+    ws.close(None).await.unwrap();
+
+    // The handshake carried the proxy's token, not the client's, to the route's path.
+    let handshakes = seen.lock().unwrap().clone();
+    assert_eq!(handshakes.len(), 1);
+    let auth = handshakes[0]
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap();
+    assert!(tokens.is_live(Some(auth)), "{auth}");
+    assert_eq!(handshakes[0]["upgrade"], "websocket");
+    assert!(handshakes[0].contains_key("sec-websocket-key"));
+    assert_eq!(handshakes[0]["x-forwarded-proto"], on.proto());
+    eventually(Duration::from_secs(5), || proxy.shared.tunnels.open() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_plain_client_plain_upstream() {
+    websocket_round_trip(On::new(Transport::FastH1), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_plain_client_tls_upstream() {
+    websocket_round_trip(On::new(Transport::FastH1), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_tls_client_plain_upstream() {
+    websocket_round_trip(On::new(Transport::TlsH2), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_tls_client_tls_upstream() {
+    websocket_round_trip(On::new(Transport::TlsH2), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_passes_through() {
+    let tokens = TokenServer::healthy(3600).await;
+    let (ws_addr, seen, _server) = ws_server(None, Some(403)).await;
+    let proxy = TestProxy::start(&format!(
+        "{HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("chat", "/chat", &format!("http://{ws_addr}"), "portal", "")
+    ))
+    .await;
+    proxy.ready().await;
+    let io = TcpStream::connect(proxy.addr).await.unwrap();
+    let err = tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws"), io)
+        .await
+        .unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(response) = err else {
+        panic!("expected the upstream's HTTP answer, got {err:?}");
+    };
+    assert_eq!(response.status(), 403);
+    let body = response.body().clone().unwrap_or_default();
+    assert_eq!(String::from_utf8_lossy(&body), r#"{"code":"403-197"}"#);
+    assert_eq!(seen.lock().unwrap().len(), 1, "a 403 is not replayed");
+    assert_eq!(proxy.shared.tunnels.open(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_refused_with_401_is_replayed_with_a_fresh_token() {
+    let tokens = TokenServer::healthy(3600).await;
+    let (ws_addr, seen, _server) = ws_server(None, None).await;
+    // A front that answers 401 to tokens the token server no longer honours, as eGain does.
+    let t = tokens.clone();
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let _front = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = front.accept().await else {
+                continue;
+            };
+            let t = t.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut head = vec![0u8; 8192];
+                let n = client.read(&mut head).await.unwrap_or(0);
+                let text = String::from_utf8_lossy(&head[..n]).to_string();
+                let auth = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("authorization: ")
+                            .or_else(|| l.strip_prefix("Authorization: "))
+                    })
+                    .map(str::to_owned);
+                if !t.is_live(auth.as_deref()) {
+                    let body = r#"{"code":"401-104"}"#;
+                    let _ = client
+                        .write_all(format!("HTTP/1.1 401 Unauthorized\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n{body}", body.len()).as_bytes())
+                        .await;
+                    return;
+                }
+                let mut upstream = TcpStream::connect(ws_addr).await.unwrap();
+                upstream.write_all(&head[..n]).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    }));
+    let proxy = TestProxy::start(&format!(
+        "{HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route(
+            "chat",
+            "/chat",
+            &format!("http://{front_addr}"),
+            "portal",
+            ""
+        )
+    ))
+    .await;
+    proxy.ready().await;
+    tokens.revoke_all();
+    let io = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws"), io)
+        .await
+        .expect("the replayed handshake failed");
+    ws.send(Message::text("after replay")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("after replay")
+    );
+    assert_eq!(tokens.count(), 2);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_close_at_the_end_of_the_shutdown_grace_period() {
+    let tokens = TokenServer::healthy(3600).await;
+    let (ws_addr, _seen, _server) = ws_server(None, None).await;
+    let proxy = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("chat", "/chat", &format!("http://{ws_addr}"), "portal", "")
+    ))
+    .await;
+    proxy.ready().await;
+    let io = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws"), io)
+        .await
+        .unwrap();
+    assert_eq!(proxy.shared.tunnels.open(), 1);
+    let shared = Arc::clone(&proxy.shared);
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(proxy.stop());
+    // During the grace period the tunnel still works.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("still here")
+    );
+    // Then it is closed: the client sees the end of the stream.
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(m)) if !m.is_close() => continue,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the tunnel outlived the shutdown");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed before the grace period: {waited:?}"
+    );
+    stopping.await.unwrap();
+    assert_eq!(shared.tunnels.open(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mock_egain_chat_socket_checks_the_bearer() {
+    use egain_proxy::mock::{MockEgain, MockOptions};
+    let mock = MockEgain::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
+        .await
+        .unwrap();
+    let proxy = TestProxy::start(&egain_proxy::demo::config_text(&mock, 0)).await;
+    proxy.ready().await;
+    let io = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        handshake_request(&proxy, "/knowledge/portalmgr/v4/chat"),
+        io,
+    )
+    .await
+    .unwrap();
+    let hello = ws.next().await.unwrap().unwrap();
+    assert!(hello.to_text().unwrap().contains("client_app"), "{hello:?}");
+    ws.send(Message::text("ping")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("ping"));
+    assert_eq!(mock.upgrades(), 1);
+    // Straight to the mock without a token: refused like any API call.
+    let io = TcpStream::connect(mock.addr()).await.unwrap();
+    let request = format!("ws://{}/knowledge/portalmgr/v4/chat", mock.addr())
+        .into_client_request()
+        .unwrap();
+    let err = tokio_tungstenite::client_async(request, io)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 401),
+        "{err:?}"
+    );
+}
