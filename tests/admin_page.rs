@@ -247,14 +247,7 @@ async fn the_page_is_one_self_contained_document_only_on_the_admin_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_has_what_the_page_draws() {
     let (proxy, ..) = scene().await;
-    let status: serde_json::Value = client()
-        .get(proxy.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = proxy.status_json().await;
     let chat = &status["profiles"]["chat"];
     assert_eq!(chat["state"], "failed");
     assert_eq!(chat["oauth_error"], "invalid_client");
@@ -298,14 +291,7 @@ async fn status_has_what_the_page_draws() {
             .status(),
         400
     );
-    let status: serde_json::Value = client()
-        .get(proxy.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = proxy.status_json().await;
     assert_eq!(status["reload"]["outcome"], "error");
     assert!(status["reload"]["error"]
         .as_str()

@@ -42,18 +42,7 @@ async fn scope_error_passes_through_untouched_and_is_counted(on: On) {
     let proxy = on.proxy_for(&tokens, &upstream, "", "").await;
     proxy.ready().await;
     let client = on.client();
-    let admin = support::client();
-    let metrics = || async {
-        admin
-            .get(proxy.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    assert_eq!(scope_errors(&metrics().await), 0.0);
+    assert_eq!(scope_errors(&proxy.metrics_text().await), 0.0);
     for _ in 0..2 {
         let r = client
             .get(on.url(&proxy, "/knowledge/contentmgr/v4/articles"))
@@ -66,7 +55,7 @@ async fn scope_error_passes_through_untouched_and_is_counted(on: On) {
     }
     // Another 403 code is passed through and not counted.
     assert_eq!(status(client.get(on.url(&proxy, "/other"))).await, 403);
-    assert_eq!(scope_errors(&metrics().await), 2.0);
+    assert_eq!(scope_errors(&proxy.metrics_text().await), 2.0);
     // Never replayed, and the token was not thrown away.
     assert_eq!(upstream.seen().len(), 3);
     assert_eq!(tokens.count(), 1);

@@ -83,15 +83,7 @@ fn bearer(proxy: &TestProxy) -> Option<String> {
 }
 
 async fn cache_status(proxy: &TestProxy) -> serde_json::Value {
-    let s: serde_json::Value = client()
-        .get(proxy.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    s["token_cache"].clone()
+    proxy.status_json().await["token_cache"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,29 +142,14 @@ async fn three_replicas_share_one_token_and_redis_reveals_nothing() {
     assert!((3_500_000..=3_600_000).contains(&ttl), "Redis TTL {ttl} ms");
 
     // Operators see the cache, and which replicas took the token rather than fetching.
-    let status: serde_json::Value = client
-        .get(replicas[0].admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(status["token_cache"]["state"], "up");
-    assert_eq!(status["token_cache"]["key_prefix"], PREFIX);
+    let cache = cache_status(&replicas[0]).await;
+    assert_eq!(cache["state"], "up");
+    assert_eq!(cache["key_prefix"], PREFIX);
     let sources: Vec<String> = {
         let mut v = Vec::new();
         for p in &replicas {
-            let s: serde_json::Value = client
-                .get(p.admin_url("/status"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
             v.push(
-                s["profiles"]["portal"]["token_source"]
+                p.status_json().await["profiles"]["portal"]["token_source"]
                     .as_str()
                     .unwrap()
                     .to_owned(),
@@ -300,14 +277,7 @@ async fn redis_killed_and_restarted_mid_run_every_request_still_answers() {
         "no refresh while Redis was down"
     );
     assert_eq!(cache_status(&replicas[0]).await["state"], "down");
-    let metrics = client()
-        .get(replicas[0].admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = replicas[0].metrics_text().await;
     assert!(
         metrics.lines().any(
             |l| l.starts_with("egain_proxy_token_cache_errors_total{op=\"") && !l.ends_with(" 0")
@@ -370,14 +340,7 @@ async fn garbage_in_redis_is_a_counted_miss_and_gets_overwritten() {
         let next = TestProxy::start(&scene.config("\"knowledge.portalmgr.manage\"")).await;
         next.ready().await;
         assert_eq!(status(client().get(next.url("/x"))).await, 200);
-        let metrics = client()
-            .get(next.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = next.metrics_text().await;
         let decode_errors: f64 = metrics
             .lines()
             .find_map(|l| l.strip_prefix("egain_proxy_token_cache_errors_total{op=\"decode\"} "))

@@ -187,14 +187,7 @@ async fn websocket_round_trip(on: On, tls_upstream: bool) {
         assert_eq!(back, message);
     }
     // The metrics see the tunnel while it is open.
-    let metrics = client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics_text().await;
     assert!(
         metrics.contains("egain_proxy_upgrades_total{route=\"chat\"} 1"),
         "{metrics}"

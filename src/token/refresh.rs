@@ -115,16 +115,7 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
     if matches!(&result, Err(e) if e.oauth_error() == Some("invalid_client"))
         && holder.settings.client_secret.reread()
     {
-        for name in holder.profile_names().iter() {
-            holder
-                .metrics
-                .token_fetches
-                .get_or_create(&FetchLabels {
-                    profile: name.clone(),
-                    outcome: "oauth_error",
-                })
-                .inc();
-        }
+        count_fetch(holder, "oauth_error");
         tracing::warn!(
             profile = %profile,
             "token endpoint answered invalid_client and the secret file has changed: retrying with the new secret"
@@ -136,16 +127,7 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
         Ok(_) => "success",
         Err(e) => e.outcome(),
     };
-    for name in holder.profile_names().iter() {
-        holder
-            .metrics
-            .token_fetches
-            .get_or_create(&FetchLabels {
-                profile: name.clone(),
-                outcome,
-            })
-            .inc();
-    }
+    count_fetch(holder, outcome);
     let token = result.and_then(|r| {
         AccessToken::new(&r.access_token, r.lifetime, sent_at, r.scope.clone())
             .map(|t| (t, r.lifetime_source, r))
@@ -252,6 +234,20 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
             holder.changed.notify_waiters();
             Err(delay)
         }
+    }
+}
+
+/// One token request in `egain_proxy_token_fetches_total`, for every profile of the holder.
+fn count_fetch(holder: &TokenHolder, outcome: &'static str) {
+    for name in holder.profile_names().iter() {
+        holder
+            .metrics
+            .token_fetches
+            .get_or_create(&FetchLabels {
+                profile: name.clone(),
+                outcome,
+            })
+            .inc();
     }
 }
 

@@ -397,6 +397,30 @@ impl TestProxy {
         format!("http://{}{path}", self.admin.expect("admin listener"))
     }
 
+    /// `GET /status` on the admin listener, parsed.
+    pub async fn status_json(&self) -> serde_json::Value {
+        client()
+            .get(self.admin_url("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /metrics` on the admin listener.
+    pub async fn metrics_text(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Waits until every routed profile has a token.
     pub async fn ready(&self) {
         eventually(Duration::from_secs(10), || {
