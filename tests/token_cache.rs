@@ -487,3 +487,59 @@ async fn the_table_is_reloadable() {
     assert_eq!(cache_status(&proxy).await, serde_json::Value::Null);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_full_redis_means_fetching_alone_and_serving() {
+    let scene = Scene::new(3600).await;
+    let replicas = scene.replicas(1).await;
+    let proxy = &replicas[0];
+    let client = client();
+    assert_eq!(scene.tokens.count(), 1);
+
+    // Slow: Redis stalls for 2 s; every operation gives up after 250 ms.
+    let port = scene.redis.port;
+    let stall = std::thread::spawn(move || {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+        let mut c = c.get_connection().unwrap();
+        let _: redis::RedisResult<redis::Value> =
+            redis::cmd("DEBUG").arg("SLEEP").arg("2").query(&mut c);
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    scene.tokens.revoke_all();
+    let started = Instant::now();
+    assert_eq!(status(client.get(proxy.url("/x"))).await, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited for the stalled Redis"
+    );
+    assert_eq!(scene.tokens.count(), 2);
+    assert_eq!(cache_status(proxy).await["state"], "down");
+    tokio::task::spawn_blocking(move || stall.join().unwrap())
+        .await
+        .unwrap();
+
+    // Full: writes are refused (OOM); a replica starting now fetches its own token, keeps
+    // it, and serves.
+    scene.redis.command(&["FLUSHALL"]);
+    scene.redis.command(&["CONFIG", "SET", "maxmemory", "1"]);
+    scene
+        .redis
+        .command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let late = scene.replicas(1).await.pop().unwrap();
+    assert_eq!(status(client.get(late.url("/x"))).await, 200);
+    assert_eq!(scene.tokens.count(), 3);
+    let metrics = late.metrics_text().await;
+    let set_errors = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("egain_proxy_token_cache_errors_total{op=\"lock\"}")
+                || l.starts_with("egain_proxy_token_cache_errors_total{op=\"set\"}")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(
+        set_errors >= 1.0,
+        "the refused write was not counted:\n{metrics}"
+    );
+    assert!(scene.redis.dump(PREFIX).is_empty());
+}

@@ -53,6 +53,8 @@ impl RedisServer {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            // For tests that make Redis slow (DEBUG SLEEP).
+            .args(["--enable-debug-command", "local"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -119,6 +121,16 @@ impl RedisServer {
     pub fn set(&self, key: &str, value: &[u8]) {
         let mut c = self.client().get_connection().unwrap();
         let _: () = redis::cmd("SET").arg(key).arg(value).query(&mut c).unwrap();
+    }
+
+    /// Runs one command and ignores its answer.
+    pub fn command(&self, args: &[&str]) {
+        let mut c = self.client().get_connection().unwrap();
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let _: redis::Value = cmd.query(&mut c).unwrap();
     }
 
     pub fn pttl(&self, key: &str) -> i64 {
