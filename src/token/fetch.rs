@@ -489,6 +489,7 @@ mod tests {
             extra_params: vec![("audience".into(), "x y".into())],
             extra_headers: vec![],
             default_ttl: TTL,
+            egress: None,
         }
     }
 
