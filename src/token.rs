@@ -375,7 +375,7 @@ pub fn token_client(settings: &TokenSettings) -> Result<reqwest::Client, String>
     let tls = crate::tls::client_config(settings.ca_file.as_deref(), &[b"http/1.1"])?;
     // Whether to use a proxy was decided with the config (`config::egress`, the rule upstream
     // calls follow too): reqwest's own reading of the environment is off, and the decision is
-    // given to it explicitly. The credentials go as a sensitive header, never inside the
+    // given to it explicitly. The credentials go as a sensitive header rather than inside the
     // proxy URL, which reqwest writes to its debug log.
     let mut builder = reqwest::Client::builder().no_proxy();
     if let Some(proxy) = &settings.egress {

@@ -127,8 +127,13 @@ async fn handshake(
             .filter(|c| c.is_ascii_graphic() || *c == ' ')
             .take(60)
             .collect();
+        // 407 is the proxy's own "who are you" (RFC 9110 §15.5.8); some proxies (tinyproxy)
+        // answer a CONNECT with wrong credentials 401 instead, which here can only be the
+        // proxy speaking too: no tunnel, so no upstream, has answered yet.
         let hint = match (status, proxy.has_credentials()) {
-            (407, true) => " (the proxy did not accept the credentials in the egress proxy URL)",
+            (401 | 407, true) => {
+                " (the proxy did not accept the credentials in the egress proxy URL)"
+            }
             (407, false) => {
                 " (the proxy requires credentials: give them as http://user:password@host:port)"
             }
