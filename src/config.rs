@@ -556,7 +556,10 @@ profile = "portal"
         let vars = with(&[("https_proxy", "socks5://u:pw@s:1080")]);
         let e = Config::parse(GOOD, Path::new("."), &vars).unwrap_err();
         assert_eq!(e.location, "profiles.customer.token_url");
-        assert!(e.message.contains("https_proxy") && !e.message.contains("pw"), "{e}");
+        assert!(
+            e.message.contains("https_proxy") && !e.message.contains("pw"),
+            "{e}"
+        );
     }
 
     #[test]
