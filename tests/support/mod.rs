@@ -4,6 +4,7 @@
 
 pub mod raw;
 pub mod redis_server;
+pub mod tinyproxy;
 pub mod tls;
 pub mod transport;
 
