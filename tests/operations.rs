@@ -407,6 +407,11 @@ impl Running {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_egain-proxy"));
         cmd.args(["run", "--config", path.to_str().unwrap()])
             .env_remove("RUST_LOG")
+            // Loopback only: no egress proxy from the developer's environment.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
