@@ -48,6 +48,8 @@ HAPROXY=$(command -v haproxy || { [ -x /usr/sbin/haproxy ] && echo /usr/sbin/hap
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 BIN=$PWD/target/release/egain-proxy
+# Everything below is on loopback: no egress proxy from the environment (README, "Egress proxy").
+unset HTTPS_PROXY https_proxy HTTP_PROXY http_proxy NO_PROXY no_proxy
 
 work=$(mktemp -d)
 pids=()

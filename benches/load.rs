@@ -191,6 +191,11 @@ async fn start_proxy(mock: &MockEgain, upstream: SocketAddr, pin: bool) -> Proxy
     };
     let child = cmd
         .args(["run", "--config", path.to_str().expect("utf-8 path")])
+        // Loopback only: no egress proxy from the environment.
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -134,6 +134,7 @@ fn settings() -> TokenSettings {
         extra_params: vec![],
         extra_headers: vec![],
         default_ttl: Duration::from_secs(300),
+        egress: None,
     }
 }
 

@@ -7,6 +7,8 @@
 # Everything listens on free loopback ports and stops when the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Everything here is on loopback: no egress proxy from the environment (README, "Egress proxy").
+unset HTTPS_PROXY https_proxy HTTP_PROXY http_proxy NO_PROXY no_proxy
 BIN=${BIN:-target/release/egain-proxy}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-20}
 command -v redis-server >/dev/null || { echo "install redis-server (apt-get install redis-server)"; exit 1; }

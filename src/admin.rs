@@ -191,6 +191,11 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         let status = holder.status();
         let token = holder.current();
         let settings = &holder.settings;
+        let egress_from = generation
+            .config
+            .profiles
+            .get(name)
+            .map(|p| p.egress_from.as_str());
         profiles.insert(
             name.clone(),
             json!({
@@ -198,6 +203,8 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "state": holder.state().as_str(),
                 "token_url": settings.token_url,
                 "scopes": settings.scopes,
+                "egress_proxy": settings.egress.as_ref().map_or_else(|| "direct".to_owned(), |p| p.redacted()),
+                "egress_from": egress_from,
                 "used_by_routes": generation.config.uses_profile(name),
                 "shares_token_with": holder.profile_names().iter().filter(|n| *n != name).collect::<Vec<_>>(),
                 "token_fingerprint": token.as_ref().map(|t| t.fingerprint.clone()),
@@ -233,6 +240,8 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "methods": c.methods.as_ref().map(|m| m.iter().map(|m| m.to_string()).collect::<Vec<_>>()),
                 "upstream": format!("{}://{}{}", c.upstream.scheme, c.upstream.authority, c.upstream.base_path),
                 "profile": c.profile.as_deref().unwrap_or("none"),
+                "egress_proxy": c.egress.describe(),
+                "egress_from": c.egress.from,
                 "strip_prefix": c.strip_prefix,
                 "recent": shared.metrics.recent.snapshot(&c.name),
             })
@@ -251,6 +260,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         })),
         "profiles": profiles,
         "routes": routes,
+        "egress_proxy": egress_summary(&generation.config),
         "token_cache": generation.token_cache.as_ref().map(|c| {
             let (state, error, since) = match c.health() {
                 Health::Unknown => ("connecting", None, None),
@@ -267,6 +277,53 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             })
         }),
     })
+}
+
+/// The egress proxy environment and where each route's and profile's traffic goes, flat for
+/// the admin page; `null` when no proxy is configured anywhere.
+fn egress_summary(config: &crate::config::Config) -> serde_json::Value {
+    let env = &config.egress_env;
+    let proxied = config.routes.iter().any(|r| r.egress.proxy.is_some())
+        || config.profiles.values().any(|p| p.token.egress.is_some());
+    if env.is_empty() && !proxied {
+        return serde_json::Value::Null;
+    }
+    let var = |v: &Option<crate::config::egress::EnvProxy>| match v {
+        None => "not set".to_owned(),
+        Some(v) => match &v.proxy {
+            Ok(p) => format!("{} (from {})", p.redacted(), v.name),
+            Err(e) => format!("unusable (from {}): {e}", v.name),
+        },
+    };
+    let mut out = serde_json::Map::new();
+    out.insert("HTTPS_PROXY".into(), var(&env.https).into());
+    out.insert("HTTP_PROXY".into(), var(&env.http).into());
+    out.insert(
+        "NO_PROXY".into(),
+        match &env.no_proxy {
+            Some((name, list)) => format!("{} (from {name})", list.raw),
+            None => "not set".to_owned(),
+        }
+        .into(),
+    );
+    for r in &config.routes {
+        out.insert(
+            format!("route {}", r.name),
+            format!("{} ({})", r.egress.describe(), r.egress.from).into(),
+        );
+    }
+    for (name, p) in &config.profiles {
+        let via = p
+            .token
+            .egress
+            .as_ref()
+            .map_or_else(|| "direct".to_owned(), |p| p.redacted());
+        out.insert(
+            format!("profile {name}"),
+            format!("{via} ({})", p.egress_from).into(),
+        );
+    }
+    serde_json::Value::Object(out)
 }
 
 fn rfc3339(t: std::time::SystemTime) -> String {

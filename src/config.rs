@@ -5,6 +5,7 @@
 //! 2. `${VAR}` interpolation of every string value (key path),
 //! 3. shape and validation (`deny_unknown_fields`, key path via `serde_path_to_error`).
 
+pub mod egress;
 mod resolve;
 pub mod secrets;
 
@@ -19,6 +20,7 @@ use http::{Method, Uri};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use egress::{Egress, EgressEnv, EgressProxy};
 pub use resolve::{is_loopback_host, prefix_scope};
 pub use secrets::{ClientSecret, Secret};
 
@@ -120,6 +122,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[token_cache]`: tokens shared with other replicas through Redis.
     pub token_cache: Option<TokenCacheConfig>,
+    /// The proxy variables of the environment the config was read with (contract §12).
+    pub egress_env: EgressEnv,
 }
 
 /// `[token_cache]` (contract §10).
@@ -231,12 +235,16 @@ pub struct TokenSettings {
     pub extra_params: Vec<(String, String)>,
     pub extra_headers: Vec<(String, String)>,
     pub default_ttl: Duration,
+    /// The forward proxy token requests go through; `None`: direct (`config::egress`).
+    pub egress: Option<std::sync::Arc<EgressProxy>>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ProfileConfig {
     pub name: String,
     pub token: TokenSettings,
+    /// Why token requests go the way `token.egress` says (for `/status` and `check`).
+    pub egress_from: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,6 +271,8 @@ pub struct RouteConfig {
     pub connect_timeout: Duration,
     pub retry_on_401: bool,
     pub ca_file: Option<PathBuf>,
+    /// Where upstream connections go: through a forward proxy or direct, and why.
+    pub egress: Egress,
 }
 
 impl Config {
@@ -313,7 +323,7 @@ impl Config {
             let message = e.into_inner().to_string();
             ConfigError::at(path, message.lines().next().unwrap_or_default().to_owned())
         })?;
-        resolve(raw, base)
+        resolve(raw, base, env)
     }
 
     pub fn uses_profile(&self, name: &str) -> bool {
@@ -482,6 +492,73 @@ profile = "portal"
         assert_eq!(e.location, "routes[0].upstream");
         assert!(
             parse(&GOOD.replace("https://api.ai.egain.cloud/base/", "http://127.0.0.1:9/")).is_ok()
+        );
+    }
+
+    #[test]
+    fn egress_proxy_settings_are_checked_with_key_paths() {
+        let profile_line = "scopes = [\"knowledge.portalmgr.manage\"]";
+        let e = parse(&GOOD.replace(
+            profile_line,
+            "scopes = []\negress_proxy = \"https://u:${SECRET}@p:443\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.location, "profiles.portal.egress_proxy");
+        assert!(e.message.contains("https:// egress proxies"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let route_line = "profile = \"portal\"";
+        let e = parse(&GOOD.replace(
+            route_line,
+            "profile = \"portal\"\negress_proxy = \"p.corp:3128\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.location, "routes[0].egress_proxy");
+        assert!(e.message.contains("http:// URL"), "{e}");
+
+        let c = parse(&GOOD.replace(
+            route_line,
+            "profile = \"portal\"\negress_proxy = \"http://u:${SECRET}@P.corp:3128\"",
+        ))
+        .unwrap();
+        let egress = &c.routes[0].egress;
+        assert_eq!(egress.describe(), "http://u:***@p.corp:3128");
+        assert_eq!(egress.from, "routes[0].egress_proxy");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        // The route's setting is the route's: profiles follow the (empty) environment.
+        assert!(c.profiles["portal"].token.egress.is_none());
+
+        // The environment, through the same look-up as `${VAR}`.
+        let with = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+                    .or_else(|| env(name))
+            }
+        };
+        let vars = with(&[
+            ("HTTPS_PROXY", "http://corp-proxy:3128"),
+            ("NO_PROXY", "api.ai.egain.cloud"),
+        ]);
+        let c = Config::parse(GOOD, Path::new("."), &vars).unwrap();
+        assert_eq!(
+            c.profiles["portal"].token.egress.as_ref().map(|p| p.url()),
+            Some("http://corp-proxy:3128".into())
+        );
+        assert_eq!(c.profiles["portal"].egress_from, "HTTPS_PROXY");
+        assert!(c.profiles["customer"].token.egress.is_none());
+        assert_eq!(
+            c.profiles["customer"].egress_from,
+            "NO_PROXY (\"api.ai.egain.cloud\")"
+        );
+        assert!(c.routes[0].egress.proxy.is_none());
+
+        let vars = with(&[("https_proxy", "socks5://u:pw@s:1080")]);
+        let e = Config::parse(GOOD, Path::new("."), &vars).unwrap_err();
+        assert_eq!(e.location, "profiles.customer.token_url");
+        assert!(
+            e.message.contains("https_proxy") && !e.message.contains("pw"),
+            "{e}"
         );
     }
 

@@ -24,6 +24,7 @@ token_url = "{token_url}"
 client_id = "{app_id}"
 client_secret = "{app_secret}"
 scopes = ["knowledge.portalmgr.manage"]
+egress_proxy = "none"              # all loopback: never through a corporate HTTPS_PROXY
 
 [profiles.customer]
 kind = "anonymous_customer"
@@ -32,12 +33,14 @@ token_url = "{anon_url}"
 client_id = "{anon_id}"
 client_secret = "{anon_secret}"
 scopes = ["knowledge.portalmgr.read"]
+egress_proxy = "none"
 
 [[routes]]
 name = "portal"
 path_prefix = "/knowledge/"
 upstream = "{base}"
 profile = "portal"
+egress_proxy = "none"
 
 [[routes]]
 name = "customer"
@@ -45,6 +48,7 @@ path_prefix = "/customer/"
 strip_prefix = true
 upstream = "{base}"
 profile = "customer"
+egress_proxy = "none"
 "#,
         token_url = mock.client_app_token_url(),
         anon_url = mock.anonymous_token_url(),

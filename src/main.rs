@@ -146,10 +146,14 @@ fn check(path: &std::path::Path) -> ExitCode {
     for (name, p) in &config.profiles {
         let t = &p.token;
         println!(
-            "profile  {name}: {} {} scopes [{}]",
+            "profile  {name}: {} {} scopes [{}]{}",
             t.kind.as_str(),
             t.token_url,
-            t.scopes.join(" ")
+            t.scopes.join(" "),
+            t.egress
+                .as_ref()
+                .map(|e| format!(" via {e} ({})", p.egress_from))
+                .unwrap_or_default()
         );
         if !config.uses_profile(name) {
             println!("         (not used by any route)");
@@ -158,7 +162,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     for r in &config.routes {
         let u = &r.upstream;
         println!(
-            "route    {}: {}{} -> {}://{}{}{} (profile {})",
+            "route    {}: {}{} -> {}://{}{}{} (profile {}){}",
             r.name,
             r.path_prefix,
             r.host
@@ -174,10 +178,34 @@ fn check(path: &std::path::Path) -> ExitCode {
                 ""
             },
             r.profile.as_deref().unwrap_or("none"),
+            r.egress
+                .proxy
+                .as_ref()
+                .map(|e| format!(" via {e} ({})", r.egress.from))
+                .unwrap_or_default()
         );
     }
     if config.routes.is_empty() {
         println!("warning  no routes: every request will get 404");
+    }
+    let env = &config.egress_env;
+    if !env.is_empty() {
+        let var = |v: &Option<egain_proxy::config::egress::EnvProxy>| match v {
+            None => "not set".to_owned(),
+            Some(v) => match &v.proxy {
+                Ok(p) => format!("{} ({})", p.redacted(), v.name),
+                Err(_) => format!("unusable ({}; not needed by any route or profile)", v.name),
+            },
+        };
+        println!(
+            "egress   environment: https {}, http {}, no_proxy {}",
+            var(&env.https),
+            var(&env.http),
+            env.no_proxy
+                .as_ref()
+                .map(|(name, list)| format!("{:?} ({name})", list.raw))
+                .unwrap_or_else(|| "not set".to_owned())
+        );
     }
     if let Some(c) = &config.token_cache {
         println!(

@@ -11,12 +11,25 @@ pub struct Route {
     /// `path_prefix` without trailing slashes (`"/a/"` and `"/a"` are the same segment
     /// prefix); empty for `"/"`, which matches every path.
     prefix: String,
+    /// The fast path's pool key (`crate::upstream::Pool`): the upstream authority, and the
+    /// egress proxy with its credentials when connections are tunnels through one, so
+    /// connections made through different proxies, or none, are never shared.
+    pub pool_key: Box<str>,
 }
 
 impl Route {
     pub fn new(config: RouteConfig) -> Self {
         let prefix = config.path_prefix.trim_end_matches('/').to_owned();
-        Route { config, prefix }
+        let authority = config.upstream.authority.as_str();
+        let pool_key = match &config.egress.proxy {
+            None => authority.into(),
+            Some(proxy) => format!("{authority} via {}", proxy.connection_key()).into(),
+        };
+        Route {
+            config,
+            prefix,
+            pool_key,
+        }
     }
 
     /// Segment-aware: prefix `/a` matches `/a` and `/a/x`, never `/ab`.

@@ -368,11 +368,25 @@ impl TokenHolder {
     }
 }
 
-/// The HTTP client for one token endpoint: its own TLS roots (`ca_file`) and timeout.
+/// The HTTP client for one token endpoint: its own TLS roots (`ca_file`), timeout and egress
+/// proxy.
 pub fn token_client(settings: &TokenSettings) -> Result<reqwest::Client, String> {
     // The token endpoint is spoken to over HTTP/1.1; one small POST gains nothing from h2.
     let tls = crate::tls::client_config(settings.ca_file.as_deref(), &[b"http/1.1"])?;
-    reqwest::Client::builder()
+    // Whether to use a proxy was decided with the config (`config::egress`, the rule upstream
+    // calls follow too): reqwest's own reading of the environment is off, and the decision is
+    // given to it explicitly. The credentials go as a sensitive header rather than inside the
+    // proxy URL, which reqwest writes to its debug log.
+    let mut builder = reqwest::Client::builder().no_proxy();
+    if let Some(proxy) = &settings.egress {
+        let mut via =
+            reqwest::Proxy::all(proxy.url()).map_err(|e| format!("egress proxy {proxy}: {e}"))?;
+        if let Some(auth) = proxy.authorization() {
+            via = via.custom_http_auth(auth);
+        }
+        builder = builder.proxy(via);
+    }
+    builder
         .use_preconfigured_tls((*tls).clone())
         .timeout(settings.timeout)
         .connect_timeout(settings.timeout)

@@ -1,11 +1,14 @@
 //! Pooled keep-alive clients to upstreams: HTTP/1.1 or h2 by ALPN over rustls, plain HTTP/1.1
-//! for `http://` upstreams. One client per distinct (ca_file, connect_timeout), shared by
-//! routes and kept across reloads so pools stay warm.
+//! for `http://` upstreams. One client per distinct (ca_file, connect_timeout, egress proxy),
+//! shared by routes and kept across reloads so pools stay warm; routes with different egress
+//! proxies never share a client, so never a connection.
 
+pub mod egress;
 pub mod pool;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_rustls::HttpsConnector;
@@ -13,9 +16,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::Config;
+use crate::config::{Config, EgressProxy};
 use crate::ProxyBody;
 
+pub use egress::EgressConnector;
 pub use pool::Pool;
 
 /// The pool policy both upstream clients follow (the fast path's pool and hyper's): an idle
@@ -24,12 +28,13 @@ pub use pool::Pool;
 /// answer is retried once on a new one when `crate::pipeline::may_retry` allows.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+pub type HttpClient = Client<HttpsConnector<EgressConnector>, ProxyBody>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClientKey {
     ca_file: Option<PathBuf>,
     connect_timeout: Duration,
+    egress: Option<Arc<EgressProxy>>,
 }
 
 #[derive(Clone, Default)]
@@ -47,6 +52,7 @@ impl Upstreams {
             let key = ClientKey {
                 ca_file: route.ca_file.clone(),
                 connect_timeout: route.connect_timeout,
+                egress: route.egress.proxy.clone(),
             };
             if !clients.contains_key(&key) {
                 let client = match previous.and_then(|p| p.clients.get(&key)) {
@@ -77,7 +83,11 @@ fn new_client(key: &ClientKey) -> Result<HttpClient, String> {
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(EgressConnector::new(
+            http,
+            key.egress.clone(),
+            key.connect_timeout,
+        ));
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())

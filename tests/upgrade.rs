@@ -402,3 +402,34 @@ async fn the_mock_egain_chat_socket_checks_the_bearer() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_goes_through_the_routes_egress_proxy() {
+    let tinyproxy = support::tinyproxy::Tinyproxy::start();
+    let tokens = TokenServer::healthy(3600).await;
+    let (ws_addr, seen, _server) = ws_server(None, None).await;
+    let proxy = TestProxy::start(&format!(
+        "{HEAD}{}{}",
+        client_app_profile("portal", &tokens, "egress_proxy = \"none\""),
+        route(
+            "chat",
+            "/chat",
+            &format!("http://{ws_addr}"),
+            "portal",
+            &format!("egress_proxy = \"{}\"", tinyproxy.url())
+        )
+    ))
+    .await;
+    proxy.ready().await;
+    let io = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws"), io)
+        .await
+        .unwrap();
+    ws.send(Message::text("via the proxy")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("via the proxy")
+    );
+    assert_eq!(tinyproxy.connects_to(&ws_addr.to_string()), 1);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}

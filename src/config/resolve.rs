@@ -2,6 +2,7 @@
 //! defaults, eGain specifics (anonymous token URL and scope prefix), secrets, and every check
 //! that names a key path.
 
+use super::egress::{decide, EgressSetting};
 use super::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -105,6 +106,7 @@ struct RawProfile {
     default_ttl: Option<Dur>,
     #[serde(default)]
     allow_insecure_http: bool,
+    egress_proxy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +130,7 @@ struct RawRoute {
     ca_file: Option<PathBuf>,
     #[serde(default)]
     allow_insecure_http: bool,
+    egress_proxy: Option<String>,
 }
 
 /// A duration written as `"250ms"`, `"30s"`, `"5m"`.
@@ -154,7 +157,12 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
-pub(super) fn resolve(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+pub(super) fn resolve(
+    raw: RawConfig,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let egress_env = EgressEnv::read(env);
     let server = resolve_server(raw.server, base)?;
     let admin = match raw.admin {
         None => None,
@@ -182,11 +190,11 @@ pub(super) fn resolve(raw: RawConfig, base: &Path) -> Result<Config, ConfigError
 
     let mut profiles = BTreeMap::new();
     for (name, p) in raw.profiles {
-        profiles.insert(name.clone(), resolve_profile(name, p, base)?);
+        profiles.insert(name.clone(), resolve_profile(name, p, base, &egress_env)?);
     }
     let mut routes = Vec::new();
     for (i, r) in raw.routes.into_iter().enumerate() {
-        let route = resolve_route(i, r, &profiles, &routes, base)?;
+        let route = resolve_route(i, r, &profiles, &routes, base, &egress_env)?;
         routes.push(route);
     }
     let token_cache = raw
@@ -200,7 +208,38 @@ pub(super) fn resolve(raw: RawConfig, base: &Path) -> Result<Config, ConfigError
         profiles,
         routes,
         token_cache,
+        egress_env,
     })
+}
+
+/// `egress_proxy` (at `key`) and the environment, applied to `url` (already validated).
+fn resolve_egress(
+    setting: Option<&str>,
+    key: &str,
+    env: &EgressEnv,
+    url: &str,
+    url_key: &str,
+) -> Result<Egress, ConfigError> {
+    let setting = setting
+        .map(EgressSetting::parse)
+        .transpose()
+        .map_err(|m| ConfigError::at(key, m))?;
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| ConfigError::at(url_key, format!("{url:?} is not a URL")))?;
+    let scheme = uri.scheme_str().unwrap_or("https");
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "http" { 80 } else { 443 });
+    decide(
+        setting.as_ref(),
+        key,
+        env,
+        scheme,
+        uri.host().unwrap_or_default(),
+        port,
+    )
+    .map_err(|m| ConfigError::at(url_key, m))
 }
 
 /// `[token_cache]`: the URL's shape, the prefix, the key file, the timeout.
@@ -361,7 +400,12 @@ fn resolve_server(raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigErr
 }
 
 /// One `[profiles.NAME]`: eGain's flavour, token URL, secret and scopes.
-fn resolve_profile(name: String, p: RawProfile, base: &Path) -> Result<ProfileConfig, ConfigError> {
+fn resolve_profile(
+    name: String,
+    p: RawProfile,
+    base: &Path,
+    env: &EgressEnv,
+) -> Result<ProfileConfig, ConfigError> {
     let file = |p: &Path| in_dir(base, p);
     let at = |key: &str| format!("profiles.{name}.{key}");
     if name == "none" {
@@ -408,6 +452,13 @@ fn resolve_profile(name: String, p: RawProfile, base: &Path) -> Result<ProfileCo
     };
     check_url(&token_url, p.allow_insecure_http, false)
         .map_err(|m| ConfigError::at(at(url_key), m))?;
+    let egress = resolve_egress(
+        p.egress_proxy.as_deref(),
+        &at("egress_proxy"),
+        env,
+        &token_url,
+        &at(url_key),
+    )?;
     let client_secret = match (p.client_secret, p.client_secret_file) {
         (Some(_), Some(_)) => {
             return Err(ConfigError::at(
@@ -490,8 +541,13 @@ fn resolve_profile(name: String, p: RawProfile, base: &Path) -> Result<ProfileCo
         extra_params: p.extra_params.into_iter().collect(),
         extra_headers: p.extra_headers.into_iter().collect(),
         default_ttl,
+        egress: egress.proxy,
     };
-    Ok(ProfileConfig { name, token })
+    Ok(ProfileConfig {
+        name,
+        token,
+        egress_from: egress.from,
+    })
 }
 
 /// One `[[routes]]` entry; `earlier` are the routes before it (names must be unique).
@@ -501,6 +557,7 @@ fn resolve_route(
     profiles: &BTreeMap<String, ProfileConfig>,
     earlier: &[RouteConfig],
     base: &Path,
+    env: &EgressEnv,
 ) -> Result<RouteConfig, ConfigError> {
     let file = |p: &Path| in_dir(base, p);
     let at = |key: &str| format!("routes[{i}].{key}");
@@ -548,6 +605,13 @@ fn resolve_route(
     check_url(&r.upstream, r.allow_insecure_http, true)
         .map_err(|m| ConfigError::at(at("upstream"), m))?;
     let upstream = parse_upstream(&r.upstream).map_err(|m| ConfigError::at(at("upstream"), m))?;
+    let egress = resolve_egress(
+        r.egress_proxy.as_deref(),
+        &at("egress_proxy"),
+        env,
+        &r.upstream,
+        &at("upstream"),
+    )?;
     let methods = match r.methods {
         None => None,
         Some(list) => {
@@ -615,6 +679,7 @@ fn resolve_route(
         connect_timeout: r.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
         retry_on_401: r.retry_on_401.unwrap_or(true),
         ca_file: r.ca_file.map(|c| file(&c)),
+        egress,
     })
 }
 

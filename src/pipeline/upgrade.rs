@@ -288,9 +288,15 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 /// `https://` (certificate checked against the upstream's host name).
 async fn connect(route: &Route) -> Result<Box<dyn Io>, UpstreamFailure> {
     let target = &route.config.upstream;
-    let tcp = crate::upstream::pool::connect_to(
-        &target.authority,
-        default_port(&target.scheme),
+    // Through the route's egress proxy when it has one (a CONNECT tunnel), as every upstream
+    // connection.
+    let tcp = crate::upstream::egress::connect(
+        target.authority.host(),
+        target
+            .authority
+            .port_u16()
+            .unwrap_or(default_port(&target.scheme)),
+        route.config.egress.proxy.as_deref(),
         route.config.connect_timeout,
     )
     .await

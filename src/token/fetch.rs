@@ -153,6 +153,45 @@ pub async fn fetch(
     client: &reqwest::Client,
     s: &TokenSettings,
 ) -> Result<TokenResponse, FetchError> {
+    match (post(client, s).await, &s.egress) {
+        (Err(FetchError::Connect(detail)), Some(proxy)) => {
+            Err(FetchError::Connect(through_proxy(detail, proxy, s).await))
+        }
+        (result, _) => result,
+    }
+}
+
+/// Words a connection failure through the egress proxy as the upstream path does. reqwest's
+/// tunnel error does not carry the proxy's answer, so one `CONNECT` of our own
+/// (`crate::upstream::egress`, the upstreams' handshake) asks the proxy again: its refusal,
+/// with the status, is the explanation; if the tunnel opens, the failure was beyond the
+/// proxy (TLS, the endpoint) and reqwest's own error stands.
+async fn through_proxy(
+    detail: String,
+    proxy: &crate::config::EgressProxy,
+    s: &TokenSettings,
+) -> String {
+    let target = s.token_url.parse::<http::Uri>().ok().and_then(|uri| {
+        let host = uri.host()?.to_owned();
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("http") {
+                80
+            } else {
+                443
+            });
+        Some((host, port))
+    });
+    if let Some((host, port)) = target {
+        let probe = crate::upstream::egress::connect(&host, port, Some(proxy), s.timeout);
+        if let Err(e) = probe.await {
+            return e.to_string();
+        }
+    }
+    format!("{detail} (through the egress proxy {proxy})")
+}
+
+async fn post(client: &reqwest::Client, s: &TokenSettings) -> Result<TokenResponse, FetchError> {
     let mut request = client
         .post(&s.token_url)
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -169,6 +208,14 @@ pub async fn fetch(
         .await
         .map_err(|e| classify(e, s.timeout))?;
     let status = response.status().as_u16();
+    // Only a proxy answers 407 (RFC 9110 §15.5.8): for an http:// token URL the egress proxy
+    // forwards the request rather than tunnel it, and refuses it this way.
+    if let (407, Some(proxy)) = (status, &s.egress) {
+        return Err(FetchError::Connect(format!(
+            "the egress proxy {proxy} answered 407 Proxy Authentication Required{}",
+            proxy_auth_hint(proxy)
+        )));
+    }
     let headers = response.headers().clone();
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| classify(e, s.timeout))? {
@@ -192,6 +239,14 @@ fn classify(e: reqwest::Error, timeout: Duration) -> FetchError {
         return FetchError::BadResponse(detail);
     }
     FetchError::Connect(detail)
+}
+
+fn proxy_auth_hint(proxy: &crate::config::EgressProxy) -> &'static str {
+    if proxy.has_credentials() {
+        " (the proxy did not accept the credentials in the egress proxy URL)"
+    } else {
+        " (the proxy requires credentials: give them as http://user:password@host:port)"
+    }
 }
 
 /// Keeps text from the endpoint printable and short before it reaches logs and 503 messages.
@@ -493,6 +548,7 @@ mod tests {
             extra_params: vec![("audience".into(), "x y".into())],
             extra_headers: vec![],
             default_ttl: TTL,
+            egress: None,
         }
     }
 

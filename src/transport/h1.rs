@@ -124,7 +124,8 @@ struct Connection<IO> {
 /// An upstream response whose head (and first body bytes) went to the client.
 struct Streaming<'g> {
     stream: TcpStream,
-    authority: &'g str,
+    /// Where the connection goes back to (`Route::pool_key`).
+    pool_key: &'g str,
     framing: Framing,
     /// Body bytes still to come (`Framing::Length`).
     remaining: u64,
@@ -306,7 +307,7 @@ where
                 if streaming.reusable {
                     self.shared
                         .h1_pool
-                        .checkin(streaming.authority, streaming.stream);
+                        .checkin(streaming.pool_key, streaming.stream);
                 }
             }
             ResponseBody::Relayed(mut relay) => {
@@ -395,7 +396,7 @@ where
 
         let mut streaming = Streaming {
             stream: answer.stream,
-            authority: route.config.upstream.authority.as_str(),
+            pool_key: &route.pool_key,
             framing: answer.framing,
             remaining: match answer.framing {
                 Framing::Length(n) => n,
@@ -532,12 +533,17 @@ where
             let authority = &route.config.upstream.authority;
             let mut retried = false;
             loop {
-                let (mut stream, reused) = match pool.checkout(authority.as_str()) {
+                let (mut stream, reused) = match pool.checkout(&route.pool_key) {
                     Some(stream) => (stream, true),
                     None => (
-                        crate::upstream::pool::connect(authority, route.config.connect_timeout)
-                            .await
-                            .map_err(|e| UpstreamFailure::Connect(e.to_string()))?,
+                        crate::upstream::egress::connect(
+                            authority.host(),
+                            authority.port_u16().unwrap_or(80),
+                            route.config.egress.proxy.as_deref(),
+                            route.config.connect_timeout,
+                        )
+                        .await
+                        .map_err(|e| UpstreamFailure::Connect(e.to_string()))?,
                         false,
                     ),
                 };

@@ -1,6 +1,7 @@
 //! Keep-alive connections to plain-HTTP upstreams for the fast path: a shared LIFO pool per
-//! upstream authority, used inline by the connection task that needs one (no connection task
-//! and no channel between the client side and the upstream side).
+//! key (`Route::pool_key`: the upstream authority, and the egress proxy its connections go
+//! through), used inline by the connection task that needs one (no connection task and no
+//! channel between the client side and the upstream side).
 
 use std::collections::HashMap;
 use std::io;
@@ -8,10 +9,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use http::uri::Authority;
 use tokio::net::TcpStream;
 
-/// Idle connections kept per upstream authority; more are closed on return.
+/// Idle connections kept per key; more are closed on return.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
 use super::IDLE_TIMEOUT;
 
@@ -26,13 +26,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The most recently used live idle connection to `authority`, if any.
-    pub fn checkout(&self, authority: &str) -> Option<TcpStream> {
+    /// The most recently used live idle connection under `key`, if any.
+    pub fn checkout(&self, key: &str) -> Option<TcpStream> {
         let now = Instant::now();
         loop {
             let idle = {
                 let mut map = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                map.get_mut(authority)?.pop()?
+                map.get_mut(key)?.pop()?
             };
             if now.duration_since(idle.since) < IDLE_TIMEOUT && is_quiet(&idle.stream) {
                 return Some(idle.stream);
@@ -41,12 +41,12 @@ impl Pool {
         }
     }
 
-    pub fn checkin(&self, authority: &str, stream: TcpStream) {
+    pub fn checkin(&self, key: &str, stream: TcpStream) {
         let now = Instant::now();
         let mut map = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = match map.get_mut(authority) {
+        let list = match map.get_mut(key) {
             Some(list) => list,
-            None => map.entry(authority.into()).or_default(),
+            None => map.entry(key.into()).or_default(),
         };
         // The oldest sit at the front: shed those past their time so a burst's leftovers do not
         // linger as half-closed sockets.
@@ -69,20 +69,9 @@ fn is_quiet(stream: &TcpStream) -> bool {
     matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-/// Opens a new connection to `authority` (port 80 when none is given), trying each resolved
-/// address in turn within `timeout`.
-pub async fn connect(authority: &Authority, timeout: Duration) -> io::Result<TcpStream> {
-    connect_to(authority, 80, timeout).await
-}
-
-/// As `connect`, with `default_port` when the authority names none.
-pub async fn connect_to(
-    authority: &Authority,
-    default_port: u16,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
-    let port = authority.port_u16().unwrap_or(default_port);
-    let host = authority.host();
+/// Opens a new connection to `host` (an IPv6 literal may keep its brackets) on `port`,
+/// trying each resolved address in turn within `timeout`.
+pub async fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
     let literal = host.trim_start_matches('[').trim_end_matches(']');
     let attempt = async {
         let addrs: Vec<SocketAddr> = match literal.parse::<IpAddr>() {

@@ -6,6 +6,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The variables that would send the binary's traffic through a forward proxy.
+pub const PROXY_VARS: [&str; 8] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
 pub struct Running {
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
@@ -23,6 +35,10 @@ impl Running {
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // Loopback only: no egress proxy from the developer's environment.
+        for var in PROXY_VARS {
+            cmd.env_remove(var);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -65,6 +81,7 @@ impl Running {
     /// Listener addresses from the JSON start-up logs.
     pub async fn addr(&self, message: &str) -> SocketAddr {
         let line = self.wait_for_log(message).await;
+        assert!(line.starts_with('{'), "not a JSON log line: {line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         v["addr"].as_str().unwrap().parse().unwrap()
     }

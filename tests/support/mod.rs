@@ -5,6 +5,7 @@
 pub mod binary;
 pub mod raw;
 pub mod redis_server;
+pub mod tinyproxy;
 pub mod tls;
 pub mod transport;
 

@@ -35,9 +35,14 @@ impl TestCa {
 
     /// Writes `<name>.pem` and `<name>-key.pem` for 127.0.0.1 and localhost; returns the paths.
     pub fn leaf(&self, name: &str) -> (String, String) {
+        self.leaf_for(name, &["127.0.0.1", "localhost"])
+    }
+
+    /// As `leaf`, valid for exactly `hosts`.
+    pub fn leaf_for(&self, name: &str, hosts: &[&str]) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let params =
-            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
                 .unwrap();
         let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
         let cert_path = self.dir.path().join(format!("{name}.pem"));
