@@ -154,17 +154,6 @@ fn parse(toml: &str, env: &[(&str, String)]) -> Config {
         .unwrap_or_else(|e| panic!("test config: {e}"))
 }
 
-async fn status_json(proxy: &TestProxy) -> Value {
-    client()
-        .get(proxy.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// The proxy's own error for `path`: status and JSON body.
 async fn error_for(client: &reqwest::Client, url: String) -> (u16, Value) {
     let r = client.get(url).send().await.unwrap();
@@ -245,7 +234,7 @@ async fn https_token_request_and_upstream_call_go_through_connect_with_end_to_en
         1
     );
 
-    let status = status_json(&proxy).await;
+    let status = proxy.status_json().await;
     assert_eq!(status["routes"][1]["egress_proxy"], tinyproxy.url());
     assert_eq!(status["routes"][1]["egress_from"], "HTTPS_PROXY");
     assert_eq!(
@@ -411,7 +400,7 @@ async fn no_proxy_and_none_bypass_the_proxy_loopback_does_not_and_reload_applies
         tinyproxy.requests(),
         [format!("CONNECT 127.0.0.1:{} HTTP/1.1", up2.port())]
     );
-    let shown = status_json(&proxy).await;
+    let shown = proxy.status_json().await;
     let routes = &shown["routes"];
     assert_eq!(routes[0]["egress_proxy"], "direct");
     assert_eq!(
@@ -547,14 +536,7 @@ async fn proxy_credentials_work_and_wrong_or_missing_ones_get_a_clear_answer() {
         "{message}"
     );
 
-    let metrics = client
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics_text().await;
     for route in ["wrong", "missing", "down"] {
         let line =
             format!("egain_proxy_upstream_errors_total{{route=\"{route}\",kind=\"connect\"}} 1");
