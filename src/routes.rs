@@ -20,7 +20,15 @@ pub struct Route {
 impl Route {
     pub fn new(config: RouteConfig) -> Self {
         let prefix = config.path_prefix.trim_end_matches('/').to_owned();
-        let authority = config.upstream.authority.as_str();
+        let target = &config.upstream;
+        // Plain connections by authority alone; TLS ones by scheme and the roots that
+        // verified them too (a connection checked against one route's `ca_file` never serves
+        // a route that trusts other roots).
+        let authority = match (target.scheme == http::uri::Scheme::HTTPS, &config.ca_file) {
+            (true, None) => format!("https://{}", target.authority),
+            (true, Some(ca)) => format!("https://{} ca {}", target.authority, ca.display()),
+            (false, _) => target.authority.to_string(),
+        };
         let pool_key = match &config.egress.proxy {
             None => authority.into(),
             Some(proxy) => format!("{authority} via {}", proxy.connection_key()).into(),

@@ -5,6 +5,7 @@
 
 pub mod egress;
 pub mod pool;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -281,8 +281,18 @@ async fn revocation_is_recovered_with_one_token_request_and_replays(on: On) {
             status(client.post(url).body(format!("body-{i}"))).await
         }));
     }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
+    for (i, t) in tasks.into_iter().enumerate() {
+        let status = t.await.unwrap();
+        assert_eq!(
+            status,
+            200,
+            "/r/{i}: {:?}",
+            upstream
+                .seen()
+                .iter()
+                .filter(|s| s.target == format!("/r/{i}"))
+                .count()
+        );
     }
     assert_eq!(
         tokens.count(),

@@ -276,3 +276,61 @@ async fn idempotent_requests_survive_a_reused_connection_closed_under_them() {
         }
     }
 }
+
+/// An `https://` upstream that answers in HTTP/1.1 is served by hyper's client once, then by
+/// the fast path's own TLS connections: pooled (one connection for many requests), with the
+/// client's field names as written (hyper's client would lower-case them), certificate
+/// checked. An h2 upstream stays with hyper (tests/goaway.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_http11_upstream_moves_to_the_fast_paths_pooled_tls_connections() {
+    let ca = support::tls::TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = support::raw::RawUpstream::start_tls(&ca, |_| {
+        support::raw::reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route(
+            "r",
+            "/",
+            &upstream.url(),
+            "p",
+            &format!("ca_file = \"{}\"", ca.ca_file())
+        )
+    ))
+    .await;
+    proxy.ready().await;
+    let mut client = support::raw::Client::connect(&proxy).await;
+    for i in 0..5 {
+        client
+            .send(&format!(
+                "GET /n/{i} HTTP/1.1\r\nHost: app.test\r\nX-Mixed-Case: {i}\r\n\r\n"
+            ))
+            .await;
+        let (head, body) = client.response(false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"ok");
+    }
+    let raw: Vec<String> = upstream
+        .bytes()
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    // hyper's connection carried the first request; one TLS connection of the fast path's
+    // own carried the other four.
+    assert_eq!(upstream.connections(), 2, "{raw:?}");
+    let first = raw.iter().find(|c| c.contains("/n/0")).unwrap();
+    assert!(first.contains("x-mixed-case: 0"), "{first}");
+    let rest = raw.iter().find(|c| c.contains("/n/1")).unwrap();
+    for i in 1..5 {
+        assert!(rest.contains(&format!("GET /n/{i} HTTP/1.1")), "{rest}");
+        assert!(rest.contains(&format!("X-Mixed-Case: {i}")), "{rest}");
+        assert!(
+            rest.contains("authorization: Bearer tok-")
+                || rest.contains("Authorization: Bearer tok-"),
+            "{rest}"
+        );
+    }
+}

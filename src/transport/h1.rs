@@ -34,11 +34,11 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::upstream::stream::UpStream;
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::Method;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::error::ProxyError;
@@ -123,7 +123,7 @@ struct Connection<IO> {
 
 /// An upstream response whose head (and first body bytes) went to the client.
 struct Streaming<'g> {
-    stream: TcpStream,
+    stream: UpStream,
     /// Where the connection goes back to (`Route::pool_key`).
     pool_key: &'g str,
     framing: Framing,
@@ -368,7 +368,13 @@ where
             key_header,
         };
         self.write_request(&plan, head, token.as_deref());
-        if route.config.upstream.scheme != http::uri::Scheme::HTTP {
+        // `http://` upstreams, and `https://` ones known to speak HTTP/1.1, on the fast
+        // path's own pool; the others (h2, or not yet known) through hyper's client.
+        let scheme = &route.config.upstream.scheme;
+        let fast = *scheme == http::uri::Scheme::HTTP
+            || (*scheme == http::uri::Scheme::HTTPS
+                && self.shared.h1_pool.speaks_h1(&route.pool_key));
+        if !fast {
             return self
                 .forward_via_client(&admitted, &plan, head, token.as_ref(), log)
                 .await;
@@ -451,6 +457,12 @@ where
             Ok(answer) => answer,
             Err(e) => return Outcome::Failed(e),
         };
+        // An `https://` upstream that answers in HTTP/1.1 is the fast path's from now on.
+        if response.version() == http::Version::HTTP_11
+            && route.config.upstream.scheme == http::uri::Scheme::HTTPS
+        {
+            self.shared.h1_pool.mark_h1(&route.pool_key);
+        }
         let status = response.status().as_u16();
         if let Some(fresh) =
             replay::after_answer(&self.shared, admitted, status, token, true, log).await
@@ -530,26 +542,20 @@ where
         let pool = &self.shared.h1_pool;
         let timeout = route.config.timeout;
         let attempt = async {
-            let authority = &route.config.upstream.authority;
             let mut retried = false;
             loop {
                 let (mut stream, reused) = match pool.checkout(&route.pool_key) {
                     Some(stream) => (stream, true),
-                    None => (
-                        crate::upstream::egress::connect(
-                            authority.host(),
-                            authority.port_u16().unwrap_or(80),
-                            route.config.egress.proxy.as_deref(),
-                            route.config.connect_timeout,
-                        )
-                        .await
-                        .map_err(|e| UpstreamFailure::Connect(e.to_string()))?,
-                        false,
-                    ),
+                    None => (connect(pool, route).await?, false),
                 };
                 self.up.clear();
                 let mut unwritten = false;
-                let result = match stream.write_all(&self.out).await {
+                let written = async {
+                    stream.write_all(&self.out).await?;
+                    // TLS: the records may still sit in rustls's buffer.
+                    stream.flush().await
+                };
+                let result = match written.await {
                     Ok(()) => {
                         let head_request = head.method == Method::HEAD;
                         let (up, out) = (&mut self.up, &mut self.out);
@@ -627,8 +633,49 @@ enum Outcome<'g> {
     ClientGone,
 }
 
+/// A new connection for the fast path's pool: TCP (through the route's egress proxy, if any),
+/// and for `https://` TLS verified against the upstream's name, offering only http/1.1.
+async fn connect(pool: &crate::upstream::Pool, route: &Route) -> Result<UpStream, UpstreamFailure> {
+    let failed = UpstreamFailure::Connect;
+    let target = &route.config.upstream;
+    let tls = target.scheme == http::uri::Scheme::HTTPS;
+    let default_port = if tls { 443 } else { 80 };
+    let setup = async {
+        let tcp = crate::upstream::egress::connect(
+            target.authority.host(),
+            target.authority.port_u16().unwrap_or(default_port),
+            route.config.egress.proxy.as_deref(),
+            route.config.connect_timeout,
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        if !tls {
+            return Ok(UpStream::Plain(tcp));
+        }
+        let config = pool
+            .tls_config(route.config.ca_file.as_deref())
+            .map_err(failed)?;
+        let host = target.authority.host();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| failed(format!("{host}: {e}")))?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| failed(format!("TLS: {e}")))?;
+        Ok(UpStream::Tls(Box::new(stream)))
+    };
+    match tokio::time::timeout(route.config.connect_timeout, setup).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamFailure::Connect(format!(
+            "connect timed out after {}",
+            humantime::format_duration(route.config.connect_timeout)
+        ))),
+    }
+}
+
 struct Answer {
-    stream: TcpStream,
+    stream: UpStream,
     status: u16,
     head_len: usize,
     framing: Framing,

@@ -5,7 +5,6 @@ use std::io;
 
 use http::header::HeaderValue;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 
 use super::body::{self, Framing};
 use super::{write_field, UpstreamError, MAX_HEADERS, MAX_RESPONSE_HEAD, READ_CHUNK};
@@ -22,7 +21,7 @@ pub(super) struct ResponseHead {
 /// Reads the upstream's response head into `up` and writes the client's version of it into
 /// `out` (the request there has been sent).
 pub(super) async fn read_response_head(
-    stream: &mut TcpStream,
+    stream: &mut crate::upstream::stream::UpStream,
     up: &mut Vec<u8>,
     out: &mut Vec<u8>,
     head_request: bool,
