@@ -11,6 +11,8 @@
 #   CONNS=64 DURATION=10 ROUNDS=5 benches/compare.sh
 #   UPSTREAM=https benches/compare.sh       # the upstream over TLS (private CA), HTTP/1.1
 #   UPSTREAM=https-h2 benches/compare.sh    # the same, offering h2 by ALPN as well
+#   CLIENT=h2 benches/compare.sh            # h2 clients (h2c by prior knowledge): h2load,
+#                                           # H2_CONNS connections x H2_STREAMS streams
 #
 # With a TLS upstream every proxy verifies its certificate against the private CA and keeps
 # its upstream connections (and TLS sessions) alive, as a careful operator would configure
@@ -27,18 +29,23 @@ ROUNDS=${ROUNDS:-5}
 WRK_THREADS=${WRK_THREADS:-1}
 UPSTREAM=${UPSTREAM:-http}
 case "$UPSTREAM" in http|https|https-h2) ;; *) echo "UPSTREAM is http, https or https-h2" >&2; exit 2 ;; esac
+CLIENT=${CLIENT:-h1}
+case "$CLIENT" in h1|h2) ;; *) echo "CLIENT is h1 or h2" >&2; exit 2 ;; esac
+H2_CONNS=${H2_CONNS:-4}
+H2_STREAMS=${H2_STREAMS:-16}
 PROXY_CPU=${PROXY_CPU:-0}
 OTHER_CPU=${OTHER_CPU:-1}
 
 missing=()
 tools=(nginx wrk taskset curl)
 [ "$UPSTREAM" = http ] || tools+=(openssl)
+[ "$CLIENT" = h1 ] || tools+=(h2load)
 for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "compare.sh needs: ${missing[*]}" >&2
-  echo "  Debian/Ubuntu: sudo apt-get install nginx-light wrk util-linux curl   (optional: haproxy)" >&2
+  echo "  Debian/Ubuntu: sudo apt-get install nginx-light wrk util-linux curl   (optional: haproxy; CLIENT=h2: nghttp2-client)" >&2
   echo "  macOS (no taskset; pinning is skipped there): brew install nginx wrk" >&2
   exit 2
 fi
@@ -117,6 +124,11 @@ taskset -c "$OTHER_CPU" "$NGINX" -c "$work/up/nginx.conf" -p "$work/up" & pids+=
 # The token server for egain-proxy: its own embedded mock eGain.
 taskset -c "$OTHER_CPU" "$BIN" mock-egain --listen "127.0.0.1:$TOK" > "$work/mock.log" 2>&1 & pids+=($!)
 
+# h2 clients: nginx and HAProxy take h2c by prior knowledge on their listener (egain-proxy
+# always does).
+ngx_h2=""; hap_h2=""; curl_h2=""
+if [ "$CLIENT" = h2 ]; then ngx_h2=" http2"; hap_h2=" proto h2"; curl_h2="--http2-prior-knowledge"; fi
+
 # nginx as the reverse proxy users run today: static Authorization header, pooled upstream.
 cat > "$work/ngx/nginx.conf" <<EOF
 worker_processes 1;
@@ -131,7 +143,7 @@ http {
   keepalive_requests 1000000;
   upstream api { server 127.0.0.1:$UP; keepalive 128; }
   server {
-    listen 127.0.0.1:$NGX;
+    listen 127.0.0.1:$NGX$ngx_h2;
     location / {
       proxy_pass $up_scheme://api;
       $ngx_tls
@@ -179,7 +191,7 @@ defaults
   timeout server 60s
   option http-keep-alive
 frontend f
-  bind 127.0.0.1:$HAP
+  bind 127.0.0.1:$HAP$hap_h2
   http-request set-header Authorization "Bearer static-token-from-a-cron-job"
   default_backend b
 backend b
@@ -193,13 +205,14 @@ fi
 # Wait until everything answers (egain-proxy: until it has its token).
 for i in "${!ports[@]}"; do
   for _ in $(seq 1 100); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ports[$i]}/")" = 200 ] && break
+    [ "$(curl -s $curl_h2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ports[$i]}/")" = 200 ] && break
     sleep 0.1
   done
 done
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs)"
-echo "proxies on CPU $PROXY_CPU; upstream ($UPSTREAM), token server and wrk on CPU $OTHER_CPU; $CONNS connections, ${DURATION}s runs, $ROUNDS rounds"
+if [ "$CLIENT" = h1 ]; then load="wrk, $CONNS connections"; else load="h2load, $H2_CONNS h2c connections x $H2_STREAMS streams"; fi
+echo "proxies on CPU $PROXY_CPU; upstream ($UPSTREAM), token server and the load generator on CPU $OTHER_CPU; $load, ${DURATION}s runs, $ROUNDS rounds"
 # CPU time a proxy spent per request (user + system, its worker processes included): the
 # efficiency figure, steadier than req/s when the load generator shares a loaded core.
 cpu_ticks() {
@@ -210,20 +223,31 @@ cpu_ticks() {
   echo "$total"
 }
 TICK=$(getconf CLK_TCK)
-printf '%-12s %6s %12s %10s %10s %12s\n' proxy round req/s p50 p99 "cpu us/req"
+if [ "$CLIENT" = h1 ]; then lat=(p50 p99); else lat=(mean max); fi
+printf '%-12s %6s %12s %10s %10s %12s\n' proxy round req/s "${lat[0]}" "${lat[1]}" "cpu us/req"
 declare -A rps p99s cpus
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000 } else print v }'; }
 for round in $(seq 1 "$ROUNDS"); do
   for i in "${!names[@]}"; do
     before=$(cpu_ticks "${procs[$i]}")
-    out=$(taskset -c "$OTHER_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${ports[$i]}/")
+    if [ "$CLIENT" = h1 ]; then
+      out=$(taskset -c "$OTHER_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${ports[$i]}/")
+      total=$(awk '/requests in/ {print $1}' <<<"$out")
+      r=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+      p50=$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
+      p99=$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
+      non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+    else
+      # h2load reports no percentiles: the p50 column holds the mean, p99 the max.
+      out=$(taskset -c "$OTHER_CPU" h2load -c"$H2_CONNS" -m"$H2_STREAMS" -t1 -D"$DURATION" "http://127.0.0.1:${ports[$i]}/")
+      total=$(awk '/^requests:/ {print $8}' <<<"$out")
+      r=$(awk '/^finished in/ {print $4}' <<<"$out")
+      p50=$(to_ms "$(awk '/^time for request:/ {print $6}' <<<"$out")")
+      p99=$(to_ms "$(awk '/^time for request:/ {print $5}' <<<"$out")")
+      non2xx=$(awk '/^status codes:/ {n = $5 + $7 + $9} /^requests:/ {f = $10 + $12} END {if (n + f > 0) print n + f}' <<<"$out")
+    fi
     after=$(cpu_ticks "${procs[$i]}")
-    total=$(awk '/requests in/ {print $1}' <<<"$out")
     cpu=$(awk -v t=$((after - before)) -v hz="$TICK" -v n="$total" 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "n/a" }')
-    r=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-    p50=$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
-    p99=$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
-    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
     printf '%-12s %6s %12s %8sms %8sms %12s %s\n' "${names[$i]}" "$round" "$r" "$p50" "$p99" "$cpu" "${non2xx:+non-2xx: $non2xx}"
     rps[${names[$i]}]+="$r "
     p99s[${names[$i]}]+="$p99 "
@@ -233,7 +257,7 @@ done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 echo
-printf '%-12s %14s %12s %18s\n' proxy "median req/s" "median p99" "median cpu us/req"
+printf '%-12s %14s %12s %18s\n' proxy "median req/s" "median ${lat[1]}" "median cpu us/req"
 for n in "${names[@]}"; do
   printf '%-12s %14s %10sms %18s\n' "$n" "$(median <<<"${rps[$n]}")" "$(median <<<"${p99s[$n]}")" "$(median <<<"${cpus[$n]}")"
 done
