@@ -141,7 +141,10 @@ pub(crate) async fn send(
         }
         // hyper's client already retries requests it never wrote; this is the idempotent
         // half of the rule, for connections that closed before answering.
-        if !retried && closed_before_answer(&e) && may_retry(&method, true) {
+        if !retried
+            && (closed_before_answer(&e) || h2_connection_lost(&e))
+            && may_retry(&method, true)
+        {
             retried = true;
             last = Some(what);
             continue;
@@ -162,6 +165,21 @@ fn unprocessed(e: &hyper_util::client::legacy::Error) -> bool {
         if let Some(h2) = c.downcast_ref::<h2::Error>() {
             return h2.is_remote()
                 && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// An h2 connection that broke under a stream (reset, broken pipe) before its answer: for an
+/// idempotent request, as safe to send again as an HTTP/1.1 connection closed before the
+/// answer (an upstream that closes right after its GOAWAY can reset the socket before that
+/// frame is read).
+fn h2_connection_lost(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return h2.is_io();
         }
         cause = c.source();
     }

@@ -110,15 +110,15 @@ async fn goaway_from_an_h2_upstream_is_never_a_502() {
             let mut failures = Vec::new();
             for i in 0..40 {
                 let url = format!("{base}/w{worker}/{i}");
-                let request = match i % 3 {
-                    0 => client.get(url),
-                    1 => client.post(url).body("a body"),
-                    _ => client.patch(url).body("another"),
+                let (method, request) = match i % 3 {
+                    0 => ("GET", client.get(url)),
+                    1 => ("POST", client.post(url).body("a body")),
+                    _ => ("PATCH", client.patch(url).body("another")),
                 };
                 let r = request.send().await.unwrap();
                 if r.status() != 200 {
                     failures.push(format!(
-                        "{} {}",
+                        "{method}: {} {}",
                         r.status(),
                         r.text().await.unwrap_or_default()
                     ));
