@@ -95,3 +95,48 @@ fn new_client(key: &ClientKey) -> Result<HttpClient, String> {
         .pool_idle_timeout(IDLE_TIMEOUT)
         .build(https))
 }
+
+/// A new connection of the fast path's kind to `route`'s upstream (its pool and upgrades):
+/// TCP, through the route's egress proxy when it has one, and for `https://` TLS offering only
+/// http/1.1, verified against the upstream's own name. `connect_timeout` bounds all of it.
+pub async fn connect(
+    pool: &Pool,
+    route: &crate::routes::Route,
+) -> Result<stream::UpStream, String> {
+    let target = &route.config.upstream;
+    let tls = target.scheme == http::uri::Scheme::HTTPS;
+    let timeout = route.config.connect_timeout;
+    let setup = async {
+        let tcp = egress::connect(
+            target.authority.host(),
+            target
+                .authority
+                .port_u16()
+                .unwrap_or(if tls { 443 } else { 80 }),
+            route.config.egress.proxy.as_deref(),
+            timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if !tls {
+            return Ok(stream::UpStream::Plain(tcp));
+        }
+        let config = pool.tls_config(route.config.ca_file.as_deref())?;
+        let host = target.authority.host();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("{host}: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        Ok(stream::UpStream::Tls(Box::new(stream)))
+    };
+    match tokio::time::timeout(timeout, setup).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "connect timed out after {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}

@@ -193,9 +193,11 @@ async fn exchange(
     token: Option<&AccessToken>,
     log: &mut RequestLog,
 ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
-    let io = connect(route)
+    // A connection of its own, made as the fast path's pool makes them (egress proxy, TLS
+    // offering only http/1.1: h2 has no Upgrade), never returned to a pool.
+    let io = crate::upstream::connect(&shared.h1_pool, route)
         .await
-        .map_err(|e| upstream_failed(shared, route, e))?;
+        .map_err(|e| upstream_failed(shared, route, UpstreamFailure::Connect(e)))?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, ProxyBody>(TokioIo::new(io))
         .await
@@ -278,53 +280,6 @@ where
     tokio::select! {
         _ = &mut a_to_b => { let _ = tokio::time::timeout(LINGER, b_to_a).await; }
         _ = &mut b_to_a => { let _ = tokio::time::timeout(LINGER, a_to_b).await; }
-    }
-}
-
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-
-/// A new connection to the route's upstream: TCP, and TLS offering only http/1.1 for
-/// `https://` (certificate checked against the upstream's host name).
-async fn connect(route: &Route) -> Result<Box<dyn Io>, UpstreamFailure> {
-    let target = &route.config.upstream;
-    // Through the route's egress proxy when it has one (a CONNECT tunnel), as every upstream
-    // connection.
-    let tcp = crate::upstream::egress::connect(
-        target.authority.host(),
-        target
-            .authority
-            .port_u16()
-            .unwrap_or(default_port(&target.scheme)),
-        route.config.egress.proxy.as_deref(),
-        route.config.connect_timeout,
-    )
-    .await
-    .map_err(|e| UpstreamFailure::Connect(e.to_string()))?;
-    if target.scheme != http::uri::Scheme::HTTPS {
-        return Ok(Box::new(tcp));
-    }
-    let tls = crate::tls::client_config(route.config.ca_file.as_deref(), &[b"http/1.1"])
-        .map_err(UpstreamFailure::Connect)?;
-    let host = target
-        .authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| UpstreamFailure::Connect(format!("{host}: {e}")))?;
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| UpstreamFailure::Connect(format!("TLS: {e}")))?;
-    Ok(Box::new(stream))
-}
-
-fn default_port(scheme: &http::uri::Scheme) -> u16 {
-    if *scheme == http::uri::Scheme::HTTPS {
-        443
-    } else {
-        80
     }
 }
 

@@ -546,7 +546,12 @@ where
             loop {
                 let (mut stream, reused) = match pool.checkout(&route.pool_key) {
                     Some(stream) => (stream, true),
-                    None => (connect(pool, route).await?, false),
+                    None => (
+                        crate::upstream::connect(pool, route)
+                            .await
+                            .map_err(UpstreamFailure::Connect)?,
+                        false,
+                    ),
                 };
                 self.up.clear();
                 let mut unwritten = false;
@@ -631,47 +636,6 @@ enum Outcome<'g> {
     Forwarded(u16, ResponseBody<'g>),
     Failed(ProxyError),
     ClientGone,
-}
-
-/// A new connection for the fast path's pool: TCP (through the route's egress proxy, if any),
-/// and for `https://` TLS verified against the upstream's name, offering only http/1.1.
-async fn connect(pool: &crate::upstream::Pool, route: &Route) -> Result<UpStream, UpstreamFailure> {
-    let failed = UpstreamFailure::Connect;
-    let target = &route.config.upstream;
-    let tls = target.scheme == http::uri::Scheme::HTTPS;
-    let default_port = if tls { 443 } else { 80 };
-    let setup = async {
-        let tcp = crate::upstream::egress::connect(
-            target.authority.host(),
-            target.authority.port_u16().unwrap_or(default_port),
-            route.config.egress.proxy.as_deref(),
-            route.config.connect_timeout,
-        )
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-        if !tls {
-            return Ok(UpStream::Plain(tcp));
-        }
-        let config = pool
-            .tls_config(route.config.ca_file.as_deref())
-            .map_err(failed)?;
-        let host = target.authority.host();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-            .map_err(|e| failed(format!("{host}: {e}")))?;
-        let stream = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| failed(format!("TLS: {e}")))?;
-        Ok(UpStream::Tls(Box::new(stream)))
-    };
-    match tokio::time::timeout(route.config.connect_timeout, setup).await {
-        Ok(result) => result,
-        Err(_) => Err(UpstreamFailure::Connect(format!(
-            "connect timed out after {}",
-            humantime::format_duration(route.config.connect_timeout)
-        ))),
-    }
 }
 
 struct Answer {
