@@ -193,10 +193,11 @@ impl Metrics {
 
     /// Creates every series whose labels are known from the config at 0, so alerts on
     /// `increase()` see the first failure (a series born at 1 has no increase): reload
-    /// outcomes, forced refreshes per profile, replays and upstream errors per route and kind.
+    /// outcomes, forced refreshes per profile, replays, upgrades and upstream errors per route
+    /// and kind, and eGain scope errors per route and its profile.
     pub fn prepare<'a>(
         &self,
-        routes: impl Iterator<Item = &'a str>,
+        routes: impl Iterator<Item = (&'a str, Option<&'a str>)>,
         profiles: impl Iterator<Item = &'a str>,
     ) {
         for outcome in ["success", "error"] {
@@ -210,7 +211,15 @@ impl Metrics {
             };
             let _ = self.forced_refreshes.get_or_create(&labels);
         }
-        for route in routes {
+        for (route, profile) in routes {
+            if let Some(profile) = profile {
+                let _ = self
+                    .upstream_scope_errors
+                    .get_or_create(&RouteProfileLabels {
+                        route: route.to_owned(),
+                        profile: profile.to_owned(),
+                    });
+            }
             let labels = RouteLabels {
                 route: route.to_owned(),
             };

@@ -53,19 +53,12 @@ impl Generation {
             metrics.prepare_token_cache();
         }
         metrics.prepare(
-            config.routes.iter().map(|r| r.name.as_str()),
+            config
+                .routes
+                .iter()
+                .map(|r| (r.name.as_str(), r.profile.as_deref())),
             config.profiles.keys().map(String::as_str),
         );
-        for r in &config.routes {
-            if let Some(profile) = &r.profile {
-                let _ = metrics.upstream_scope_errors.get_or_create(
-                    &crate::metrics::RouteProfileLabels {
-                        route: r.name.clone(),
-                        profile: profile.clone(),
-                    },
-                );
-            }
-        }
         Ok(Generation {
             number,
             routes: RouteTable::new(&config.routes),

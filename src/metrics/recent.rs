@@ -3,7 +3,7 @@
 //! totals for scrapers; this answers "what is happening now" without a query language.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -70,10 +70,10 @@ pub struct Summary {
     pub p99_ms: Option<f64>,
 }
 
-/// Route name -> ring. One short mutex per route per request; the map itself is read-locked.
+/// Route name -> ring. One short mutex per route per request, under the map's read lock.
 #[derive(Default)]
 pub struct Recent {
-    routes: RwLock<HashMap<String, Arc<Mutex<Ring>>>>,
+    routes: RwLock<HashMap<String, Mutex<Ring>>>,
 }
 
 impl Recent {
@@ -81,33 +81,32 @@ impl Recent {
         self.record_at(route, status, elapsed, SystemTime::now());
     }
 
-    fn ring(&self, route: &str) -> Arc<Mutex<Ring>> {
-        if let Some(ring) = read(&self.routes).get(route) {
-            return Arc::clone(ring);
-        }
-        let mut map = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(route.to_owned()).or_default())
-    }
-
     fn record_at(&self, route: &str, status: u16, elapsed: Duration, now: SystemTime) {
         let epoch = epoch_of(now);
-        let ring = self.ring(route);
-        let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
-        ring.total += 1;
-        let bucket = &mut ring.buckets[(epoch % BUCKETS as u64) as usize];
-        if bucket.epoch != epoch {
-            *bucket = Bucket {
-                epoch,
-                ..Bucket::default()
-            };
+        let add = |ring: &Mutex<Ring>| {
+            let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
+            ring.total += 1;
+            let bucket = &mut ring.buckets[(epoch % BUCKETS as u64) as usize];
+            if bucket.epoch != epoch {
+                *bucket = Bucket {
+                    epoch,
+                    ..Bucket::default()
+                };
+            }
+            bucket.requests += 1;
+            match status {
+                400..=499 => bucket.client_errors += 1,
+                500.. => bucket.server_errors += 1,
+                _ => {}
+            }
+            bucket.latency[latency_index(elapsed)] += 1;
+        };
+        // The common case under the read lock alone; the first request of a route inserts it.
+        if let Some(ring) = read(&self.routes).get(route) {
+            return add(ring);
         }
-        bucket.requests += 1;
-        match status {
-            400..=499 => bucket.client_errors += 1,
-            500.. => bucket.server_errors += 1,
-            _ => {}
-        }
-        bucket.latency[latency_index(elapsed)] += 1;
+        let mut map = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        add(map.entry(route.to_owned()).or_default());
     }
 
     /// The figures of `route` (zeros when it has seen no request yet).

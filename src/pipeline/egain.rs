@@ -102,7 +102,7 @@ pub(crate) async fn inspect(
                 if let Some(data) = frame.data_ref() {
                     seen.extend_from_slice(data);
                 }
-                frames.push_back(Ok(frame.map_data(|d| d)));
+                frames.push_back(Ok(frame));
             }
             Some(Err(e)) => {
                 frames.push_back(Err(Box::new(e) as crate::BoxError));

@@ -285,7 +285,7 @@ impl TokenCache {
             None => {
                 // Garbage, a value from another key or another encryption key: a miss that
                 // the next store overwrites, counted so it does not go unseen.
-                self.failed(CacheError {
+                self.failed(&CacheError {
                     op: "decode",
                     message: "a cached value could not be decrypted (another encryption key, or not written by egain-proxy)".into(),
                 });
@@ -353,11 +353,9 @@ impl TokenCache {
                 Ok(value)
             }
             Err((op, message)) => {
-                self.failed(CacheError {
-                    op,
-                    message: message.clone(),
-                });
-                Err(CacheError { op, message })
+                let error = CacheError { op, message };
+                self.failed(&error);
+                Err(error)
             }
         }
     }
@@ -392,7 +390,7 @@ impl TokenCache {
         *health = Health::Up;
     }
 
-    fn failed(&self, error: CacheError) {
+    fn failed(&self, error: &CacheError) {
         self.metrics
             .token_cache_errors
             .get_or_create(&OpLabels { op: error.op })
