@@ -137,6 +137,37 @@ fn handshake_request(
     request
 }
 
+/// A ready proxy whose route `chat` (`/chat`) goes to `upstream`; `head` is its `[server]`
+/// and `[admin]`.
+async fn chat_proxy(
+    head: &str,
+    tokens: &TokenServer,
+    upstream: &str,
+    profile_extra: &str,
+    route_extra: &str,
+) -> TestProxy {
+    let proxy = TestProxy::start(&format!(
+        "{head}{}{}",
+        client_app_profile("portal", tokens, profile_extra),
+        route("chat", "/chat", upstream, "portal", route_extra)
+    ))
+    .await;
+    proxy.ready().await;
+    proxy
+}
+
+/// A WebSocket through the proxy's plain listener to `path`.
+async fn open_socket(
+    proxy: &TestProxy,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let io = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio_tungstenite::client_async(handshake_request(proxy, path), io)
+        .await
+        .expect("the handshake through the proxy failed")
+        .0
+}
+
 /// The same body for both inbound HTTP/1.1 transports and both upstream kinds.
 async fn websocket_round_trip(on: On, tls_upstream: bool) {
     let tokens = TokenServer::healthy(3600).await;
@@ -236,13 +267,7 @@ async fn websocket_tls_client_tls_upstream() {
 async fn a_refused_upgrade_passes_through() {
     let tokens = TokenServer::healthy(3600).await;
     let (ws_addr, seen, _server) = ws_server(None, Some(403)).await;
-    let proxy = TestProxy::start(&format!(
-        "{HEAD}{}{}",
-        client_app_profile("portal", &tokens, ""),
-        route("chat", "/chat", &format!("http://{ws_addr}"), "portal", "")
-    ))
-    .await;
-    proxy.ready().await;
+    let proxy = chat_proxy(HEAD, &tokens, &format!("http://{ws_addr}"), "", "").await;
     let io = TcpStream::connect(proxy.addr).await.unwrap();
     let err = tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws"), io)
         .await
@@ -296,24 +321,9 @@ async fn an_upgrade_refused_with_401_is_replayed_with_a_fresh_token() {
             });
         }
     }));
-    let proxy = TestProxy::start(&format!(
-        "{HEAD}{}{}",
-        client_app_profile("portal", &tokens, ""),
-        route(
-            "chat",
-            "/chat",
-            &format!("http://{front_addr}"),
-            "portal",
-            ""
-        )
-    ))
-    .await;
-    proxy.ready().await;
+    let proxy = chat_proxy(HEAD, &tokens, &format!("http://{front_addr}"), "", "").await;
     tokens.revoke_all();
-    let io = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws"), io)
-        .await
-        .expect("the replayed handshake failed");
+    let mut ws = open_socket(&proxy, "/chat/ws").await;
     ws.send(Message::text("after replay")).await.unwrap();
     assert_eq!(
         ws.next().await.unwrap().unwrap(),
@@ -327,17 +337,9 @@ async fn an_upgrade_refused_with_401_is_replayed_with_a_fresh_token() {
 async fn tunnels_close_at_the_end_of_the_shutdown_grace_period() {
     let tokens = TokenServer::healthy(3600).await;
     let (ws_addr, _seen, _server) = ws_server(None, None).await;
-    let proxy = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
-        client_app_profile("portal", &tokens, ""),
-        route("chat", "/chat", &format!("http://{ws_addr}"), "portal", "")
-    ))
-    .await;
-    proxy.ready().await;
-    let io = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws"), io)
-        .await
-        .unwrap();
+    let head = "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let proxy = chat_proxy(head, &tokens, &format!("http://{ws_addr}"), "", "").await;
+    let mut ws = open_socket(&proxy, "/chat/ws").await;
     assert_eq!(proxy.shared.tunnels.open(), 1);
     let shared = Arc::clone(&proxy.shared);
     let started = std::time::Instant::now();
@@ -377,13 +379,7 @@ async fn the_mock_egain_chat_socket_checks_the_bearer() {
         .unwrap();
     let proxy = TestProxy::start(&egain_proxy::demo::config_text(&mock, 0)).await;
     proxy.ready().await;
-    let io = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        handshake_request(&proxy, "/knowledge/portalmgr/v4/chat"),
-        io,
-    )
-    .await
-    .unwrap();
+    let mut ws = open_socket(&proxy, "/knowledge/portalmgr/v4/chat").await;
     let hello = ws.next().await.unwrap().unwrap();
     assert!(hello.to_text().unwrap().contains("client_app"), "{hello:?}");
     ws.send(Message::text("ping")).await.unwrap();
@@ -408,23 +404,15 @@ async fn an_upgrade_goes_through_the_routes_egress_proxy() {
     let tinyproxy = support::tinyproxy::Tinyproxy::start();
     let tokens = TokenServer::healthy(3600).await;
     let (ws_addr, seen, _server) = ws_server(None, None).await;
-    let proxy = TestProxy::start(&format!(
-        "{HEAD}{}{}",
-        client_app_profile("portal", &tokens, "egress_proxy = \"none\""),
-        route(
-            "chat",
-            "/chat",
-            &format!("http://{ws_addr}"),
-            "portal",
-            &format!("egress_proxy = \"{}\"", tinyproxy.url())
-        )
-    ))
+    let proxy = chat_proxy(
+        HEAD,
+        &tokens,
+        &format!("http://{ws_addr}"),
+        "egress_proxy = \"none\"",
+        &format!("egress_proxy = \"{}\"", tinyproxy.url()),
+    )
     .await;
-    proxy.ready().await;
-    let io = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws"), io)
-        .await
-        .unwrap();
+    let mut ws = open_socket(&proxy, "/chat/ws").await;
     ws.send(Message::text("via the proxy")).await.unwrap();
     assert_eq!(
         ws.next().await.unwrap().unwrap(),

@@ -7,6 +7,7 @@ pub mod raw;
 pub mod redis_server;
 pub mod tinyproxy;
 pub mod tls;
+pub mod tools;
 pub mod transport;
 
 use std::collections::HashMap;

@@ -10,26 +10,14 @@ pub struct RedisServer {
 }
 
 fn binary() -> String {
-    let name = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
-    match Command::new(&name).arg("--version").output() {
-        Ok(o) if o.status.success() => name,
-        _ => panic!(
-            "`{name}` not found: install Debian's redis-server (`apt-get install redis-server`), \
-             or point $REDIS_SERVER at one; .ci/run installs it"
-        ),
-    }
+    super::tools::require("REDIS_SERVER", "redis-server", "--version", "redis-server")
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
         let mut dir = tempfile::tempdir().unwrap();
         for _ in 0..10 {
-            // Ask the kernel for a free port, then give it to redis (which cannot report one).
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = super::tools::free_port();
             let mut server = RedisServer {
                 port,
                 child: None,

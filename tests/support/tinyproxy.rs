@@ -17,14 +17,7 @@ pub struct Tinyproxy {
 }
 
 fn binary() -> String {
-    let name = std::env::var("TINYPROXY").unwrap_or_else(|_| "tinyproxy".to_owned());
-    match Command::new(&name).arg("-v").output() {
-        Ok(o) if o.status.success() => name,
-        _ => panic!(
-            "`{name}` not found: install Debian's tinyproxy (`apt-get install tinyproxy`), \
-             or point $TINYPROXY at one; .ci/run installs it"
-        ),
-    }
+    super::tools::require("TINYPROXY", "tinyproxy", "-v", "tinyproxy")
 }
 
 impl Tinyproxy {
@@ -41,12 +34,7 @@ impl Tinyproxy {
     fn start_with(extra: &str) -> Tinyproxy {
         let bin = binary();
         for _ in 0..10 {
-            // Ask the kernel for a free port, then give it to tinyproxy (which cannot report one).
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = super::tools::free_port();
             let dir = tempfile::tempdir().unwrap();
             let conf = dir.path().join("tinyproxy.conf");
             std::fs::write(
