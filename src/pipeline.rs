@@ -36,6 +36,7 @@ use crate::error::ProxyError;
 use crate::http::Framing;
 use crate::routes::Route;
 use crate::state::Shared;
+use crate::upstream::pool::Speaks;
 use crate::ProxyBody;
 
 /// Bodies up to this size are kept so the request can be replayed after a 401.
@@ -90,16 +91,12 @@ pub(crate) async fn send(
     log: &mut RequestLog,
 ) -> Result<(Response<Incoming>, Framing), ProxyError> {
     let route = admitted.route;
-    let Some(client) = admitted.generation.upstreams.for_route(admitted.index) else {
-        return Err(upstream_failed(
-            shared,
-            route,
-            UpstreamFailure::Protocol("no upstream client for this route".into()),
-        ));
-    };
+    let https = route.config.upstream.scheme == http::uri::Scheme::HTTPS;
+    let pool = &shared.h1_pool;
     let deadline = tokio::time::Instant::now() + route.config.timeout;
     let mut retried = false;
     let mut unprocessed_retries = 0;
+    let mut fell_back = false;
     // The failure a retry was for: reported if the request cannot be sent again (a streamed
     // body over REPLAY_LIMIT is sent once).
     let mut last: Option<String> = None;
@@ -113,16 +110,44 @@ pub(crate) async fn send(
             ));
         };
         let method = request.method().clone();
+        // An upstream known to answer in h2 gets hyper's h2-only client (one connection
+        // opened at a time); others let ALPN choose, and what they answer in is learned.
+        let h2 = https && pool.speaks(&route.pool_key) == Some(Speaks::H2);
+        let upstreams = &admitted.generation.upstreams;
+        let Some(client) = upstreams.for_route(admitted.index, h2) else {
+            return Err(upstream_failed(
+                shared,
+                route,
+                UpstreamFailure::Protocol("no upstream client for this route".into()),
+            ));
+        };
         let connection = hyper_util::client::legacy::connect::capture_connection(&mut request);
         let e = match tokio::time::timeout_at(deadline, client.request(request)).await {
-            Ok(Ok(response)) => return checked(shared, route, &method, response, &connection, log),
+            Ok(Ok(response)) => {
+                if https {
+                    pool.learn(&route.pool_key, response.version());
+                }
+                return checked(shared, route, &method, response, &connection, log);
+            }
             Ok(Err(e)) => e,
             Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
         };
         if let Some(idle) = stall::is_stall(&e) {
             return Err(ProxyError::RequestTimeout(idle));
         }
+        let unprocessed = unprocessed(&e);
+        // Any other failure through the h2-only client may mean the upstream no longer speaks
+        // h2 (ALPN now chooses HTTP/1.1, or fails): the next attempt lets ALPN choose again.
+        if h2 && !unprocessed {
+            pool.forget(&route.pool_key);
+        }
         if e.is_connect() {
+            // The request never left: once more, letting ALPN choose.
+            if h2 && !fell_back {
+                fell_back = true;
+                last = Some(format!("connection failed: {}", crate::error::chain(&e)));
+                continue;
+            }
             let cause = finish::connect_cause(&e);
             return Err(upstream_failed(
                 shared,
@@ -134,7 +159,7 @@ pub(crate) async fn send(
         // REFUSED_STREAM) left it safe to send again, whatever the method (RFC 9113 §8.7).
         // A few times: a new connection can meet the next GOAWAY.
         let what = format!("connection failed: {}", crate::error::chain(&e));
-        if unprocessed(&e) && unprocessed_retries < 3 {
+        if unprocessed && unprocessed_retries < 3 {
             unprocessed_retries += 1;
             last = Some(what);
             continue;

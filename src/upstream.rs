@@ -3,6 +3,7 @@
 //! shared by routes and kept across reloads so pools stay warm; routes with different egress
 //! proxies never share a client, so never a connection.
 
+pub mod deferred;
 pub mod egress;
 pub mod pool;
 pub mod stream;
@@ -38,9 +39,20 @@ pub struct ClientKey {
     egress: Option<Arc<EgressProxy>>,
 }
 
+/// hyper's clients for one `ClientKey`: `auto` lets ALPN choose (h2 or HTTP/1.1) and is used
+/// until an upstream has answered; `h2` is for upstreams known to answer in h2. hyper's pool
+/// opens one connection at a time only to a key it knows to be h2 (`http2_only`): through
+/// `auto`, every request that finds no live connection opens its own — after each GOAWAY
+/// from a busy upstream, one TLS handshake per waiting request, all but one thrown away.
+#[derive(Clone)]
+pub struct Clients {
+    auto: HttpClient,
+    h2: HttpClient,
+}
+
 #[derive(Clone, Default)]
 pub struct Upstreams {
-    clients: HashMap<ClientKey, HttpClient>,
+    clients: HashMap<ClientKey, Clients>,
     /// Index into `clients` per route, in route order.
     per_route: Vec<ClientKey>,
 }
@@ -56,43 +68,58 @@ impl Upstreams {
                 egress: route.egress.proxy.clone(),
             };
             if !clients.contains_key(&key) {
-                let client = match previous.and_then(|p| p.clients.get(&key)) {
+                let built = match previous.and_then(|p| p.clients.get(&key)) {
                     Some(c) => c.clone(),
-                    None => new_client(&key).map_err(|e| format!("route {}: {e}", route.name))?,
+                    None => {
+                        let new = |h2_only| {
+                            new_client(&key, h2_only)
+                                .map_err(|e| format!("route {}: {e}", route.name))
+                        };
+                        Clients {
+                            auto: new(false)?,
+                            h2: new(true)?,
+                        }
+                    }
                 };
-                clients.insert(key.clone(), client);
+                clients.insert(key.clone(), built);
             }
             per_route.push(key);
         }
         Ok(Upstreams { clients, per_route })
     }
 
-    pub fn for_route(&self, index: usize) -> Option<&HttpClient> {
-        self.per_route.get(index).and_then(|k| self.clients.get(k))
+    /// The client for route `index`: the h2-only one when its upstream is known to speak h2.
+    pub fn for_route(&self, index: usize, h2: bool) -> Option<&HttpClient> {
+        let clients = self
+            .per_route
+            .get(index)
+            .and_then(|k| self.clients.get(k))?;
+        Some(if h2 { &clients.h2 } else { &clients.auto })
     }
 }
 
-fn new_client(key: &ClientKey) -> Result<HttpClient, String> {
+/// A client for `key`'s upstreams; `h2_only` offers only h2 by ALPN and speaks nothing else.
+fn new_client(key: &ClientKey, h2_only: bool) -> Result<HttpClient, String> {
     let tls = crate::tls::client_config(key.ca_file.as_deref(), &[])?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(key.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*tls).clone())
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(EgressConnector::new(
-            http,
-            key.egress.clone(),
-            key.connect_timeout,
-        ));
+        .https_or_http();
+    let egress = EgressConnector::new(http, key.egress.clone(), key.connect_timeout);
+    let https = if h2_only {
+        builder.enable_http2().wrap_connector(egress)
+    } else {
+        builder.enable_http1().enable_http2().wrap_connector(egress)
+    };
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
+        .http2_only(h2_only)
         .build(https))
 }
 

@@ -1,12 +1,15 @@
-//! An h2 upstream that ends its connections with GOAWAY (NO_ERROR) every few streams, as
-//! nginx, load balancers and CDNs do routinely: streams it did not process are retried on a
-//! new connection, for any method, and no client ever sees a 502 (RFC 9113 §6.8, §8.7).
+//! An h2 upstream that ends its connections with GOAWAY (NO_ERROR) every few streams or when
+//! idle, as nginx, load balancers and CDNs do routinely: streams it did not process are
+//! retried on a new connection, for any method, and no client ever sees a 502 (RFC 9113
+//! §6.8, §8.7); new connections are opened one at a time. And an upstream that stops
+//! offering h2 is followed to HTTP/1.1 without a failed request.
 
 mod support;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -16,12 +19,13 @@ use support::transport::On;
 use support::*;
 use tokio::net::TcpListener;
 
-/// An h2 (TLS, ALPN) upstream that, after `every` requests on a connection, shuts that
-/// connection down gracefully (GOAWAY with NO_ERROR, then close once in-flight streams are
-/// done). Counts requests and connections.
+/// An h2 (TLS, ALPN) upstream that, after `every` requests on a connection, or when a
+/// connection has been idle for `idle`, shuts that connection down gracefully (GOAWAY with
+/// NO_ERROR, then close once in-flight streams are done). Counts requests and connections.
 async fn goaway_upstream(
     ca: &TestCa,
     every: usize,
+    idle: Duration,
 ) -> (
     std::net::SocketAddr,
     Arc<AtomicUsize>,
@@ -51,6 +55,7 @@ async fn goaway_upstream(
                 let served = Arc::new(AtomicUsize::new(0));
                 let enough = Arc::new(tokio::sync::Notify::new());
                 let (s, e) = (Arc::clone(&served), Arc::clone(&enough));
+                let served = &served;
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let (s, e, requests) = (Arc::clone(&s), Arc::clone(&e), Arc::clone(&requests));
                     async move {
@@ -65,9 +70,21 @@ async fn goaway_upstream(
                 let builder = auto::Builder::new(TokioExecutor::new());
                 let connection = builder.serve_connection(TokioIo::new(tls), service);
                 tokio::pin!(connection);
+                let idle_for_long = async {
+                    let mut seen = served.load(Ordering::SeqCst);
+                    loop {
+                        tokio::time::sleep(idle).await;
+                        let now = served.load(Ordering::SeqCst);
+                        if now == seen {
+                            return;
+                        }
+                        seen = now;
+                    }
+                };
                 tokio::select! {
                     _ = connection.as_mut() => return,
                     _ = enough.notified() => {}
+                    _ = idle_for_long => {}
                 }
                 connection.as_mut().graceful_shutdown();
                 let _ = connection.await;
@@ -81,7 +98,8 @@ async fn goaway_upstream(
 async fn goaway_from_an_h2_upstream_is_never_a_502() {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
-    let (addr, requests, connections, _guard) = goaway_upstream(&ca, 25).await;
+    let (addr, requests, connections, _guard) =
+        goaway_upstream(&ca, 25, Duration::from_secs(60)).await;
     let on = On::new(support::transport::Transport::FastH1);
     let proxy = on
         .proxy(&format!(
@@ -142,5 +160,204 @@ async fn goaway_from_an_h2_upstream_is_never_a_502() {
         connections >= 10,
         "the upstream ended only {connections} connections"
     );
+    // About one connection per 25 requests, plus the first burst before the proxy learns the
+    // upstream speaks h2: a GOAWAY must not cost one TLS handshake per waiting request.
+    assert!(
+        connections <= 150,
+        "{connections} upstream connections for 1280 requests ended every 25"
+    );
     assert!(requests.load(Ordering::SeqCst) >= 1280);
+}
+
+/// The same upstream closing connections idle for 30 ms, and clients that pause about that
+/// long between requests: requests race the upstream's GOAWAY and close on pooled
+/// connections, and none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstream_closing_idle_connections_is_never_a_502() {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let idle = Duration::from_millis(30);
+    let (addr, _requests, connections, _guard) = goaway_upstream(&ca, usize::MAX, idle).await;
+    let on = On::new(support::transport::Transport::FastH1);
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("p", &tokens, ""),
+            route(
+                "h2",
+                "/",
+                &format!("https://127.0.0.1:{}", addr.port()),
+                "p",
+                &format!("ca_file = \"{}\"", ca.ca_file())
+            ),
+        ))
+        .await;
+    proxy.ready().await;
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let client = on.client();
+        let base = on.url(&proxy, "");
+        tasks.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for i in 0..25u64 {
+                // In step, 24-36 ms apart: around the upstream's idle limit.
+                tokio::time::sleep(Duration::from_millis(24 + (i * 5) % 13)).await;
+                let url = format!("{base}/idle{worker}/{i}");
+                let r = client.post(url).body("a body").send().await.unwrap();
+                if r.status() != 200 {
+                    failures.push(format!(
+                        "{} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+            }
+            failures
+        }));
+    }
+    let mut failures = Vec::new();
+    for t in tasks {
+        failures.extend(t.await.unwrap());
+    }
+    let connections = connections.load(Ordering::SeqCst);
+    assert!(
+        failures.is_empty(),
+        "{} of 200 requests failed ({connections} upstream connections): {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(
+        connections >= 3,
+        "the upstream closed only {} idle connections",
+        connections - 1
+    );
+}
+
+/// An upstream that answers in h2 until it is switched to offer only http/1.1 by ALPN (and
+/// drains its h2 connections with GOAWAY), as after a load balancer is reconfigured. Records
+/// the version of every request it serves.
+async fn switching_upstream(
+    ca: &TestCa,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<std::sync::Mutex<Vec<http::Version>>>,
+    Arc<tokio::sync::Notify>,
+    AbortOnDrop,
+) {
+    let (cert, key) = ca.leaf("switching-upstream");
+    let both = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
+    let mut only_h1 = (*both).clone();
+    only_h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let only_h1 = Arc::new(only_h1);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h2 = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let drain = Arc::new(tokio::sync::Notify::new());
+    let (flag, versions, drain_all) = (Arc::clone(&h2), Arc::clone(&seen), Arc::clone(&drain));
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let config = if flag.load(Ordering::SeqCst) {
+                Arc::clone(&both)
+            } else {
+                Arc::clone(&only_h1)
+            };
+            let (versions, drain) = (Arc::clone(&versions), Arc::clone(&drain_all));
+            tokio::spawn(async move {
+                // A client offering only h2 to the h1-only configuration fails here (ALPN).
+                let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(stream).await else {
+                    return;
+                };
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let versions = Arc::clone(&versions);
+                    async move {
+                        versions.lock().unwrap().push(req.version());
+                        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                        Ok::<_, Infallible>(json_response(200, "{\"ok\":true}", &[]))
+                    }
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let connection = builder.serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = drain.notified() => {}
+                }
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            });
+        }
+    });
+    (addr, h2, seen, drain, AbortOnDrop(task))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_offering_h2_is_followed_to_http_1_1() {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (addr, h2, seen, drain, _guard) = switching_upstream(&ca).await;
+    for transport in [
+        support::transport::Transport::FastH1,
+        support::transport::Transport::H2c,
+    ] {
+        h2.store(true, Ordering::SeqCst);
+        seen.lock().unwrap().clear();
+        let on = On::new(transport);
+        let proxy = on
+            .proxy(&format!(
+                "{}{}",
+                client_app_profile("p", &tokens, ""),
+                route(
+                    "up",
+                    "/",
+                    &format!("https://127.0.0.1:{}", addr.port()),
+                    "p",
+                    &format!("ca_file = \"{}\"", ca.ca_file())
+                ),
+            ))
+            .await;
+        proxy.ready().await;
+        let client = on.client();
+        for i in 0..5 {
+            let r = client
+                .get(on.url(&proxy, &format!("/before/{i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{transport:?}");
+        }
+        assert!(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .all(|v| *v == http::Version::HTTP_2),
+            "{transport:?}: {:?}",
+            seen.lock().unwrap()
+        );
+        h2.store(false, Ordering::SeqCst);
+        drain.notify_waiters();
+        seen.lock().unwrap().clear();
+        for i in 0..5 {
+            let r = client
+                .post(on.url(&proxy, &format!("/after/{i}")))
+                .body("once")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            assert_eq!(status, 200, "{transport:?}: {}", r.text().await.unwrap());
+        }
+        // Each POST served once; a request racing the drain may still be served in h2.
+        let versions = seen.lock().unwrap().clone();
+        assert_eq!(versions.len(), 5, "{transport:?}: {versions:?}");
+        assert_eq!(
+            versions[1..],
+            [http::Version::HTTP_11; 4],
+            "{transport:?}: {versions:?}"
+        );
+    }
 }

@@ -373,7 +373,8 @@ where
         let scheme = &route.config.upstream.scheme;
         let fast = *scheme == http::uri::Scheme::HTTP
             || (*scheme == http::uri::Scheme::HTTPS
-                && self.shared.h1_pool.speaks_h1(&route.pool_key));
+                && self.shared.h1_pool.speaks(&route.pool_key)
+                    == Some(crate::upstream::pool::Speaks::H1));
         if !fast {
             return self
                 .forward_via_client(&admitted, &plan, head, token.as_ref(), log)
@@ -457,12 +458,6 @@ where
             Ok(answer) => answer,
             Err(e) => return Outcome::Failed(e),
         };
-        // An `https://` upstream that answers in HTTP/1.1 is the fast path's from now on.
-        if response.version() == http::Version::HTTP_11
-            && route.config.upstream.scheme == http::uri::Scheme::HTTPS
-        {
-            self.shared.h1_pool.mark_h1(&route.pool_key);
-        }
         let status = response.status().as_u16();
         if let Some(fresh) =
             replay::after_answer(&self.shared, admitted, status, token, true, log).await

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::deferred::DeferWriteErrors;
 use crate::config::EgressProxy;
 use crate::BoxError;
 
@@ -148,7 +149,8 @@ async fn handshake(
 
 /// hyper's connector for one upstream client: straight to the upstream through
 /// `HttpConnector`, or a tunnel through the egress proxy (`connect`). TLS is layered on top
-/// by `hyper_rustls`, so it verifies the upstream's name, never the proxy's.
+/// by `hyper_rustls`, so it verifies the upstream's name, never the proxy's. Its streams read
+/// on past a failed write (`super::deferred`).
 #[derive(Clone)]
 pub struct EgressConnector {
     direct: HttpConnector,
@@ -166,10 +168,10 @@ impl EgressConnector {
     }
 }
 
-type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<DeferWriteErrors>, BoxError>> + Send>>;
 
 impl tower_service::Service<Uri> for EgressConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<DeferWriteErrors>;
     type Error = BoxError;
     type Future = Connecting;
 
@@ -180,7 +182,10 @@ impl tower_service::Service<Uri> for EgressConnector {
     fn call(&mut self, dst: Uri) -> Connecting {
         let Some(proxy) = &self.proxy else {
             let connecting = self.direct.call(dst);
-            return Box::pin(async move { connecting.await.map_err(Into::into) });
+            return Box::pin(async move {
+                let stream = connecting.await?.into_inner();
+                Ok(TokioIo::new(DeferWriteErrors::new(stream)))
+            });
         };
         let proxy = Arc::clone(proxy);
         let timeout = self.timeout;
@@ -193,7 +198,7 @@ impl tower_service::Service<Uri> for EgressConnector {
             };
             let port = dst.port_u16().unwrap_or(default_port);
             let stream = connect(host, port, Some(&proxy), timeout).await?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(DeferWriteErrors::new(stream)))
         })
     }
 }

@@ -3,11 +3,12 @@
 //! and authority, and the egress proxy its connections go through), used inline by the
 //! connection task that needs one (no connection task and no channel between the client
 //! side and the upstream side). An `https://` upstream is first served by hyper's client
-//! (h2 or HTTP/1.1 by ALPN); once it has answered in HTTP/1.1 it is remembered, and the fast
-//! path takes it over with TLS connections of its own offering only http/1.1. Upstreams
-//! that choose h2 stay with hyper's client, which multiplexes h2.
+//! (h2 or HTTP/1.1 by ALPN), and what it answered in is remembered (`Speaks`): once it has
+//! answered in HTTP/1.1 the fast path takes it over with TLS connections of its own offering
+//! only http/1.1; upstreams that answered in h2 stay with hyper's client, which multiplexes
+//! h2 (its h2-only client, `crate::upstream::Upstreams::for_route`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -31,24 +32,45 @@ struct Idle {
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
-    /// Keys of `https://` upstreams seen answering in HTTP/1.1: the fast path serves those.
-    h1: Mutex<HashSet<Box<str>>>,
+    /// What `https://` upstreams (by key) answered in; the fast path serves those in HTTP/1.1.
+    known: Mutex<HashMap<Box<str>, Speaks>>,
     /// One TLS client configuration per `ca_file`, so TLS sessions are resumed across
     /// connections (rustls keeps its session cache in the configuration).
     tls: Mutex<HashMap<Option<PathBuf>, Arc<ClientConfig>>>,
 }
 
+/// The protocol an `https://` upstream last answered in (ALPN's choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    H1,
+    H2,
+}
+
 impl Pool {
-    /// Whether the `https://` upstream under `key` has answered in HTTP/1.1.
-    pub fn speaks_h1(&self, key: &str) -> bool {
-        lock(&self.h1).contains(key)
+    /// What the `https://` upstream under `key` has answered in, if it has.
+    pub fn speaks(&self, key: &str) -> Option<Speaks> {
+        lock(&self.known).get(key).copied()
     }
 
-    pub fn mark_h1(&self, key: &str) {
-        let mut known = lock(&self.h1);
-        if !known.contains(key) {
-            known.insert(key.into());
+    /// Remembers the version of an answer from the `https://` upstream under `key`.
+    pub fn learn(&self, key: &str, version: http::Version) {
+        let speaks = match version {
+            http::Version::HTTP_11 => Speaks::H1,
+            http::Version::HTTP_2 => Speaks::H2,
+            _ => return,
+        };
+        let mut known = lock(&self.known);
+        match known.get_mut(key) {
+            Some(s) => *s = speaks,
+            None => {
+                known.insert(key.into(), speaks);
+            }
         }
+    }
+
+    /// Forgets what the upstream under `key` speaks: its next request lets ALPN choose again.
+    pub fn forget(&self, key: &str) {
+        lock(&self.known).remove(key);
     }
 
     /// The TLS configuration for upstreams trusted through `ca_file` (ALPN: http/1.1).
