@@ -2,12 +2,13 @@
 //! the embedded mock eGain as its token server) and a load generator with N keep-alive
 //! connections for D seconds. Runs direct-to-upstream and through-proxy in the same process
 //! and prints requests/s, p50/p99/p99.9, the proxy/direct ratio, the token requests made and
-//! the proxy's peak RSS. Optionally holds many idle keep-alive connections, or streams a large
-//! upload, and reports the proxy's RSS meanwhile.
+//! the proxy's peak RSS. Optionally holds many idle keep-alive connections, streams a large
+//! upload, or holds many requests at once on TLS connections to an HTTPS upstream, and
+//! reports the proxy's RSS meanwhile.
 //!
 //!   cargo bench --bench load
 //!   cargo bench --bench load -- --connections 64 --duration 10 --body-size 128 --h2
-//!   cargo bench --bench load -- --idle 1000 --upload-mib 1024
+//!   cargo bench --bench load -- --idle 1000 --upload-mib 1024 --tls-pool 1000
 //!
 //! On Linux with `taskset`, the proxy is pinned to CPU 0 and this process (upstream, mock,
 //! load generator) to CPU 1 (`--no-pin` to disable).
@@ -32,6 +33,7 @@ struct Options {
     h2: bool,
     idle: usize,
     upload_mib: u64,
+    tls_pool: usize,
     pin: bool,
 }
 
@@ -43,6 +45,7 @@ fn options() -> Options {
         h2: false,
         idle: 1000,
         upload_mib: 0,
+        tls_pool: 0,
         pin: true,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,6 +62,7 @@ fn options() -> Options {
             "--body-size" => o.body_size = value(i) as usize,
             "--idle" => o.idle = value(i) as usize,
             "--upload-mib" => o.upload_mib = value(i),
+            "--tls-pool" => o.tls_pool = value(i) as usize,
             "--h2" => {
                 o.h2 = true;
                 i += 1;
@@ -164,7 +168,88 @@ impl ProxyProcess {
     }
 }
 
-async fn start_proxy(mock: &MockEgain, upstream: SocketAddr, pin: bool) -> ProxyProcess {
+/// An HTTPS upstream (HTTP/1.1 only, a private CA written to `dir`) whose every request waits
+/// until `release` turns true: `arrived` counts the requests waiting.
+struct HoldingUpstream {
+    addr: SocketAddr,
+    ca_file: std::path::PathBuf,
+    arrived: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+async fn holding_upstream(dir: &std::path::Path) -> HoldingUpstream {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    std::fs::create_dir_all(dir).expect("temp dir");
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("leaf");
+    let (ca_file, cert_file, key_file) = (
+        dir.join("ca.pem"),
+        dir.join("up.pem"),
+        dir.join("up-key.pem"),
+    );
+    std::fs::write(&ca_file, ca.pem()).expect("write");
+    std::fs::write(&cert_file, leaf.pem()).expect("write");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write");
+    let mut config =
+        (*egain_proxy::tls::server_config(&cert_file, &key_file).expect("TLS")).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let counter = Arc::clone(&arrived);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, counter, released) =
+                (acceptor.clone(), Arc::clone(&counter), released.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (counter, mut released) = (Arc::clone(&counter), released.clone());
+                    async move {
+                        if req.uri().path().ends_with("/hold") {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            let _ = released.wait_for(|r| *r).await;
+                        }
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                            b"{}",
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    HoldingUpstream {
+        addr,
+        ca_file,
+        arrived,
+        release,
+    }
+}
+
+async fn start_proxy(
+    mock: &MockEgain,
+    upstream: SocketAddr,
+    tls_upstream: Option<&HoldingUpstream>,
+    pin: bool,
+) -> ProxyProcess {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -174,10 +259,15 @@ async fn start_proxy(mock: &MockEgain, upstream: SocketAddr, pin: bool) -> Proxy
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = 20000\n[log]\nlevel = \"warn\"\n\
          [profiles.portal]\nkind = \"client_app\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nscopes = [\"knowledge.portalmgr.manage\"]\n\
-         [[routes]]\npath_prefix = \"/\"\nupstream = \"http://{upstream}\"\nprofile = \"portal\"\n",
+         {}[[routes]]\npath_prefix = \"/\"\nupstream = \"http://{upstream}\"\nprofile = \"portal\"\n",
         mock.client_app_token_url(),
         mock.options().client_app.0,
         mock.options().client_app.1,
+        tls_upstream.map_or(String::new(), |t| format!(
+            "[[routes]]\npath_prefix = \"/tls/\"\nupstream = \"https://{}\"\nprofile = \"portal\"\nca_file = \"{}\"\n",
+            t.addr,
+            t.ca_file.display()
+        )),
     );
     let path = dir.join("proxy.toml");
     std::fs::write(&path, config).expect("write config");
@@ -351,7 +441,13 @@ async fn run(o: Options, pinned: bool) {
     let mock = MockEgain::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
         .await
         .expect("mock eGain");
-    let proxy = start_proxy(&mock, upstream, pinned).await;
+    let tls_dir = std::env::temp_dir().join(format!("egain-proxy-load-tls-{}", std::process::id()));
+    let tls_upstream = if o.tls_pool > 0 {
+        Some(holding_upstream(&tls_dir).await)
+    } else {
+        None
+    };
+    let proxy = start_proxy(&mock, upstream, tls_upstream.as_ref(), pinned).await;
     println!(
         "load bench: {} connections, {}s, {}-byte responses, {}, {}",
         o.connections,
@@ -422,6 +518,11 @@ async fn run(o: Options, pinned: bool) {
         drop(held);
     }
 
+    if let Some(tls) = &tls_upstream {
+        hold_on_tls(&proxy, tls, o.tls_pool).await;
+        let _ = std::fs::remove_dir_all(&tls_dir);
+    }
+
     if o.upload_mib > 0 {
         let (before, peak_before) = (proxy.rss_kib("VmRSS:"), proxy.rss_kib("VmHWM:"));
         let chunk = Bytes::from(vec![7u8; 1024 * 1024]);
@@ -456,4 +557,79 @@ async fn run(o: Options, pinned: bool) {
             proxy.rss_kib("VmHWM:") as f64 / 1024.0,
         );
     }
+}
+
+/// `n` client connections, each with a request the HTTPS upstream holds: the proxy has `n` TLS
+/// connections to it open at once. Reports the proxy's RSS while they are held and after they
+/// are answered (the client connections still open, the TLS connections back in the pool).
+async fn hold_on_tls(proxy: &ProxyProcess, tls: &HoldingUpstream, n: usize) {
+    use std::sync::atomic::Ordering;
+    let request = |path: &'static str| {
+        http::Request::builder()
+            .uri(path)
+            .header("host", "bench")
+            .body(Empty::<Bytes>::new())
+            .expect("request")
+    };
+    // The first answer tells the proxy the upstream speaks HTTP/1.1 (its fast path then
+    // keeps TLS connections of its own).
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let warm = send
+        .send_request(request("/tls/warm"))
+        .await
+        .expect("warm-up");
+    assert_eq!(
+        warm.status(),
+        200,
+        "the HTTPS upstream did not answer through the proxy"
+    );
+    let base = (proxy.rss_kib("VmRSS:"), proxy.rss_kib("VmHWM:"));
+    let mut senders = Vec::new();
+    let mut waiting = Vec::new();
+    for _ in 0..n {
+        let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let answer = send.send_request(request("/tls/hold"));
+        waiting.push(tokio::spawn(answer));
+        senders.push(send);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tls.arrived.load(Ordering::SeqCst) < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} requests reached the upstream",
+            tls.arrived.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = proxy.rss_kib("VmRSS:");
+    let _ = tls.release.send(true);
+    let mut ok = 0;
+    for w in waiting {
+        if let Ok(Ok(r)) = w.await {
+            ok += usize::from(r.status() == 200);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!(
+        "{n} requests held on {n} TLS upstream connections: proxy RSS {:.1} -> {:.1} MiB \
+         ({:.1} KiB per client + TLS upstream connection pair); after {ok} answers, with the \
+         client connections open and the TLS connections back in the pool: {:.1} MiB (peak {:.1}, \
+         {:.1} before)",
+        base.0 as f64 / 1024.0,
+        held as f64 / 1024.0,
+        held.saturating_sub(base.0) as f64 / n as f64,
+        proxy.rss_kib("VmRSS:") as f64 / 1024.0,
+        proxy.rss_kib("VmHWM:") as f64 / 1024.0,
+        base.1 as f64 / 1024.0,
+    );
+    drop(senders);
 }
