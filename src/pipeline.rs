@@ -121,13 +121,16 @@ pub(crate) async fn send(
                 UpstreamFailure::Protocol("no upstream client for this route".into()),
             ));
         };
-        let connection = hyper_util::client::legacy::connect::capture_connection(&mut request);
+        // The connection is needed only to retire an HTTP/1.1 one after a doubtful answer
+        // (`checked`); an h2 stream's framing cannot spill onto the next one.
+        let connection = (!h2)
+            .then(|| hyper_util::client::legacy::connect::capture_connection(&mut request));
         let e = match tokio::time::timeout_at(deadline, client.request(request)).await {
             Ok(Ok(response)) => {
                 if https {
                     pool.learn(&route.pool_key, response.version());
                 }
-                return checked(shared, route, &method, response, &connection, log);
+                return checked(shared, route, &method, response, connection.as_ref(), log);
             }
             Ok(Err(e)) => e,
             Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
@@ -222,7 +225,7 @@ fn checked(
     route: &Route,
     method: &Method,
     mut response: Response<Incoming>,
-    connection: &hyper_util::client::legacy::connect::CaptureConnection,
+    connection: Option<&hyper_util::client::legacy::connect::CaptureConnection>,
     log: &mut RequestLog,
 ) -> Result<(Response<Incoming>, Framing), ProxyError> {
     log.upstream_status = Some(response.status().as_u16());
@@ -236,23 +239,28 @@ fn checked(
             // As the fast path's pool: a connection that answered without a body (HEAD,
             // 204, 304) is not used again, in case the upstream sends one anyway.
             if framing == Framing::Empty && response.version() < http::Version::HTTP_2 {
-                if let Some(connected) = connection.connection_metadata().as_ref() {
-                    connected.poison();
-                }
+                retire(connection);
             }
             headers::remove_hop_by_hop(response.headers_mut());
             Ok((response, framing))
         }
         Err(what) => {
-            if let Some(connected) = connection.connection_metadata().as_ref() {
-                connected.poison();
-            }
+            retire(connection);
             let what = format!("invalid response: {what}");
             Err(upstream_failed(
                 shared,
                 route,
                 UpstreamFailure::Protocol(what),
             ))
+        }
+    }
+}
+
+/// Keeps hyper's pool from using the captured connection again.
+fn retire(connection: Option<&hyper_util::client::legacy::connect::CaptureConnection>) {
+    if let Some(connection) = connection {
+        if let Some(connected) = connection.connection_metadata().as_ref() {
+            connected.poison();
         }
     }
 }
