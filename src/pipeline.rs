@@ -123,8 +123,8 @@ pub(crate) async fn send(
         };
         // The connection is needed only to retire an HTTP/1.1 one after a doubtful answer
         // (`checked`); an h2 stream's framing cannot spill onto the next one.
-        let connection = (!h2)
-            .then(|| hyper_util::client::legacy::connect::capture_connection(&mut request));
+        let connection =
+            (!h2).then(|| hyper_util::client::legacy::connect::capture_connection(&mut request));
         let e = match tokio::time::timeout_at(deadline, client.request(request)).await {
             Ok(Ok(response)) => {
                 if https {
