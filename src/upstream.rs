@@ -1,7 +1,8 @@
 //! Pooled keep-alive clients to upstreams: HTTP/1.1 or h2 by ALPN over rustls, plain HTTP/1.1
-//! for `http://` upstreams. One client per distinct (ca_file, connect_timeout, egress proxy),
-//! shared by routes and kept across reloads so pools stay warm; routes with different egress
-//! proxies never share a client, so never a connection.
+//! for `http://` upstreams. One pair of clients (`Clients`: ALPN's choice, and h2 only) per
+//! distinct (ca_file, connect_timeout, egress proxy), shared by routes and kept across reloads
+//! so pools stay warm; routes with different egress proxies never share a client, so never a
+//! connection.
 
 pub mod deferred;
 pub mod egress;
