@@ -13,6 +13,7 @@
 #   UPSTREAM=https-h2 benches/compare.sh    # the same, offering h2 by ALPN as well
 #   CLIENT=h2 benches/compare.sh            # h2 clients (h2c by prior knowledge): h2load,
 #                                           # H2_CONNS connections x H2_STREAMS streams
+#   EGAIN_BIN=/path/to/egain-proxy benches/compare.sh   # measure that build instead
 #
 # With a TLS upstream every proxy verifies its certificate against the private CA and keeps
 # its upstream connections (and TLS sessions) alive, as a careful operator would configure
@@ -53,8 +54,13 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || { [ -x /usr/sbin/haproxy ] && echo /usr/sbin/haproxy; } || true)
 
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-BIN=$PWD/target/release/egain-proxy
+# EGAIN_BIN: another egain-proxy binary to measure (an A/B of two builds in one session).
+if [ -n "${EGAIN_BIN:-}" ]; then
+  BIN=$EGAIN_BIN
+else
+  cargo build --release --quiet
+  BIN=$PWD/target/release/egain-proxy
+fi
 # Everything below is on loopback: no egress proxy from the environment (README, "Egress proxy").
 unset HTTPS_PROXY https_proxy HTTP_PROXY http_proxy NO_PROXY no_proxy
 

@@ -1,0 +1,208 @@
+//! An `https://` upstream that answers in h2, on every inbound transport: once it is known to
+//! speak h2, requests share one h2 connection to it (hyper's h2-only client); bodies larger
+//! than h2's flow-control windows go both ways whole; the token is injected, the authority
+//! travels as `:authority` and the client's host as `X-Forwarded-Host`.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use sha2::{Digest, Sha256};
+use support::tls::TestCa;
+use support::transport::On;
+use support::*;
+use tokio::net::TcpListener;
+
+/// A request as the h2 upstream saw it.
+#[derive(Debug, Clone)]
+struct Served {
+    version: http::Version,
+    path: String,
+    authorization: Option<String>,
+    host: Option<String>,
+    forwarded_host: Option<String>,
+    body_len: usize,
+    body_sha: String,
+}
+
+const BIG: usize = 5 * 1024 * 1024;
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An h2 (and http/1.1) TLS upstream: `/big` answers `BIG` bytes, anything else a small JSON
+/// body after reading the request body whole. Counts TCP connections.
+async fn h2_upstream(ca: &TestCa) -> (u16, Arc<Mutex<Vec<Served>>>, Arc<AtomicUsize>, AbortOnDrop) {
+    let (cert, key) = ca.leaf("h2-upstream");
+    let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (log, count) = (Arc::clone(&seen), Arc::clone(&connections));
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let log = Arc::clone(&log);
+                    async move {
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .map(|v| v.to_str().unwrap().to_owned())
+                        };
+                        let mut served = Served {
+                            version: req.version(),
+                            path: req.uri().path().to_owned(),
+                            authorization: header("authorization"),
+                            host: header("host"),
+                            forwarded_host: header("x-forwarded-host"),
+                            body_len: 0,
+                            body_sha: String::new(),
+                        };
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        served.body_len = body.len();
+                        served.body_sha = sha(&body);
+                        let big = served.path == "/big";
+                        log.lock().unwrap().push(served);
+                        let response = if big {
+                            http::Response::new(full(Bytes::from(pattern(BIG))))
+                        } else {
+                            json_response(200, "{\"ok\":true}", &[])
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (port, seen, connections, AbortOnDrop(task))
+}
+
+async fn h2_upstream_shares_one_connection_and_moves_big_bodies(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, seen, connections, _guard) = h2_upstream(&ca).await;
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("p", &tokens, ""),
+            route(
+                "h2",
+                "/",
+                &format!("https://127.0.0.1:{port}"),
+                "p",
+                &format!("ca_file = \"{}\"", ca.ca_file())
+            ),
+        ))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+
+    // The first answer tells the proxy the upstream speaks h2.
+    let r = client.get(on.url(&proxy, "/first")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let before = connections.load(Ordering::SeqCst);
+
+    // At once: small requests, an upload and a download, each larger than h2's default
+    // windows (64 KiB) and the proxy's own (2 MiB per stream).
+    let upload = pattern(3 * 1024 * 1024 + 17);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (client, url) = (client.clone(), on.url(&proxy, &format!("/small/{i}")));
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .body(format!("body {i}"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap().len())
+        }));
+    }
+    let up = client
+        .post(on.url(&proxy, "/upload"))
+        .body(upload.clone())
+        .send();
+    let down = client.get(on.url(&proxy, "/big")).send();
+    let (up, down) = tokio::join!(up, down);
+    let up = up.unwrap();
+    assert_eq!(up.status(), 200);
+    let down = down.unwrap();
+    assert_eq!(down.status(), 200);
+    let got = down.bytes().await.unwrap();
+    assert_eq!(got.len(), BIG, "the download arrived short");
+    assert_eq!(
+        sha(&got),
+        sha(&pattern(BIG)),
+        "the download arrived altered"
+    );
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (200, "{\"ok\":true}".len()));
+    }
+
+    let seen = seen.lock().unwrap().clone();
+    let uploaded = seen
+        .iter()
+        .find(|s| s.path == "/upload")
+        .expect("the upstream saw the upload");
+    assert_eq!(uploaded.body_len, upload.len());
+    assert_eq!(uploaded.body_sha, sha(&upload));
+    for s in &seen {
+        assert_eq!(s.version, http::Version::HTTP_2, "{} not over h2", s.path);
+        assert!(
+            tokens.is_live(s.authorization.as_deref()),
+            "{} without the token: {:?}",
+            s.path,
+            s.authorization
+        );
+        // The authority travels as `:authority`, the client's host as X-Forwarded-Host.
+        assert_eq!(s.host, None, "{} carried a Host field", s.path);
+        assert!(
+            s.forwarded_host.is_some(),
+            "{} without X-Forwarded-Host",
+            s.path
+        );
+    }
+    let small = seen
+        .iter()
+        .filter(|s| s.path.starts_with("/small/"))
+        .count();
+    assert_eq!(small, 16);
+    // Everything after the first answer on one connection.
+    let after = connections.load(Ordering::SeqCst);
+    assert!(
+        after - before <= 1,
+        "{} new upstream connections for 18 requests to an h2 upstream",
+        after - before
+    );
+}
+
+on_every_transport!(h2_upstream_shares_one_connection_and_moves_big_bodies);
