@@ -6,8 +6,8 @@
 //! 3. `plan`: what the upstream request becomes, with an encoder into raw HTTP/1.1 bytes (the
 //!    fast path) and one onto a `HeaderMap` (hyper's client); `body`: how its body is framed,
 //!    bounded and kept for a replay;
-//! 4. the exchange: the fast path's own pool (`crate::transport::h1`), or `send` through
-//!    hyper's client, which checks the response's framing;
+//! 4. the exchange: the fast path's own pool (`crate::transport::h1`), or `send` (an h2
+//!    upstream's own connection, or hyper's client), which checks the response's framing;
 //! 5. `replay`: the 401 rule;
 //! 6. `finish`: upstream failure -> the proxy's error, access log and metrics.
 //!
@@ -27,7 +27,6 @@ pub mod upgrade;
 use std::net::SocketAddr;
 
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
 
 pub(crate) use admit::{admit, Admitted, HeadFacts};
 pub(crate) use finish::{record, upstream_failed, UpstreamFailure};
@@ -37,6 +36,7 @@ use crate::http::Framing;
 use crate::routes::Route;
 use crate::state::Shared;
 use crate::upstream::pool::Speaks;
+use crate::upstream::UpstreamBody;
 use crate::ProxyBody;
 
 /// Bodies up to this size are kept so the request can be replayed after a 401.
@@ -79,17 +79,19 @@ pub(crate) fn may_retry(method: &Method, written: bool) -> bool {
         )
 }
 
-/// Sends a request through the route's hyper client within the route's timeout; `make`
-/// builds it, and is asked again for a retry (`may_retry`; it answers `None` when the body
-/// cannot be sent twice). The response's framing is checked (`crate::http::response_framing`):
-/// an ambiguous one is a 502 and its connection is never used again. Hop-by-hop fields are
-/// gone from the response that is returned.
+/// Sends a request to the route's upstream within the route's timeout: an `https://` upstream
+/// known to answer in h2 on its h2 connection (`crate::upstream::H2Pool`), any other through
+/// hyper's client (ALPN chooses, and what the upstream answered in is learned). `make` builds
+/// the request, and is asked again for a retry (`may_retry`, and streams an h2 upstream did
+/// not process; it answers `None` when the body cannot be sent twice). The response's framing
+/// is checked (`crate::http::response_framing`): an ambiguous one is a 502 and its connection
+/// is never used again. Hop-by-hop fields are gone from the response that is returned.
 pub(crate) async fn send(
     shared: &Shared,
     admitted: &Admitted<'_>,
     mut make: impl FnMut() -> Option<Request<ProxyBody>>,
     log: &mut RequestLog,
-) -> Result<(Response<Incoming>, Framing), ProxyError> {
+) -> Result<(Response<UpstreamBody>, Framing), ProxyError> {
     let route = admitted.route;
     let https = route.config.upstream.scheme == http::uri::Scheme::HTTPS;
     let pool = &shared.h1_pool;
@@ -110,78 +112,135 @@ pub(crate) async fn send(
             ));
         };
         let method = request.method().clone();
-        // An upstream known to answer in h2 gets hyper's h2-only client (one connection
-        // opened at a time); others let ALPN choose, and what they answer in is learned.
-        let h2 = https && pool.speaks(&route.pool_key) == Some(Speaks::H2);
-        let upstreams = &admitted.generation.upstreams;
-        let Some(client) = upstreams.for_route(admitted.index, h2) else {
-            return Err(upstream_failed(
-                shared,
-                route,
-                UpstreamFailure::Protocol("no upstream client for this route".into()),
-            ));
-        };
-        // The connection is needed only to retire an HTTP/1.1 one after a doubtful answer
-        // (`checked`); an h2 stream's framing cannot spill onto the next one.
-        let connection =
-            (!h2).then(|| hyper_util::client::legacy::connect::capture_connection(&mut request));
-        let e = match tokio::time::timeout_at(deadline, client.request(request)).await {
-            Ok(Ok(response)) => {
-                if https {
-                    pool.learn(&route.pool_key, response.version());
+        let h2 = https && !fell_back && pool.speaks(&route.pool_key) == Some(Speaks::H2);
+        let failed = if h2 {
+            let open = || crate::upstream::connect_h2(pool, route);
+            let sent = pool.h2.send(&route.pool_key, open, request);
+            match tokio::time::timeout_at(deadline, sent).await {
+                Ok(Ok(response)) => {
+                    let response = response.map(UpstreamBody::h2);
+                    return checked(shared, route, &method, response, None, log);
                 }
-                return checked(shared, route, &method, response, connection.as_ref(), log);
+                Ok(Err(e)) => Failed::from_h2(e),
+                Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
             }
-            Ok(Err(e)) => e,
-            Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
+        } else {
+            let Some(client) = admitted.generation.upstreams.for_route(admitted.index) else {
+                return Err(upstream_failed(
+                    shared,
+                    route,
+                    UpstreamFailure::Protocol("no upstream client for this route".into()),
+                ));
+            };
+            let connection = hyper_util::client::legacy::connect::capture_connection(&mut request);
+            match tokio::time::timeout_at(deadline, client.request(request)).await {
+                Ok(Ok(response)) => {
+                    if https {
+                        pool.learn(&route.pool_key, response.version());
+                    }
+                    let response = response.map(UpstreamBody::Hyper);
+                    return checked(shared, route, &method, response, Some(&connection), log);
+                }
+                Ok(Err(e)) => Failed::from_hyper(&e),
+                Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
+            }
         };
-        if let Some(idle) = stall::is_stall(&e) {
-            return Err(ProxyError::RequestTimeout(idle));
+        match failed {
+            Failed::Stall(idle) => return Err(ProxyError::RequestTimeout(idle)),
+            // The request never left. An upstream known to speak h2 may have stopped (ALPN
+            // now chooses HTTP/1.1, or its h2 connection cannot be made): once more through
+            // hyper's client, letting ALPN choose, and learning what it answers in.
+            Failed::NotH2 => {
+                pool.forget(&route.pool_key);
+                fell_back = true;
+                last = Some("the upstream no longer offers h2".into());
+            }
+            Failed::Connect(cause) => {
+                if h2 {
+                    pool.forget(&route.pool_key);
+                    fell_back = true;
+                    last = Some(format!("connection failed: {cause}"));
+                    continue;
+                }
+                return Err(upstream_failed(
+                    shared,
+                    route,
+                    UpstreamFailure::Connect(cause),
+                ));
+            }
+            // An h2 upstream that did not process the stream (GOAWAY above its last stream
+            // id, REFUSED_STREAM) left it safe to send again, whatever the method (RFC 9113
+            // §8.7). A few times: a new connection can meet the next GOAWAY.
+            Failed::Unprocessed(what) if unprocessed_retries < 3 => {
+                unprocessed_retries += 1;
+                last = Some(format!("connection failed: {what}"));
+            }
+            // A connection closed (or an h2 one broken) before the answer: the idempotent half
+            // of the retry rule (requests never written are retried by the clients).
+            Failed::Lost(what) if !retried && may_retry(&method, true) => {
+                retried = true;
+                last = Some(format!("connection failed: {what}"));
+            }
+            Failed::Unprocessed(what) | Failed::Lost(what) | Failed::Other(what) => {
+                return Err(upstream_failed(
+                    shared,
+                    route,
+                    UpstreamFailure::Protocol(format!("connection failed: {what}")),
+                ));
+            }
         }
-        let unprocessed = unprocessed(&e);
-        // Any other failure through the h2-only client may mean the upstream no longer speaks
-        // h2 (ALPN now chooses HTTP/1.1, or fails): the next attempt lets ALPN choose again.
-        if h2 && !unprocessed {
-            pool.forget(&route.pool_key);
+    }
+}
+
+/// Why an exchange got no answer, from either client, in the terms of the retry rule.
+enum Failed {
+    /// The client's request body stalled (`stall`): the client's fault, a 408.
+    Stall(std::time::Duration),
+    /// No connection could be made.
+    Connect(String),
+    /// The upstream's new connection did not offer h2.
+    NotH2,
+    /// An h2 upstream did not process the stream (RFC 9113 §6.8, §8.7).
+    Unprocessed(String),
+    /// The connection closed or broke before any byte of the answer.
+    Lost(String),
+    Other(String),
+}
+
+impl Failed {
+    fn from_h2(e: crate::upstream::h2_pool::Failure) -> Failed {
+        use crate::upstream::h2_pool::Failure;
+        match e {
+            Failure::Connect(cause) => Failed::Connect(cause),
+            Failure::NotH2 => Failed::NotH2,
+            Failure::Unprocessed(what) => Failed::Unprocessed(what),
+            Failure::Lost(what) => Failed::Lost(what),
+            Failure::Body(e) => match stall::is_stall(e.as_ref()) {
+                Some(idle) => Failed::Stall(idle),
+                None => Failed::Other(format!(
+                    "the request body failed: {}",
+                    crate::error::chain(e.as_ref())
+                )),
+            },
+            Failure::Protocol(what) => Failed::Other(what),
+        }
+    }
+
+    fn from_hyper(e: &hyper_util::client::legacy::Error) -> Failed {
+        if let Some(idle) = stall::is_stall(e) {
+            return Failed::Stall(idle);
         }
         if e.is_connect() {
-            // The request never left: once more, letting ALPN choose.
-            if h2 && !fell_back {
-                fell_back = true;
-                last = Some(format!("connection failed: {}", crate::error::chain(&e)));
-                continue;
-            }
-            let cause = finish::connect_cause(&e);
-            return Err(upstream_failed(
-                shared,
-                route,
-                UpstreamFailure::Connect(cause),
-            ));
+            return Failed::Connect(finish::connect_cause(e));
         }
-        // An h2 upstream that did not process the stream (GOAWAY above its last stream id,
-        // REFUSED_STREAM) left it safe to send again, whatever the method (RFC 9113 §8.7).
-        // A few times: a new connection can meet the next GOAWAY.
-        let what = format!("connection failed: {}", crate::error::chain(&e));
-        if unprocessed && unprocessed_retries < 3 {
-            unprocessed_retries += 1;
-            last = Some(what);
-            continue;
+        let what = crate::error::chain(e);
+        if unprocessed(e) {
+            Failed::Unprocessed(what)
+        } else if closed_before_answer(e) || h2_connection_lost(e) {
+            Failed::Lost(what)
+        } else {
+            Failed::Other(what)
         }
-        // hyper's client already retries requests it never wrote; this is the idempotent
-        // half of the rule, for connections that closed before answering.
-        if !retried
-            && (closed_before_answer(&e) || h2_connection_lost(&e))
-            && may_retry(&method, true)
-        {
-            retried = true;
-            last = Some(what);
-            continue;
-        }
-        return Err(upstream_failed(
-            shared,
-            route,
-            UpstreamFailure::Protocol(what),
-        ));
     }
 }
 
@@ -224,10 +283,10 @@ fn checked(
     shared: &Shared,
     route: &Route,
     method: &Method,
-    mut response: Response<Incoming>,
+    mut response: Response<UpstreamBody>,
     connection: Option<&hyper_util::client::legacy::connect::CaptureConnection>,
     log: &mut RequestLog,
-) -> Result<(Response<Incoming>, Framing), ProxyError> {
+) -> Result<(Response<UpstreamBody>, Framing), ProxyError> {
     log.upstream_status = Some(response.status().as_u16());
     let fields = response
         .headers()
@@ -265,12 +324,8 @@ fn retire(connection: Option<&hyper_util::client::legacy::connect::CaptureConnec
     }
 }
 
-/// hyper's response body as the proxy's body type.
-pub(crate) fn into_proxy_response(response: Response<Incoming>) -> Response<crate::ProxyBody> {
+/// An upstream's response body as the proxy's body type.
+pub(crate) fn into_proxy_response(response: Response<UpstreamBody>) -> Response<crate::ProxyBody> {
     use http_body_util::BodyExt;
-    let (parts, body) = response.into_parts();
-    Response::from_parts(
-        parts,
-        body.map_err(|e| -> crate::BoxError { Box::new(e) }).boxed(),
-    )
+    response.map(|body| body.boxed())
 }

@@ -1,11 +1,20 @@
-//! Pooled keep-alive clients to upstreams: HTTP/1.1 or h2 by ALPN over rustls, plain HTTP/1.1
-//! for `http://` upstreams. One pair of clients (`Clients`: ALPN's choice, and h2 only) per
-//! distinct (ca_file, connect_timeout, egress proxy), shared by routes and kept across reloads
-//! so pools stay warm; routes with different egress proxies never share a client, so never a
-//! connection.
+//! Upstream connections, three kinds under one pool policy (`IDLE_TIMEOUT`, the retry rule
+//! in `crate::pipeline`):
+//!
+//! - the fast path's pool (`pool`): HTTP/1.1 keep-alive connections, plain for `http://`
+//!   upstreams and TLS for `https://` ones known to answer in HTTP/1.1;
+//! - `h2_pool`: one h2 connection per `https://` upstream known to answer in h2, driven with
+//!   the `h2` crate from the requests' own tasks;
+//! - hyper's pooled client (`Upstreams`), which lets ALPN choose, for the first requests to an
+//!   `https://` upstream (until it is known what it answers in). One client per distinct
+//!   (ca_file, connect_timeout, egress proxy), shared by routes and kept across reloads so
+//!   pools stay warm; routes with different egress proxies never share a client, so never a
+//!   connection.
 
+pub mod coalesce;
 pub mod deferred;
 pub mod egress;
+pub mod h2_pool;
 pub mod pool;
 pub mod stream;
 
@@ -23,6 +32,7 @@ use crate::config::{Config, EgressProxy};
 use crate::ProxyBody;
 
 pub use egress::EgressConnector;
+pub use h2_pool::H2Pool;
 pub use pool::Pool;
 
 /// The pool policy both upstream clients follow (the fast path's pool and hyper's): an idle
@@ -40,20 +50,9 @@ pub struct ClientKey {
     egress: Option<Arc<EgressProxy>>,
 }
 
-/// hyper's clients for one `ClientKey`: `auto` lets ALPN choose (h2 or HTTP/1.1) and is used
-/// until an upstream has answered; `h2` is for upstreams known to answer in h2. hyper's pool
-/// opens one connection at a time only to a key it knows to be h2 (`http2_only`): through
-/// `auto`, every request that finds no live connection opens its own — after each GOAWAY
-/// from a busy upstream, one TLS handshake per waiting request, all but one thrown away.
-#[derive(Clone)]
-pub struct Clients {
-    auto: HttpClient,
-    h2: HttpClient,
-}
-
 #[derive(Clone, Default)]
 pub struct Upstreams {
-    clients: HashMap<ClientKey, Clients>,
+    clients: HashMap<ClientKey, HttpClient>,
     /// Index into `clients` per route, in route order.
     per_route: Vec<ClientKey>,
 }
@@ -69,58 +68,44 @@ impl Upstreams {
                 egress: route.egress.proxy.clone(),
             };
             if !clients.contains_key(&key) {
-                let built = match previous.and_then(|p| p.clients.get(&key)) {
+                let client = match previous.and_then(|p| p.clients.get(&key)) {
                     Some(c) => c.clone(),
-                    None => {
-                        let new = |h2_only| {
-                            new_client(&key, h2_only)
-                                .map_err(|e| format!("route {}: {e}", route.name))
-                        };
-                        Clients {
-                            auto: new(false)?,
-                            h2: new(true)?,
-                        }
-                    }
+                    None => new_client(&key).map_err(|e| format!("route {}: {e}", route.name))?,
                 };
-                clients.insert(key.clone(), built);
+                clients.insert(key.clone(), client);
             }
             per_route.push(key);
         }
         Ok(Upstreams { clients, per_route })
     }
 
-    /// The client for route `index`: the h2-only one when its upstream is known to speak h2.
-    pub fn for_route(&self, index: usize, h2: bool) -> Option<&HttpClient> {
-        let clients = self
-            .per_route
-            .get(index)
-            .and_then(|k| self.clients.get(k))?;
-        Some(if h2 { &clients.h2 } else { &clients.auto })
+    pub fn for_route(&self, index: usize) -> Option<&HttpClient> {
+        self.per_route.get(index).and_then(|k| self.clients.get(k))
     }
 }
 
-/// A client for `key`'s upstreams; `h2_only` offers only h2 by ALPN and speaks nothing else.
-fn new_client(key: &ClientKey, h2_only: bool) -> Result<HttpClient, String> {
+/// A client for `key`'s upstreams, letting ALPN choose h2 or HTTP/1.1.
+fn new_client(key: &ClientKey) -> Result<HttpClient, String> {
     let tls = crate::tls::client_config(key.ca_file.as_deref(), &[])?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(key.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*tls).clone())
-        .https_or_http();
-    let egress = EgressConnector::new(http, key.egress.clone(), key.connect_timeout);
-    let https = if h2_only {
-        builder.enable_http2().wrap_connector(egress)
-    } else {
-        builder.enable_http1().enable_http2().wrap_connector(egress)
-    };
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(EgressConnector::new(
+            http,
+            key.egress.clone(),
+            key.connect_timeout,
+        ));
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
-        .http2_only(h2_only)
         .build(https))
 }
 
@@ -133,38 +118,146 @@ pub async fn connect(
 ) -> Result<stream::UpStream, String> {
     let target = &route.config.upstream;
     let tls = target.scheme == http::uri::Scheme::HTTPS;
-    let timeout = route.config.connect_timeout;
-    let setup = async {
-        let tcp = egress::connect(
-            target.authority.host(),
-            target
-                .authority
-                .port_u16()
-                .unwrap_or(if tls { 443 } else { 80 }),
-            route.config.egress.proxy.as_deref(),
-            timeout,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    within_connect_timeout(route, async {
+        let tcp = tcp(route).await?;
         if !tls {
             return Ok(stream::UpStream::Plain(tcp));
         }
-        let config = pool.tls_config(route.config.ca_file.as_deref())?;
-        let host = target.authority.host();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-            .map_err(|e| format!("{host}: {e}"))?;
-        let stream = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        Ok(stream::UpStream::Tls(Box::new(stream)))
-    };
+        let config = pool.tls_config(route.config.ca_file.as_deref(), false)?;
+        Ok(stream::UpStream::Tls(Box::new(
+            handshake(config, route, tcp).await?,
+        )))
+    })
+    .await
+}
+
+/// A new connection for `h2_pool::H2Pool` to `route`'s (`https://`) upstream: as `connect`, with
+/// TLS offering only h2, on a socket that keeps reading after a failed write.
+pub async fn connect_h2(
+    pool: &Pool,
+    route: &crate::routes::Route,
+) -> Result<h2_pool::Opened, String> {
+    within_connect_timeout(route, async {
+        let tcp = deferred::DeferWriteErrors::new(tcp(route).await?);
+        let config = pool.tls_config(route.config.ca_file.as_deref(), true)?;
+        let tls = handshake(config, route, tcp).await?;
+        Ok(match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => h2_pool::Opened::H2(Box::new(tls)),
+            _ => h2_pool::Opened::Http1,
+        })
+    })
+    .await
+}
+
+/// TCP to the route's upstream, through its egress proxy when it has one.
+async fn tcp(route: &crate::routes::Route) -> Result<tokio::net::TcpStream, String> {
+    let target = &route.config.upstream;
+    let tls = target.scheme == http::uri::Scheme::HTTPS;
+    egress::connect(
+        target.authority.host(),
+        target
+            .authority
+            .port_u16()
+            .unwrap_or(if tls { 443 } else { 80 }),
+        route.config.egress.proxy.as_deref(),
+        route.config.connect_timeout,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// TLS over `io`, verified against the upstream's own name.
+async fn handshake<IO>(
+    config: Arc<rustls::ClientConfig>,
+    route: &crate::routes::Route,
+    io: IO,
+) -> Result<tokio_rustls::client::TlsStream<IO>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let host = route.config.upstream.authority.host();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("{host}: {e}"))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, io)
+        .await
+        .map_err(|e| format!("TLS: {e}"))
+}
+
+async fn within_connect_timeout<T>(
+    route: &crate::routes::Route,
+    setup: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    let timeout = route.config.connect_timeout;
     match tokio::time::timeout(timeout, setup).await {
         Ok(result) => result,
         Err(_) => Err(format!(
             "connect timed out after {}",
             humantime::format_duration(timeout)
         )),
+    }
+}
+
+/// A response body from either kind of multiplexing client: hyper's, or an h2 stream of
+/// `h2_pool` (whose flow-control window is given back as its data is taken).
+pub enum UpstreamBody {
+    Hyper(hyper::body::Incoming),
+    H2 {
+        stream: ::h2::RecvStream,
+        data_done: bool,
+    },
+}
+
+impl UpstreamBody {
+    pub fn h2(stream: ::h2::RecvStream) -> Self {
+        UpstreamBody::H2 {
+            stream,
+            data_done: false,
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::BoxError>>> {
+        use std::task::Poll;
+        match self.get_mut() {
+            UpstreamBody::Hyper(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| -> crate::BoxError { Box::new(e) }),
+            UpstreamBody::H2 { stream, data_done } => {
+                if !*data_done {
+                    match std::task::ready!(stream.poll_data(cx)) {
+                        Some(Ok(data)) => {
+                            // The upstream may send as much again.
+                            let _ = stream.flow_control().release_capacity(data.len());
+                            return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                        }
+                        Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                        None => *data_done = true,
+                    }
+                }
+                match std::task::ready!(stream.poll_trailers(cx)) {
+                    Ok(Some(trailers)) => {
+                        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+                    }
+                    Ok(None) => Poll::Ready(None),
+                    Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+            UpstreamBody::H2 { stream, .. } => stream.is_end_stream(),
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! An `https://` upstream that answers in h2, on every inbound transport: once it is known to
-//! speak h2, requests share one h2 connection to it (hyper's h2-only client); bodies larger
+//! speak h2, requests share one h2 connection to it (`upstream::h2_pool`); bodies larger
 //! than h2's flow-control windows go both ways whole; the token is injected, the authority
 //! travels as `:authority` and the client's host as `X-Forwarded-Host`.
 

@@ -11,11 +11,11 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use super::Admitted;
 use crate::metrics::RouteProfileLabels;
 use crate::state::Shared;
+use crate::upstream::UpstreamBody;
 
 /// eGain's "scope not assigned to the client" code.
 pub const SCOPE_NOT_ASSIGNED: &str = "403-197";
@@ -86,7 +86,7 @@ pub(crate) fn after_403(shared: &Shared, admitted: &Admitted<'_>, body: &[u8]) {
 pub(crate) async fn inspect(
     shared: &Shared,
     admitted: &Admitted<'_>,
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
 ) -> Response<crate::ProxyBody> {
     use http_body_util::BodyExt;
     if response.status() != http::StatusCode::FORBIDDEN || admitted.holder.is_none() {
@@ -105,7 +105,7 @@ pub(crate) async fn inspect(
                 frames.push_back(Ok(frame));
             }
             Some(Err(e)) => {
-                frames.push_back(Err(Box::new(e) as crate::BoxError));
+                frames.push_back(Err(e));
                 ended = true;
                 break;
             }
@@ -123,7 +123,7 @@ pub(crate) async fn inspect(
 /// Frames already read, then the rest of the body.
 struct Replayed {
     frames: VecDeque<Result<Frame<Bytes>, crate::BoxError>>,
-    rest: Option<Incoming>,
+    rest: Option<UpstreamBody>,
 }
 
 impl Body for Replayed {
@@ -138,9 +138,7 @@ impl Body for Replayed {
             return Poll::Ready(Some(frame));
         }
         match self.rest.as_mut() {
-            Some(rest) => Pin::new(rest)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as crate::BoxError),
+            Some(rest) => Pin::new(rest).poll_frame(cx),
             None => Poll::Ready(None),
         }
     }

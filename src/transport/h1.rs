@@ -506,7 +506,7 @@ where
         &self,
         admitted: &pipeline::Admitted<'_>,
         log: &mut RequestLog,
-    ) -> Result<(http::Response<hyper::body::Incoming>, Framing), ProxyError> {
+    ) -> Result<(http::Response<crate::upstream::UpstreamBody>, Framing), ProxyError> {
         let route = admitted.route;
         let out = &self.out;
         let shared = &self.shared;

@@ -5,8 +5,8 @@
 //! side and the upstream side). An `https://` upstream is first served by hyper's client
 //! (h2 or HTTP/1.1 by ALPN), and what it answered in is remembered (`Speaks`): once it has
 //! answered in HTTP/1.1 the fast path takes it over with TLS connections of its own offering
-//! only http/1.1; upstreams that answered in h2 stay with hyper's client, which multiplexes
-//! h2 (its h2-only client, `crate::upstream::Upstreams::for_route`).
+//! only http/1.1; upstreams that answered in h2 get one multiplexed h2 connection of their
+//! own (`h2`, `super::h2_pool`).
 
 use std::collections::HashMap;
 use std::io;
@@ -34,10 +34,16 @@ pub struct Pool {
     idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
     /// What `https://` upstreams (by key) answered in; the fast path serves those in HTTP/1.1.
     known: Mutex<HashMap<Box<str>, Speaks>>,
-    /// One TLS client configuration per `ca_file`, so TLS sessions are resumed across
-    /// connections (rustls keeps its session cache in the configuration).
-    tls: Mutex<HashMap<Option<PathBuf>, Arc<ClientConfig>>>,
+    /// One TLS client configuration per `ca_file` and ALPN offer (http/1.1, or h2 for
+    /// `super::h2::H2Pool`), so TLS sessions are resumed across connections (rustls keeps its
+    /// session cache in the configuration).
+    tls: Mutex<HashMap<TlsKey, Arc<ClientConfig>>>,
+    /// The h2 connections to `https://` upstreams that answered in h2.
+    pub h2: super::H2Pool,
 }
+
+/// A TLS client configuration's key: the `ca_file`, and whether it offers h2 (else http/1.1).
+type TlsKey = (Option<PathBuf>, bool);
 
 /// The protocol an `https://` upstream last answered in (ALPN's choice).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,16 +79,19 @@ impl Pool {
         lock(&self.known).remove(key);
     }
 
-    /// The TLS configuration for upstreams trusted through `ca_file` (ALPN: http/1.1).
+    /// The TLS configuration for upstreams trusted through `ca_file`, offering http/1.1 by
+    /// ALPN, or h2 when `h2`.
     pub fn tls_config(
         &self,
         ca_file: Option<&std::path::Path>,
+        h2: bool,
     ) -> Result<Arc<ClientConfig>, String> {
-        let key = ca_file.map(PathBuf::from);
+        let key = (ca_file.map(PathBuf::from), h2);
         if let Some(c) = lock(&self.tls).get(&key) {
             return Ok(Arc::clone(c));
         }
-        let config = crate::tls::client_config(ca_file, &[b"http/1.1"])?;
+        let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        let config = crate::tls::client_config(ca_file, &[alpn])?;
         lock(&self.tls).insert(key, Arc::clone(&config));
         Ok(config)
     }

@@ -12,17 +12,18 @@ use futures_util::FutureExt;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 
 use super::body::{self, Framing};
 use super::write_field;
 use crate::error::ProxyError;
 use crate::routes::Route;
+use crate::upstream::UpstreamBody;
 use crate::ProxyBody;
 
 /// A response from hyper's client whose head went to the client; its body follows.
 pub(super) struct Relay {
-    pub(super) body: Incoming,
+    pub(super) body: UpstreamBody,
     pub(super) framing: Framing,
     /// The body is complete (and its end written to the client's buffer).
     pub(super) done: bool,
@@ -71,7 +72,7 @@ pub(super) fn hyper_request(raw: &[u8], route: &Route) -> Result<Request<ProxyBo
 /// are already gone.
 pub(super) fn write_head(
     out: &mut Vec<u8>,
-    response: &Response<Incoming>,
+    response: &Response<UpstreamBody>,
     framing: Framing,
     close: bool,
 ) {
@@ -126,7 +127,7 @@ pub(super) fn take_ready(relay: &mut Relay, out: &mut Vec<u8>) -> io::Result<()>
 /// Appends one frame (`None`: the end); `false` once the body is complete.
 fn append(
     relay: &mut Relay,
-    frame: Option<Result<Frame<Bytes>, hyper::Error>>,
+    frame: Option<Result<Frame<Bytes>, crate::BoxError>>,
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
     let chunked = relay.framing == Framing::Chunked;

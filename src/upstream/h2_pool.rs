@@ -1,0 +1,358 @@
+//! `https://` upstreams known to speak h2, driven with the `h2` crate from the request's own
+//! task: one connection per key (`Route::pool_key`) at a time, shared by every request to
+//! that upstream; a request takes a stream on it and awaits its answer where it stands, with
+//! no dispatch channel, no per-request task and no pool checkout between the two sides (as
+//! the fast path does for HTTP/1.1). Only the connection's own frame I/O runs in a task of
+//! its own, as h2 requires.
+//!
+//! A connection is replaced when it is gone: its task ended (the upstream closed it, an I/O
+//! error), a stream learned it is going away (GOAWAY), or it sat unused for `IDLE_TIMEOUT`.
+//! New connections are opened one at a time per key, so a GOAWAY under load costs one TLS
+//! handshake, not one per waiting request. What a failed stream may do next (retry on a new
+//! connection, or fail) is `crate::pipeline::send`'s rule, fed by `Failure`.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::header::HOST;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+
+use tokio_rustls::client::TlsStream;
+
+use super::coalesce::Coalesce;
+use super::deferred::DeferWriteErrors;
+use super::IDLE_TIMEOUT;
+use crate::{BoxError, ProxyBody};
+
+/// Flow-control windows offered to the upstream (hyper's client defaults): large enough that
+/// a response body never waits on a window update on a fast link.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+
+/// One h2 connection (at most) per upstream key.
+#[derive(Default)]
+pub struct H2Pool {
+    slots: Mutex<HashMap<Box<str>, Arc<Slot>>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    live: Mutex<Option<Live>>,
+    /// Held while a new connection is opened, so only one is.
+    opening: tokio::sync::Mutex<()>,
+    /// Numbers the connections, so a retiring one never removes its successor.
+    next_id: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Live {
+    id: u64,
+    send: SendRequest<Bytes>,
+    state: Arc<ConnState>,
+}
+
+struct ConnState {
+    /// The connection's task ended, or a stream saw the connection go away.
+    gone: AtomicBool,
+    /// When a stream was last started, in milliseconds since `born`.
+    last_used: AtomicU64,
+    born: Instant,
+}
+
+impl ConnState {
+    fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_used.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.born.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_used.load(Ordering::Relaxed)))
+    }
+}
+
+/// A new connection to the upstream, as `open` made it.
+pub enum Opened {
+    /// ALPN chose h2: the connection, with TLS done. Its socket keeps reading after a write
+    /// failed (`DeferWriteErrors`), so a closing upstream's last frames are seen.
+    H2(Box<TlsStream<DeferWriteErrors>>),
+    /// ALPN chose something else (the upstream stopped offering h2).
+    Http1,
+}
+
+/// Why a request on an h2 connection got no answer.
+#[derive(Debug)]
+pub enum Failure {
+    /// No connection could be made (the request never left).
+    Connect(String),
+    /// The upstream answered ALPN with HTTP/1.1 (the request never left).
+    NotH2,
+    /// The upstream said it did not process the stream: GOAWAY above its last stream id, or
+    /// REFUSED_STREAM (RFC 9113 §6.8, §8.7). Safe to send again, whatever the method.
+    Unprocessed(String),
+    /// The connection broke under the stream (I/O error, reset socket) before the answer.
+    Lost(String),
+    /// The request body failed while it was being sent (the client's side).
+    Body(BoxError),
+    /// Anything else: a stream reset, a protocol error.
+    Protocol(String),
+}
+
+impl H2Pool {
+    /// Sends `request` on the live connection under `key`, opening one with `open` when there
+    /// is none, and awaits the response head. The body is sent alongside; a body the upstream
+    /// answered before the end of is sent on in a task of its own.
+    pub async fn send<F, Fut>(
+        &self,
+        key: &str,
+        open: F,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<RecvStream>, Failure>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Opened, String>>,
+    {
+        let slot = self.slot(key);
+        let live = match slot.current() {
+            Some(live) => live,
+            None => Slot::open(&slot, open).await?,
+        };
+        live.state.touch();
+        let (parts, body) = request.into_parts();
+        let mut head = Request::from_parts(parts, ());
+        // The authority travels as `:authority` (RFC 9113 §8.3.1).
+        head.headers_mut().remove(HOST);
+        let end = body.is_end_stream();
+        let result = async {
+            let mut send = live.send.clone().ready().await?;
+            let (response, stream) = send.send_request(head, end)?;
+            Ok::<_, h2::Error>((response, stream))
+        }
+        .await;
+        let (response, stream) = match result {
+            Ok(pair) => pair,
+            Err(e) => return Err(live.failed(e)),
+        };
+        if end {
+            return response.await.map_err(|e| live.failed(e));
+        }
+        let mut pump = Box::pin(pump(body, stream));
+        let mut response = std::pin::pin!(response);
+        let answer = tokio::select! {
+            biased;
+            answer = &mut response => Some(answer),
+            sent = &mut pump => match sent {
+                Ok(()) => None,
+                Err(Pumped::Body(e)) => return Err(Failure::Body(e)),
+                // The stream failed: its reason comes with the response.
+                Err(Pumped::Stream(e)) => {
+                    tracing::debug!(error = %e, "request body not sent whole");
+                    None
+                }
+            },
+        };
+        let answer = match answer {
+            Some(answer) => {
+                // Answered before the whole body went: the rest is sent on meanwhile.
+                tokio::spawn(async move {
+                    let _ = pump.await;
+                });
+                answer
+            }
+            None => response.await,
+        };
+        answer.map_err(|e| live.failed(e))
+    }
+
+    fn slot(&self, key: &str) -> Arc<Slot> {
+        let mut slots = lock(&self.slots);
+        match slots.get(key) {
+            Some(slot) => Arc::clone(slot),
+            None => {
+                let slot = Arc::new(Slot::default());
+                slots.insert(key.into(), Arc::clone(&slot));
+                slot
+            }
+        }
+    }
+}
+
+impl Slot {
+    /// The live connection, unless it is gone or has been idle too long.
+    fn current(&self) -> Option<Live> {
+        let mut live = lock(&self.live);
+        let usable = live.as_ref().is_some_and(|l| {
+            !l.state.gone.load(Ordering::Relaxed) && l.state.idle_for() < IDLE_TIMEOUT
+        });
+        if !usable {
+            // Dropping the handle lets h2 close the connection once its streams are done.
+            *live = None;
+        }
+        live.clone()
+    }
+
+    /// Opens the next connection (or takes the one another request just opened).
+    async fn open<F, Fut>(slot: &Arc<Slot>, open: F) -> Result<Live, Failure>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Opened, String>>,
+    {
+        let _opening = slot.opening.lock().await;
+        if let Some(live) = slot.current() {
+            return Ok(live);
+        }
+        let io = match open().await.map_err(Failure::Connect)? {
+            Opened::H2(io) => io,
+            Opened::Http1 => return Err(Failure::NotH2),
+        };
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .enable_push(false)
+            .handshake::<_, Bytes>(Coalesce::new(io))
+            .await
+            .map_err(|e| Failure::Connect(format!("h2 handshake: {e}")))?;
+        let state = Arc::new(ConnState {
+            gone: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
+            born: Instant::now(),
+        });
+        let id = slot.next_id.fetch_add(1, Ordering::Relaxed);
+        let live = Live {
+            id,
+            send,
+            state: Arc::clone(&state),
+        };
+        *lock(&slot.live) = Some(live.clone());
+        let weak = Arc::downgrade(slot);
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let mut check = tokio::time::interval(IDLE_TIMEOUT / 4);
+            check.tick().await;
+            let mut retired = false;
+            loop {
+                tokio::select! {
+                    ended = &mut connection => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, "h2 upstream connection ended");
+                        }
+                        break;
+                    }
+                    _ = check.tick(), if !retired => {
+                        if state.idle_for() >= IDLE_TIMEOUT {
+                            // Unused for long: no new streams, and h2 closes it (GOAWAY)
+                            // once the slot's handle is dropped and its streams are done.
+                            retired = true;
+                            state.gone.store(true, Ordering::Relaxed);
+                            if let Some(slot) = weak.upgrade() {
+                                slot.retire(id);
+                            }
+                        }
+                    }
+                }
+            }
+            state.gone.store(true, Ordering::Relaxed);
+            if let Some(slot) = weak.upgrade() {
+                slot.retire(id);
+            }
+        });
+        Ok(live)
+    }
+
+    fn retire(&self, id: u64) {
+        let mut live = lock(&self.live);
+        if live.as_ref().is_some_and(|l| l.id == id) {
+            *live = None;
+        }
+    }
+}
+
+impl Live {
+    /// Classifies a stream's failure; one that says the connection is going away, or broke,
+    /// marks it gone so the next request opens a new one.
+    fn failed(&self, e: h2::Error) -> Failure {
+        let what = format!("h2: {e}");
+        if e.is_go_away() || e.is_io() {
+            self.state.gone.store(true, Ordering::Relaxed);
+        }
+        if e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) {
+            return Failure::Unprocessed(what);
+        }
+        if e.is_io() {
+            return Failure::Lost(what);
+        }
+        Failure::Protocol(what)
+    }
+}
+
+enum Pumped {
+    /// The client's body failed.
+    Body(BoxError),
+    /// The stream could not take more (reset, connection gone).
+    Stream(h2::Error),
+}
+
+/// Sends `body` on `stream` as the upstream's flow control allows; its last data frame ends
+/// the stream, or its trailers do.
+async fn pump(mut body: ProxyBody, mut stream: SendStream<Bytes>) -> Result<(), Pumped> {
+    loop {
+        let frame = match body.frame().await {
+            None => {
+                return stream.send_data(Bytes::new(), true).map_err(Pumped::Stream);
+            }
+            Some(Err(e)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                return Err(Pumped::Body(e));
+            }
+            Some(Ok(frame)) => frame,
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                let last = body.is_end_stream();
+                if data.is_empty() {
+                    if last {
+                        return stream.send_data(data, true).map_err(Pumped::Stream);
+                    }
+                    continue;
+                }
+                loop {
+                    stream.reserve_capacity(data.len().max(1));
+                    let room = match poll_fn(|cx| stream.poll_capacity(cx)).await {
+                        Some(Ok(room)) => room,
+                        Some(Err(e)) => return Err(Pumped::Stream(e)),
+                        None => return Err(Pumped::Stream(h2::Reason::STREAM_CLOSED.into())),
+                    };
+                    if room == 0 {
+                        continue;
+                    }
+                    let chunk = data.split_to(room.min(data.len()));
+                    let end = last && data.is_empty();
+                    stream.send_data(chunk, end).map_err(Pumped::Stream)?;
+                    if data.is_empty() {
+                        break;
+                    }
+                }
+                if last {
+                    return Ok(());
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    return stream.send_trailers(trailers).map_err(Pumped::Stream);
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
