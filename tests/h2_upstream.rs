@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sha2::{Digest, Sha256};
+use support::raw;
 use support::tls::TestCa;
 use support::transport::On;
 use support::*;
@@ -28,6 +29,7 @@ struct Served {
     authorization: Option<String>,
     host: Option<String>,
     forwarded_host: Option<String>,
+    content_length: Option<String>,
     body_len: usize,
     body_sha: String,
 }
@@ -81,6 +83,7 @@ async fn h2_upstream(ca: &TestCa) -> (u16, Arc<Mutex<Vec<Served>>>, Arc<AtomicUs
                             authorization: header("authorization"),
                             host: header("host"),
                             forwarded_host: header("x-forwarded-host"),
+                            content_length: header("content-length"),
                             body_len: 0,
                             body_sha: String::new(),
                         };
@@ -206,3 +209,48 @@ async fn h2_upstream_shares_one_connection_and_moves_big_bodies(on: On) {
 }
 
 on_every_transport!(h2_upstream_shares_one_connection_and_moves_big_bodies);
+
+/// A GET with a chunked body (HTTP/1.1; hyper's transport takes it) reaches an h2 upstream
+/// without the connection-specific `Transfer-Encoding` h2 forbids (RFC 9113 §8.2.2), its body
+/// whole and its length stated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_get_reaches_an_h2_upstream() {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, seen, _connections, _guard) = h2_upstream(&ca).await;
+    let proxy = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route(
+            "h2",
+            "/",
+            &format!("https://127.0.0.1:{port}"),
+            "p",
+            &format!("ca_file = \"{}\"", ca.ca_file())
+        ),
+    ))
+    .await;
+    proxy.ready().await;
+    let mut client = raw::Client::connect(&proxy).await;
+    // The first answer tells the proxy the upstream speaks h2.
+    let (head, _) = client.get("/first").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    client
+        .send(
+            "GET /search HTTP/1.1\r\nhost: proxy\r\ntransfer-encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        )
+        .await;
+    let (head, body) = client.response(false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"{\"ok\":true}");
+    let seen = seen.lock().unwrap().clone();
+    let search = seen
+        .iter()
+        .find(|s| s.path == "/search")
+        .expect("upstream saw it");
+    assert_eq!(search.version, http::Version::HTTP_2);
+    assert_eq!(search.body_len, 11);
+    assert_eq!(search.body_sha, sha(b"hello world"));
+    assert_eq!(search.content_length.as_deref(), Some("11"));
+}

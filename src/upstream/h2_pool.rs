@@ -23,7 +23,6 @@ use h2::{RecvStream, SendStream};
 use http::header::HOST;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 
 use tokio_rustls::client::TlsStream;
 
@@ -36,6 +35,36 @@ use crate::{BoxError, ProxyBody};
 /// a response body never waits on a window update on a fast link.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The largest response head taken (as hyper's client).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// The request's fields as h2 takes them: the authority travels as `:authority` (RFC 9113
+/// §8.3.1); connection-specific fields are not allowed (§8.2.2; the plan drops hop-by-hop
+/// fields, but hyper's transport frames a GET body of unknown size as chunked); a body of
+/// known size states it.
+fn h2_fields(fields: &mut http::HeaderMap, body: &ProxyBody) {
+    fields.remove(HOST);
+    for name in [
+        http::header::CONNECTION,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+    ] {
+        fields.remove(name);
+    }
+    fields.remove("keep-alive");
+    fields.remove("proxy-connection");
+    if fields
+        .get(http::header::TE)
+        .is_some_and(|te| te != "trailers")
+    {
+        fields.remove(http::header::TE);
+    }
+    if !fields.contains_key(http::header::CONTENT_LENGTH) && !body.is_end_stream() {
+        if let Some(n) = body.size_hint().exact() {
+            fields.insert(http::header::CONTENT_LENGTH, n.into());
+        }
+    }
+}
 
 /// One h2 connection (at most) per upstream key.
 #[derive(Default)]
@@ -50,6 +79,10 @@ struct Slot {
     opening: tokio::sync::Mutex<()>,
     /// Numbers the connections, so a retiring one never removes its successor.
     next_id: AtomicU64,
+    /// Failed attempts to open a connection, and the last one's cause: requests that waited
+    /// for an attempt that failed share its failure rather than each trying again in turn.
+    failed_opens: AtomicU64,
+    last_failure: Mutex<String>,
 }
 
 #[derive(Clone)]
@@ -128,8 +161,7 @@ impl H2Pool {
         live.state.touch();
         let (parts, body) = request.into_parts();
         let mut head = Request::from_parts(parts, ());
-        // The authority travels as `:authority` (RFC 9113 §8.3.1).
-        head.headers_mut().remove(HOST);
+        h2_fields(head.headers_mut(), &body);
         let end = body.is_end_stream();
         let result = async {
             let mut send = live.send.clone().ready().await?;
@@ -139,7 +171,7 @@ impl H2Pool {
         .await;
         let (response, stream) = match result {
             Ok(pair) => pair,
-            Err(e) => return Err(live.failed(e)),
+            Err(e) => return Err(live.failed_before_sending(e)),
         };
         if end {
             return response.await.map_err(|e| live.failed(e));
@@ -160,13 +192,16 @@ impl H2Pool {
             },
         };
         let answer = match answer {
-            Some(answer) => {
-                // Answered before the whole body went: the rest is sent on meanwhile.
+            Some(Ok(answer)) => {
+                // Answered before the whole body went: the rest is sent on meanwhile (the
+                // pump ends when the upstream resets the stream).
                 tokio::spawn(async move {
                     let _ = pump.await;
                 });
-                answer
+                Ok(answer)
             }
+            // The stream failed: dropping the pump stops reading the client's body.
+            Some(Err(e)) => Err(e),
             None => response.await,
         };
         answer.map_err(|e| live.failed(e))
@@ -205,21 +240,38 @@ impl Slot {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Opened, String>>,
     {
+        let failed_before = slot.failed_opens.load(Ordering::Acquire);
         let _opening = slot.opening.lock().await;
         if let Some(live) = slot.current() {
             return Ok(live);
         }
-        let io = match open().await.map_err(Failure::Connect)? {
-            Opened::H2(io) => io,
-            Opened::Http1 => return Err(Failure::NotH2),
+        if slot.failed_opens.load(Ordering::Acquire) != failed_before {
+            return Err(Failure::Connect(lock(&slot.last_failure).clone()));
+        }
+        let handshake = async {
+            let io = match open().await.map_err(Failure::Connect)? {
+                Opened::H2(io) => io,
+                Opened::Http1 => return Err(Failure::NotH2),
+            };
+            h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_header_list_size(MAX_HEADER_LIST)
+                .enable_push(false)
+                .handshake::<_, Bytes>(Coalesce::new(io))
+                .await
+                .map_err(|e| Failure::Connect(format!("h2 handshake: {e}")))
         };
-        let (send, connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .enable_push(false)
-            .handshake::<_, Bytes>(Coalesce::new(io))
-            .await
-            .map_err(|e| Failure::Connect(format!("h2 handshake: {e}")))?;
+        let (send, connection) = match handshake.await {
+            Ok(pair) => pair,
+            Err(e) => {
+                if let Failure::Connect(cause) = &e {
+                    *lock(&slot.last_failure) = cause.clone();
+                    slot.failed_opens.fetch_add(1, Ordering::Release);
+                }
+                return Err(e);
+            }
+        };
         let state = Arc::new(ConnState {
             gone: AtomicBool::new(false),
             last_used: AtomicU64::new(0),
@@ -276,6 +328,16 @@ impl Slot {
 }
 
 impl Live {
+    /// A failure to open a stream: nothing was sent, so a connection that failed or is going
+    /// away (whatever the method) is as good as unprocessed.
+    fn failed_before_sending(&self, e: h2::Error) -> Failure {
+        if e.is_io() || e.is_go_away() {
+            self.state.gone.store(true, Ordering::Relaxed);
+            return Failure::Unprocessed(format!("h2: {e}"));
+        }
+        self.failed(e)
+    }
+
     /// Classifies a stream's failure; one that says the connection is going away, or broke,
     /// marks it gone so the next request opens a new one.
     fn failed(&self, e: h2::Error) -> Failure {
@@ -304,7 +366,20 @@ enum Pumped {
 /// the stream, or its trailers do.
 async fn pump(mut body: ProxyBody, mut stream: SendStream<Bytes>) -> Result<(), Pumped> {
     loop {
-        let frame = match body.frame().await {
+        // The upstream resetting the stream ends the wait for the client's next bytes.
+        let next = poll_fn(|cx| {
+            if let std::task::Poll::Ready(reset) = stream.poll_reset(cx) {
+                return std::task::Poll::Ready(Err(reset));
+            }
+            std::pin::Pin::new(&mut body).poll_frame(cx).map(Ok)
+        })
+        .await;
+        let next = match next {
+            Ok(next) => next,
+            Err(Ok(reason)) => return Err(Pumped::Stream(reason.into())),
+            Err(Err(e)) => return Err(Pumped::Stream(e)),
+        };
+        let frame = match next {
             None => {
                 return stream.send_data(Bytes::new(), true).map_err(Pumped::Stream);
             }
@@ -325,7 +400,15 @@ async fn pump(mut body: ProxyBody, mut stream: SendStream<Bytes>) -> Result<(), 
                 }
                 loop {
                     stream.reserve_capacity(data.len().max(1));
-                    let room = match poll_fn(|cx| stream.poll_capacity(cx)).await {
+                    let room = match poll_fn(|cx| {
+                        if let std::task::Poll::Ready(reset) = stream.poll_reset(cx) {
+                            let e = reset.map_or_else(|e| e, h2::Error::from);
+                            return std::task::Poll::Ready(Some(Err(e)));
+                        }
+                        stream.poll_capacity(cx)
+                    })
+                    .await
+                    {
                         Some(Ok(room)) => room,
                         Some(Err(e)) => return Err(Pumped::Stream(e)),
                         None => return Err(Pumped::Stream(h2::Reason::STREAM_CLOSED.into())),

@@ -20,6 +20,9 @@ use tokio::net::TcpStream;
 
 use super::stream::UpStream;
 
+/// Idle time before the kernel probes an upstream connection (TCP keep-alive).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// Idle connections kept per key; more are closed on return.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
 use super::IDLE_TIMEOUT;
@@ -149,6 +152,10 @@ pub async fn connect(host: &str, port: u16, timeout: Duration) -> io::Result<Tcp
             match TcpStream::connect(addr).await {
                 Ok(stream) => {
                     stream.set_nodelay(true)?;
+                    // A connection the upstream lost without a word (a host gone, a NAT
+                    // entry dropped) is found out by the kernel, as hyper's connector does.
+                    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+                    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
                     return Ok(stream);
                 }
                 Err(e) => last = e,
