@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sha2::{Digest, Sha256};
 use support::raw;
-use support::tls::TestCa;
+use support::tls::{https_route, TestCa};
 use support::transport::On;
 use support::*;
 use tokio::net::TcpListener;
@@ -113,19 +113,7 @@ async fn h2_upstream_shares_one_connection_and_moves_big_bodies(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
     let (port, seen, connections, _guard) = h2_upstream(&ca).await;
-    let proxy = on
-        .proxy(&format!(
-            "{}{}",
-            client_app_profile("p", &tokens, ""),
-            route(
-                "h2",
-                "/",
-                &format!("https://127.0.0.1:{port}"),
-                "p",
-                &format!("ca_file = \"{}\"", ca.ca_file())
-            ),
-        ))
-        .await;
+    let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
     proxy.ready().await;
     let client = on.client();
 
@@ -219,15 +207,8 @@ async fn a_chunked_get_reaches_an_h2_upstream() {
     let tokens = TokenServer::healthy(3600).await;
     let (port, seen, _connections, _guard) = h2_upstream(&ca).await;
     let proxy = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
-        client_app_profile("p", &tokens, ""),
-        route(
-            "h2",
-            "/",
-            &format!("https://127.0.0.1:{port}"),
-            "p",
-            &format!("ca_file = \"{}\"", ca.ca_file())
-        ),
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        https_route(&tokens, port, &ca)
     ))
     .await;
     proxy.ready().await;

@@ -101,3 +101,19 @@ where
     });
     (addr, AbortOnDrop(task))
 }
+
+/// Profile `p` against `tokens` and one route `/` to the HTTPS upstream on loopback `port`,
+/// trusted through `ca`.
+pub fn https_route(tokens: &super::TokenServer, port: u16, ca: &TestCa) -> String {
+    format!(
+        "{}{}",
+        super::client_app_profile("p", tokens, ""),
+        super::route(
+            "up",
+            "/",
+            &format!("https://127.0.0.1:{port}"),
+            "p",
+            &format!("ca_file = \"{}\"", ca.ca_file())
+        ),
+    )
+}
