@@ -230,7 +230,7 @@ impl http_body::Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Hyper(body) => std::pin::Pin::new(body)
                 .poll_frame(cx)
-                .map_err(|e| -> crate::BoxError { Box::new(e) }),
+                .map_err(|e| BodyFailed::boxed(&e)),
             UpstreamBody::H2 { stream, data_done } => {
                 if !*data_done {
                     match std::task::ready!(stream.poll_data(cx)) {
@@ -239,7 +239,7 @@ impl http_body::Body for UpstreamBody {
                             let _ = stream.flow_control().release_capacity(data.len());
                             return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
                         }
-                        Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                        Some(Err(e)) => return Poll::Ready(Some(Err(BodyFailed::boxed(&e)))),
                         None => *data_done = true,
                     }
                 }
@@ -248,7 +248,7 @@ impl http_body::Body for UpstreamBody {
                         Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
                     }
                     Ok(None) => Poll::Ready(None),
-                    Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Err(e) => Poll::Ready(Some(Err(BodyFailed::boxed(&e)))),
                 }
             }
         }
@@ -261,3 +261,24 @@ impl http_body::Body for UpstreamBody {
         }
     }
 }
+
+/// An upstream response body that broke, as its own error with no source: an h2 reset code
+/// from the upstream (REFUSED_STREAM says "not processed", NO_ERROR makes a cut body look
+/// whole) must not reach an h2 client, which hyper's server would reset with the code it
+/// finds in the chain. The client's stream is reset with INTERNAL_ERROR instead.
+#[derive(Debug)]
+struct BodyFailed(String);
+
+impl BodyFailed {
+    fn boxed(e: &dyn std::error::Error) -> crate::BoxError {
+        Box::new(BodyFailed(crate::error::chain(e)))
+    }
+}
+
+impl std::fmt::Display for BodyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "upstream response body failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for BodyFailed {}

@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sha2::{Digest, Sha256};
+use std::time::Duration;
 use support::raw;
 use support::tls::{https_route, TestCa};
 use support::transport::On;
@@ -49,7 +50,15 @@ fn sha(bytes: &[u8]) -> String {
 
 /// An h2 (and http/1.1) TLS upstream: `/big` answers `BIG` bytes, anything else a small JSON
 /// body after reading the request body whole. Counts TCP connections.
-async fn h2_upstream(ca: &TestCa) -> (u16, Arc<Mutex<Vec<Served>>>, Arc<AtomicUsize>, AbortOnDrop) {
+async fn h2_upstream(
+    ca: &TestCa,
+) -> (
+    u16,
+    Arc<Mutex<Vec<Served>>>,
+    Arc<AtomicUsize>,
+    AbortOnDrop,
+    Arc<AtomicUsize>,
+) {
     let (cert, key) = ca.leaf("h2-upstream");
     let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -57,7 +66,12 @@ async fn h2_upstream(ca: &TestCa) -> (u16, Arc<Mutex<Vec<Served>>>, Arc<AtomicUs
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let connections = Arc::new(AtomicUsize::new(0));
-    let (log, count) = (Arc::clone(&seen), Arc::clone(&connections));
+    let stalled = Arc::new(AtomicUsize::new(0));
+    let (log, count, stalled_bodies) = (
+        Arc::clone(&seen),
+        Arc::clone(&connections),
+        Arc::clone(&stalled),
+    );
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -65,12 +79,13 @@ async fn h2_upstream(ca: &TestCa) -> (u16, Arc<Mutex<Vec<Served>>>, Arc<AtomicUs
             };
             count.fetch_add(1, Ordering::SeqCst);
             let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
+            let dropped = Arc::clone(&stalled);
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let log = Arc::clone(&log);
+                    let (log, dropped) = (Arc::clone(&log), Arc::clone(&dropped));
                     async move {
                         let header = |name: &str| {
                             req.headers()
@@ -90,12 +105,12 @@ async fn h2_upstream(ca: &TestCa) -> (u16, Arc<Mutex<Vec<Served>>>, Arc<AtomicUs
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         served.body_len = body.len();
                         served.body_sha = sha(&body);
-                        let big = served.path == "/big";
+                        let path = served.path.clone();
                         log.lock().unwrap().push(served);
-                        let response = if big {
-                            http::Response::new(full(Bytes::from(pattern(BIG))))
-                        } else {
-                            json_response(200, "{\"ok\":true}", &[])
+                        let response = match path.as_str() {
+                            "/big" => http::Response::new(full(Bytes::from(pattern(BIG)))),
+                            "/stall" => http::Response::new(Stalled(Arc::clone(&dropped)).boxed()),
+                            _ => json_response(200, "{\"ok\":true}", &[]),
                         };
                         Ok::<_, Infallible>(response)
                     }
@@ -106,13 +121,34 @@ async fn h2_upstream(ca: &TestCa) -> (u16, Arc<Mutex<Vec<Served>>>, Arc<AtomicUs
             });
         }
     });
-    (port, seen, connections, AbortOnDrop(task))
+    (port, seen, connections, AbortOnDrop(task), stalled_bodies)
+}
+
+/// A response body that never sends a byte; counts its drops (the stream was reset).
+struct Stalled(Arc<AtomicUsize>);
+
+impl http_body::Body for Stalled {
+    type Data = Bytes;
+    type Error = egain_proxy::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 async fn h2_upstream_shares_one_connection_and_moves_big_bodies(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
-    let (port, seen, connections, _guard) = h2_upstream(&ca).await;
+    let (port, seen, connections, _guard, _) = h2_upstream(&ca).await;
     let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
     proxy.ready().await;
     let client = on.client();
@@ -205,7 +241,7 @@ on_every_transport!(h2_upstream_shares_one_connection_and_moves_big_bodies);
 async fn a_chunked_get_reaches_an_h2_upstream() {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
-    let (port, seen, _connections, _guard) = h2_upstream(&ca).await;
+    let (port, seen, _connections, _guard, _) = h2_upstream(&ca).await;
     let proxy = TestProxy::start(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
         https_route(&tokens, port, &ca)
@@ -234,4 +270,146 @@ async fn a_chunked_get_reaches_an_h2_upstream() {
     assert_eq!(search.body_len, 11);
     assert_eq!(search.body_sha, sha(b"hello world"));
     assert_eq!(search.content_length.as_deref(), Some("11"));
+}
+
+/// An HTTP/1.1 client that leaves while an h2 upstream's body is stalled ends the upstream
+/// stream (a reset), rather than holding one of the shared connection's streams for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_a_stalled_body_frees_the_upstream_stream() {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, _seen, _connections, _guard, dropped) = h2_upstream(&ca).await;
+    let proxy = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        https_route(&tokens, port, &ca)
+    ))
+    .await;
+    proxy.ready().await;
+    let mut client = raw::Client::connect(&proxy).await;
+    let (head, _) = client.get("/first").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for _ in 0..3 {
+        let mut client = raw::Client::connect(&proxy).await;
+        client
+            .send("GET /stall HTTP/1.1\r\nhost: proxy\r\n\r\n")
+            .await;
+        // The head arrives; the body never does. Then the client goes.
+        let mut stream = client.stream;
+        let mut buf = client.buf;
+        while raw::find(&buf, b"\r\n\r\n").is_none() {
+            assert!(
+                raw::fill(&mut stream, &mut buf).await,
+                "closed before the head"
+            );
+        }
+        assert!(buf.starts_with(b"HTTP/1.1 200"));
+        drop(stream);
+    }
+    eventually(Duration::from_secs(5), || {
+        dropped.load(Ordering::SeqCst) == 3
+    })
+    .await;
+}
+
+/// An h2 upstream written with the `h2` crate's server, which lets it do what hyper's
+/// server will not: `/nocontent` answers 204 and then sends DATA; `/refused` answers 200,
+/// sends part of a body, then resets the stream with REFUSED_STREAM.
+async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop) {
+    let (cert, key) = ca.leaf("raw-h2-upstream");
+    let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let Ok(mut connection) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let path = request.uri().path().to_owned();
+                    tokio::spawn(async move {
+                        let status = if path == "/nocontent" { 204 } else { 200 };
+                        let response = http::Response::builder().status(status).body(()).unwrap();
+                        let Ok(mut body) = respond.send_response(response, false) else {
+                            return;
+                        };
+                        let _ = body.send_data(Bytes::from_static(b"stray bytes"), false);
+                        match path.as_str() {
+                            "/refused" => {
+                                // After the head has gone on to the client.
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                body.send_reset(h2::Reason::REFUSED_STREAM)
+                            }
+                            _ => {
+                                let _ = body.send_data(Bytes::new(), true);
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (port, AbortOnDrop(task))
+}
+
+/// What an upstream says after its head reaches an h2 client only as the proxy's own word: no
+/// body after a 204 (RFC 9110 §6.4.1), and a stream the upstream reset mid-body is reset with
+/// INTERNAL_ERROR, never with the upstream's REFUSED_STREAM, which would tell the client the
+/// request was not processed (RFC 9113 §8.7) and invite it to send it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_gets_no_body_after_204_and_no_upstream_reset_code() {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, _guard) = raw_h2_upstream(&ca).await;
+    let proxy = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        https_route(&tokens, port, &ca)
+    ))
+    .await;
+    proxy.ready().await;
+    // h2c by prior knowledge, with the h2 crate, to see the reset's reason.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let get = |path: &str| {
+        http::Request::builder()
+            .uri(format!("http://proxy{path}"))
+            .body(())
+            .unwrap()
+    };
+    for path in ["/first", "/nocontent"] {
+        let mut client = client.clone().ready().await.unwrap();
+        let (response, _) = client.send_request(get(path), true).unwrap();
+        let response = response.await.unwrap();
+        let expected = if path == "/first" { 200 } else { 204 };
+        assert_eq!(response.status(), expected, "{path}");
+        let body = read_all(response.into_body()).await.unwrap();
+        if path == "/nocontent" {
+            assert_eq!(body, b"", "a body after 204");
+        }
+    }
+    let mut client = client.clone().ready().await.unwrap();
+    let (response, _) = client.send_request(get("/refused"), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let e = read_all(response.into_body()).await.unwrap_err();
+    assert_eq!(e.reason(), Some(h2::Reason::INTERNAL_ERROR), "{e}");
+}
+
+async fn read_all(mut body: h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
+    let mut all = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data?;
+        let _ = body.flow_control().release_capacity(data.len());
+        all.extend_from_slice(&data);
+    }
+    Ok(all)
 }

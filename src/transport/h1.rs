@@ -63,6 +63,9 @@ const MAX_HEADERS: usize = 100;
 const MAX_RESPONSE_HEAD: usize = 256 * 1024;
 /// Read-buffer size for either side.
 const READ_CHUNK: usize = 16 * 1024;
+/// The read buffer's limit while a relayed response streams: the current request (head and a
+/// body of at most REPLAY_LIMIT) and what the client pipelined after it.
+const MAX_PIPELINED: usize = 256 * 1024;
 
 use crate::pipeline::plan::write_field;
 
@@ -312,9 +315,28 @@ where
             }
             ResponseBody::Relayed(mut relay) => {
                 while !relay.done {
-                    bridge::next_piece(&mut relay, &mut self.out)
-                        .await
-                        .map_err(|e| ended_early(&e))?;
+                    // While the upstream is quiet, watch the client: one that leaves (EOF or an
+                    // error; as hyper's default, a half-close counts as leaving) ends the relay,
+                    // which resets an h2 upstream's stream. Else a stalled body would hold one
+                    // of the shared connection's streams until the upstream gives up. Bytes it
+                    // sends meanwhile (a pipelined request) are kept for later.
+                    let watch = self.read.len() < MAX_PIPELINED;
+                    let piece = bridge::next_piece(&mut relay, &mut self.out);
+                    let client = async {
+                        if !watch {
+                            return std::future::pending().await;
+                        }
+                        self.read.reserve(READ_CHUNK);
+                        self.io.read_buf(&mut self.read).await
+                    };
+                    tokio::select! {
+                        biased;
+                        piece = piece => piece.map_err(|e| ended_early(&e))?,
+                        read = client => match read {
+                            Ok(0) | Err(_) => return Err(End::Close),
+                            Ok(_) => continue,
+                        },
+                    }
                     self.io.write_all(&self.out).await.map_err(|_| End::Close)?;
                 }
             }

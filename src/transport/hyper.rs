@@ -150,7 +150,7 @@ async fn forward(
             None => stream.take(),
         }
     };
-    let (response, _) = pipeline::send(
+    let (response, framing) = pipeline::send(
         shared,
         &admitted,
         || next_body(&copy).map(|b| build(token.as_deref(), b)),
@@ -168,17 +168,30 @@ async fn forward(
     )
     .await;
     let Some(fresh) = fresh else {
-        return Ok(pipeline::egain::inspect(shared, &admitted, response).await);
+        let response = pipeline::egain::inspect(shared, &admitted, response).await;
+        return Ok(bodiless(response, framing));
     };
     drop(response);
-    let (again, _) = pipeline::send(
+    let (again, framing) = pipeline::send(
         shared,
         &admitted,
         || next_body(&copy).map(|b| build(Some(&fresh), b)),
         log,
     )
     .await?;
-    Ok(pipeline::egain::inspect(shared, &admitted, again).await)
+    let response = pipeline::egain::inspect(shared, &admitted, again).await;
+    Ok(bodiless(response, framing))
+}
+
+/// A response that has no body by its status or method (204, 304, HEAD: `Framing::Empty`)
+/// gets none, whatever the upstream sent after its head (an h2 upstream can send DATA after
+/// a 204; RFC 9110 §6.4.1).
+fn bodiless(response: Response<ProxyBody>, framing: crate::http::Framing) -> Response<ProxyBody> {
+    if framing == crate::http::Framing::Empty {
+        response.map(|_| crate::error::full(bytes::Bytes::new()))
+    } else {
+        response
+    }
 }
 
 fn upstream_uri(route: &crate::routes::Route, original: &Uri) -> Result<Uri, ProxyError> {
