@@ -234,6 +234,21 @@ async fn h2_upstream_shares_one_connection_and_moves_big_bodies(on: On) {
 
 on_every_transport!(h2_upstream_shares_one_connection_and_moves_big_bodies);
 
+/// A proxy in front of the h2 upstream on `port`, and a raw HTTP/1.1 client whose first
+/// request has told the proxy that the upstream speaks h2.
+async fn warmed_up(tokens: &TokenServer, port: u16, ca: &TestCa) -> (TestProxy, raw::Client) {
+    let proxy = TestProxy::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        https_route(tokens, port, ca)
+    ))
+    .await;
+    proxy.ready().await;
+    let mut client = raw::Client::connect(&proxy).await;
+    let (head, _) = client.get("/first").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    (proxy, client)
+}
+
 /// A GET with a chunked body (HTTP/1.1; hyper's transport takes it) reaches an h2 upstream
 /// without the connection-specific `Transfer-Encoding` h2 forbids (RFC 9113 §8.2.2), its body
 /// whole and its length stated.
@@ -242,16 +257,7 @@ async fn a_chunked_get_reaches_an_h2_upstream() {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
     let (port, seen, _connections, _guard, _) = h2_upstream(&ca).await;
-    let proxy = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        https_route(&tokens, port, &ca)
-    ))
-    .await;
-    proxy.ready().await;
-    let mut client = raw::Client::connect(&proxy).await;
-    // The first answer tells the proxy the upstream speaks h2.
-    let (head, _) = client.get("/first").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (_proxy, mut client) = warmed_up(&tokens, port, &ca).await;
     client
         .send(
             "GET /search HTTP/1.1\r\nhost: proxy\r\ntransfer-encoding: chunked\r\n\r\n\
@@ -279,15 +285,7 @@ async fn a_client_leaving_a_stalled_body_frees_the_upstream_stream() {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
     let (port, _seen, _connections, _guard, dropped) = h2_upstream(&ca).await;
-    let proxy = TestProxy::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        https_route(&tokens, port, &ca)
-    ))
-    .await;
-    proxy.ready().await;
-    let mut client = raw::Client::connect(&proxy).await;
-    let (head, _) = client.get("/first").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (proxy, _client) = warmed_up(&tokens, port, &ca).await;
     for _ in 0..3 {
         let mut client = raw::Client::connect(&proxy).await;
         client
