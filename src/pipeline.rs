@@ -150,18 +150,12 @@ pub(crate) async fn send(
             // The request never left. An upstream known to speak h2 may have stopped (ALPN
             // now chooses HTTP/1.1, or its h2 connection cannot be made): once more through
             // hyper's client, letting ALPN choose, and learning what it answers in.
-            Failed::NotH2 => {
+            Failed::Connect(cause) if h2 => {
                 pool.forget(&route.pool_key);
                 fell_back = true;
-                last = Some("the upstream no longer offers h2".into());
+                last = Some(format!("connection failed: {cause}"));
             }
             Failed::Connect(cause) => {
-                if h2 {
-                    pool.forget(&route.pool_key);
-                    fell_back = true;
-                    last = Some(format!("connection failed: {cause}"));
-                    continue;
-                }
                 return Err(upstream_failed(
                     shared,
                     route,
@@ -196,10 +190,8 @@ pub(crate) async fn send(
 enum Failed {
     /// The client's request body stalled (`stall`): the client's fault, a 408.
     Stall(std::time::Duration),
-    /// No connection could be made.
+    /// No connection could be made (for an h2 upstream: none that speaks h2).
     Connect(String),
-    /// The upstream's new connection did not offer h2.
-    NotH2,
     /// An h2 upstream did not process the stream (RFC 9113 §6.8, §8.7).
     Unprocessed(String),
     /// The connection closed or broke before any byte of the answer.
@@ -212,7 +204,6 @@ impl Failed {
         use crate::upstream::h2_pool::Failure;
         match e {
             Failure::Connect(cause) => Failed::Connect(cause),
-            Failure::NotH2 => Failed::NotH2,
             Failure::Unprocessed(what) => Failed::Unprocessed(what),
             Failure::Lost(what) => Failed::Lost(what),
             Failure::Body(e) => match stall::is_stall(e.as_ref()) {

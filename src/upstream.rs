@@ -141,10 +141,10 @@ pub async fn connect_h2(
         let tcp = deferred::DeferWriteErrors::new(tcp(route).await?);
         let config = pool.tls_config(route.config.ca_file.as_deref(), true)?;
         let tls = handshake(config, route, tcp).await?;
-        Ok(match tls.get_ref().1.alpn_protocol() {
-            Some(b"h2") => h2_pool::Opened::H2(Box::new(tls)),
-            _ => h2_pool::Opened::Http1,
-        })
+        match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Ok(Box::new(tls)),
+            _ => Err("the upstream no longer offers h2 (ALPN)".into()),
+        }
     })
     .await
 }

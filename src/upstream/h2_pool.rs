@@ -39,25 +39,23 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// The request's fields as h2 takes them: the authority travels as `:authority` (RFC 9113
-/// §8.3.1); connection-specific fields are not allowed (§8.2.2; the plan drops hop-by-hop
-/// fields, but hyper's transport frames a GET body of unknown size as chunked); a body of
-/// known size states it.
+/// §8.3.1); connection-specific fields (`crate::http::is_hop_by_hop`) are not allowed but
+/// for `te: trailers` (§8.2.2; the plan drops them, but hyper's transport frames a GET body
+/// of unknown size as chunked); a body of known size states it.
 fn h2_fields(fields: &mut http::HeaderMap, body: &ProxyBody) {
     fields.remove(HOST);
-    for name in [
-        http::header::CONNECTION,
-        http::header::TRANSFER_ENCODING,
-        http::header::UPGRADE,
-    ] {
+    let trailers_only = |name: &http::HeaderName, fields: &http::HeaderMap| {
+        name == http::header::TE && fields.get_all(name).iter().all(|te| te == "trailers")
+    };
+    let gone: Vec<http::HeaderName> = fields
+        .keys()
+        .filter(|name| {
+            crate::http::is_hop_by_hop(name.as_str().as_bytes()) && !trailers_only(name, fields)
+        })
+        .cloned()
+        .collect();
+    for name in gone {
         fields.remove(name);
-    }
-    fields.remove("keep-alive");
-    fields.remove("proxy-connection");
-    if fields
-        .get(http::header::TE)
-        .is_some_and(|te| te != "trailers")
-    {
-        fields.remove(http::header::TE);
     }
     if !fields.contains_key(http::header::CONTENT_LENGTH) && !body.is_end_stream() {
         if let Some(n) = body.size_hint().exact() {
@@ -112,22 +110,17 @@ impl ConnState {
     }
 }
 
-/// A new connection to the upstream, as `open` made it.
-pub enum Opened {
-    /// ALPN chose h2: the connection, with TLS done. Its socket keeps reading after a write
-    /// failed (`DeferWriteErrors`), so a closing upstream's last frames are seen.
-    H2(Box<TlsStream<DeferWriteErrors>>),
-    /// ALPN chose something else (the upstream stopped offering h2).
-    Http1,
-}
+/// A new connection to the upstream, as `open` made it: TLS done and h2 chosen by ALPN (an
+/// upstream that stopped offering h2 is a failure to connect). Its socket keeps reading after
+/// a write failed (`DeferWriteErrors`), so a closing upstream's last frames are seen.
+pub type Opened = Box<TlsStream<DeferWriteErrors>>;
 
 /// Why a request on an h2 connection got no answer.
 #[derive(Debug)]
 pub enum Failure {
-    /// No connection could be made (the request never left).
+    /// No h2 connection could be made, or the upstream no longer offers h2 (the request
+    /// never left).
     Connect(String),
-    /// The upstream answered ALPN with HTTP/1.1 (the request never left).
-    NotH2,
     /// The upstream said it did not process the stream: GOAWAY above its last stream id, or
     /// REFUSED_STREAM (RFC 9113 §6.8, §8.7). Safe to send again, whatever the method.
     Unprocessed(String),
@@ -249,10 +242,7 @@ impl Slot {
             return Err(Failure::Connect(lock(&slot.last_failure).clone()));
         }
         let handshake = async {
-            let io = match open().await.map_err(Failure::Connect)? {
-                Opened::H2(io) => io,
-                Opened::Http1 => return Err(Failure::NotH2),
-            };
+            let io = open().await?;
             h2::client::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
@@ -260,16 +250,14 @@ impl Slot {
                 .enable_push(false)
                 .handshake::<_, Bytes>(Coalesce::new(io))
                 .await
-                .map_err(|e| Failure::Connect(format!("h2 handshake: {e}")))
+                .map_err(|e| format!("h2 handshake: {e}"))
         };
         let (send, connection) = match handshake.await {
             Ok(pair) => pair,
-            Err(e) => {
-                if let Failure::Connect(cause) = &e {
-                    *lock(&slot.last_failure) = cause.clone();
-                    slot.failed_opens.fetch_add(1, Ordering::Release);
-                }
-                return Err(e);
+            Err(cause) => {
+                *lock(&slot.last_failure) = cause.clone();
+                slot.failed_opens.fetch_add(1, Ordering::Release);
+                return Err(Failure::Connect(cause));
             }
         };
         let state = Arc::new(ConnState {
