@@ -411,3 +411,26 @@ async fn read_all(mut body: h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
     }
     Ok(all)
 }
+
+/// On every transport, a 204 from an h2 upstream that sends DATA after it reaches the client
+/// without a body, and the client's connection goes on serving (RFC 9110 §6.4.1).
+async fn no_body_after_a_204_from_an_h2_upstream(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, _guard) = raw_h2_upstream(&ca).await;
+    let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
+    proxy.ready().await;
+    let client = on.client();
+    for path in ["/first", "/nocontent", "/nocontent", "/after"] {
+        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        let body = r.bytes().await.unwrap();
+        if path == "/nocontent" {
+            assert_eq!((status, &body[..]), (204, &b""[..]), "{path}");
+        } else {
+            assert_eq!(status, 200, "{path}");
+        }
+    }
+}
+
+on_every_transport!(no_body_after_a_204_from_an_h2_upstream);
