@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -79,9 +79,11 @@ pub(crate) fn may_retry(method: &Method, written: bool) -> bool {
         )
 }
 
-/// Sends a request to the route's upstream within the route's timeout: an `https://` upstream
-/// known to answer in h2 on its h2 connection (`crate::upstream::H2Pool`), any other through
-/// hyper's client (ALPN chooses, and what the upstream answered in is learned). `make` builds
+/// Sends a request to the route's upstream within the route's timeout: an `http://` upstream,
+/// or an `https://` one known to answer in HTTP/1.1, on the fast path's pooled connections
+/// (`crate::upstream::h1`); an `https://` upstream known to answer in h2 on its h2 connection
+/// (`crate::upstream::H2Pool`); any other through hyper's client (ALPN chooses, and what the
+/// upstream answered in is learned). `make` builds
 /// the request, and is asked again for a retry (`may_retry`, and streams an h2 upstream did
 /// not process; it answers `None` when the body cannot be sent twice). The response's framing
 /// is checked (`crate::http::response_framing`): an ambiguous one is a 502 and its connection
@@ -112,7 +114,9 @@ pub(crate) async fn send(
             ));
         };
         let method = request.method().clone();
-        let h2 = https && !fell_back && pool.speaks(&route.pool_key) == Some(Speaks::H2);
+        let speaks = pool.speaks(&route.pool_key);
+        let h2 = https && !fell_back && speaks == Some(Speaks::H2);
+        let h1 = !https || speaks == Some(Speaks::H1);
         let failed = if h2 {
             let open = || crate::upstream::connect_h2(pool, route);
             let sent = pool.h2.send(&route.pool_key, open, request);
@@ -122,6 +126,16 @@ pub(crate) async fn send(
                     return checked(shared, route, &method, response, None, log);
                 }
                 Ok(Err(e)) => Failed::from_h2(e),
+                Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
+            }
+        } else if h1 {
+            let sent = crate::upstream::h1::send(pool, route, request);
+            match tokio::time::timeout_at(deadline, sent).await {
+                Ok(Ok(response)) => {
+                    let response = response.map(|body| UpstreamBody::Pooled(Box::new(body)));
+                    return checked(shared, route, &method, response, None, log);
+                }
+                Ok(Err(e)) => Failed::from_h1(e),
                 Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
             }
         } else {
@@ -217,6 +231,20 @@ impl Failed {
         }
     }
 
+    fn from_h1(e: crate::upstream::h1::Failure) -> Failed {
+        use crate::upstream::h1::Failure;
+        match e {
+            Failure::Connect(cause) => Failed::Connect(cause),
+            // Never written: as safe to send again as a stream an h2 upstream did not process.
+            Failure::Unsent(what) => Failed::Unprocessed(what),
+            Failure::Lost(what) => Failed::Lost(what),
+            Failure::Other(e) => match stall::is_stall(&e) {
+                Some(idle) => Failed::Stall(idle),
+                None => Failed::Other(crate::error::chain(&e)),
+            },
+        }
+    }
+
     fn from_hyper(e: &hyper_util::client::legacy::Error) -> Failed {
         if let Some(idle) = stall::is_stall(e) {
             return Failed::Stall(idle);
@@ -289,13 +317,13 @@ fn checked(
             // As the fast path's pool: a connection that answered without a body (HEAD,
             // 204, 304) is not used again, in case the upstream sends one anyway.
             if framing == Framing::Empty && response.version() < http::Version::HTTP_2 {
-                retire(connection);
+                retire(&mut response, connection);
             }
             headers::remove_hop_by_hop(response.headers_mut());
             Ok((response, framing))
         }
         Err(what) => {
-            retire(connection);
+            retire(&mut response, connection);
             let what = format!("invalid response: {what}");
             Err(upstream_failed(
                 shared,
@@ -306,8 +334,15 @@ fn checked(
     }
 }
 
-/// Keeps hyper's pool from using the captured connection again.
-fn retire(connection: Option<&hyper_util::client::legacy::connect::CaptureConnection>) {
+/// Keeps the response's connection from being used again (a pooled HTTP/1.1 one, or
+/// hyper's captured one).
+fn retire(
+    response: &mut Response<UpstreamBody>,
+    connection: Option<&hyper_util::client::legacy::connect::CaptureConnection>,
+) {
+    if let UpstreamBody::Pooled(body) = response.body_mut() {
+        body.retire();
+    }
     if let Some(connection) = connection {
         if let Some(connected) = connection.connection_metadata().as_ref() {
             connected.poison();

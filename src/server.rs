@@ -274,7 +274,14 @@ async fn serve<IO>(
     if let Some(io) = crate::transport::h1::serve(io, conn, Arc::clone(&shared), stop.clone()).await
     {
         // Boxed: the fast path's task stays small for the connections that never need hyper.
-        Box::pin(serve_connection(io, conn, shared, builder, stop)).await;
+        if io.starts_h2() {
+            // Answers finish in their streams' tasks, each waking the connection's task:
+            // batched, they leave in one write (`crate::coalesce`).
+            let io = crate::coalesce::Coalesce::new(io);
+            Box::pin(serve_connection(io, conn, shared, builder, stop)).await;
+        } else {
+            Box::pin(serve_connection(io, conn, shared, builder, stop)).await;
+        }
     }
 }
 

@@ -94,9 +94,9 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     next_number: AtomicU64,
     reload_lock: Mutex<()>,
-    /// Idle keep-alive connections to plain-HTTP upstreams (the HTTP/1.1 fast path); kept
-    /// across reloads.
-    pub h1_pool: crate::upstream::Pool,
+    /// Upstream connections (HTTP/1.1 keep-alive, and h2), shared by every transport and
+    /// kept across reloads.
+    pub h1_pool: Arc<crate::upstream::Pool>,
     /// The outcome of the last reload, for `/status` and the admin page.
     last_reload: std::sync::Mutex<Option<ReloadRecord>>,
     pub started: std::time::SystemTime,
@@ -128,7 +128,7 @@ impl Shared {
             config_path,
             next_number: AtomicU64::new(2),
             reload_lock: Mutex::new(()),
-            h1_pool: crate::upstream::Pool::default(),
+            h1_pool: Arc::default(),
             last_reload: std::sync::Mutex::new(None),
             started: std::time::SystemTime::now(),
             scope_warned: Default::default(),

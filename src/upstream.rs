@@ -11,9 +11,9 @@
 //!   pools stay warm; routes with different egress proxies never share a client, so never a
 //!   connection.
 
-pub mod coalesce;
 pub mod deferred;
 pub mod egress;
+pub mod h1;
 pub mod h2_pool;
 pub mod pool;
 pub mod stream;
@@ -199,10 +199,12 @@ async fn within_connect_timeout<T>(
     }
 }
 
-/// A response body from either kind of multiplexing client: hyper's, or an h2 stream of
-/// `h2_pool` (whose flow-control window is given back as its data is taken).
+/// A response body from any of the upstream clients: hyper's, a pooled HTTP/1.1 connection
+/// (`h1`), or an h2 stream of `h2_pool` (whose flow-control window is given back as its data
+/// is taken).
 pub enum UpstreamBody {
     Hyper(hyper::body::Incoming),
+    Pooled(Box<h1::Pooled>),
     H2 {
         stream: ::h2::RecvStream,
         data_done: bool,
@@ -231,6 +233,9 @@ impl http_body::Body for UpstreamBody {
             UpstreamBody::Hyper(body) => std::pin::Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|e| BodyFailed::boxed(&e)),
+            UpstreamBody::Pooled(body) => std::pin::Pin::new(body.as_mut())
+                .poll_frame(cx)
+                .map_err(|e| BodyFailed::boxed(&e)),
             UpstreamBody::H2 { stream, data_done } => {
                 if !*data_done {
                     match std::task::ready!(stream.poll_data(cx)) {
@@ -257,6 +262,7 @@ impl http_body::Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Hyper(body) => body.is_end_stream(),
+            UpstreamBody::Pooled(body) => body.is_end_stream(),
             UpstreamBody::H2 { stream, .. } => stream.is_end_stream(),
         }
     }

@@ -634,7 +634,78 @@ async fn every_listen_address_serves() {
     task.await.unwrap();
 }
 
+/// Upstream connections are pooled the same way whatever carried the request: a body read to
+/// its end by its length, its chunked framing, or an empty one leaves the connection for the
+/// next request; an answer that must have no body (204, HEAD) and one the upstream closes
+/// (`Connection: close`) do not. Asserted on what the upstream saw: which connection each
+/// request came on.
+async fn upstream_connections_are_pooled_and_retired_alike(on: On) {
+    use support::raw::{reply, RawUpstream};
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = RawUpstream::start(|head| {
+        if head.starts_with("HEAD ") {
+            return reply("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n");
+        }
+        match head.split(' ').nth(1).unwrap_or("") {
+            "/chunked" => reply(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            ),
+            "/empty" => reply("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            "/no-content" => reply("HTTP/1.1 204 No Content\r\n\r\n"),
+            "/closing" => (
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                true,
+            ),
+            _ => reply("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nlength"),
+        }
+    })
+    .await;
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("portal", &tokens, ""),
+            route("r", "/", &upstream.url(), "portal", "")
+        ))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    let steps = [
+        ("GET", "/length", "length"),
+        ("GET", "/chunked", "hello"),
+        ("POST", "/empty", ""),
+        ("GET", "/length", "length"),
+        ("GET", "/no-content", ""),
+        ("GET", "/length", "length"),
+        ("HEAD", "/head", ""),
+        ("GET", "/closing", "ok"),
+        ("GET", "/length", "length"),
+        ("GET", "/length", "length"),
+    ];
+    for (method, path, body) in steps {
+        let r = client
+            .request(method.parse().unwrap(), on.url(&proxy, path))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{method} {path}: {}", r.status());
+        assert_eq!(r.text().await.unwrap(), body, "{method} {path}");
+    }
+    let seen: Vec<(String, usize)> = upstream
+        .seen()
+        .iter()
+        .map(|r| (r.target().to_owned(), r.connection))
+        .collect();
+    let connections: Vec<usize> = seen.iter().map(|(_, c)| *c).collect();
+    assert_eq!(
+        connections,
+        vec![1, 1, 1, 1, 1, 2, 2, 3, 4, 4],
+        "{:?}: {seen:?}",
+        on.transport
+    );
+}
+
 on_every_transport!(
+    upstream_connections_are_pooled_and_retired_alike,
     upstream_sees_the_proxy_token_never_the_clients,
     paths_queries_and_prefixes_join_byte_for_byte,
     hop_by_hop_and_forwarding_headers,

@@ -334,3 +334,45 @@ async fn an_https_http11_upstream_moves_to_the_fast_paths_pooled_tls_connections
         );
     }
 }
+
+/// One pool of upstream connections for every transport: an HTTP/1.1 client on the fast path
+/// and an h2c client (hyper's transport) take turns on the same kept-alive connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_and_hyper_transport_share_pooled_upstream_connections() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream =
+        RawUpstream::start(|_| reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).await;
+    let proxy = proxy_to(&upstream, &tokens).await;
+    let mut fast = Client::connect(&proxy).await;
+    let h2c = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let (_, body) = fast.get(&format!("/fast/{i}")).await;
+        assert_eq!(body, b"ok");
+        let r = h2c
+            .get(proxy.url(&format!("/h2c/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), http::Version::HTTP_2);
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 6);
+    assert_eq!(upstream.connections(), 1, "{seen:?}");
+    // Both wrote the request the same way: origin form, the upstream as Host, the token.
+    for r in &seen {
+        assert!(r.target().starts_with('/'), "{}", r.head);
+        assert!(r.head.contains(" HTTP/1.1\r\n"), "{}", r.head);
+        assert_eq!(
+            r.header("host").as_deref(),
+            Some(upstream.addr.to_string().as_str()),
+            "{}",
+            r.head
+        );
+        assert!(r.head.contains("Bearer "), "{}", r.head);
+    }
+}

@@ -1,5 +1,6 @@
-//! The TCP stream under hyper's client (h2 or HTTP/1.1, under TLS when there is any), which
-//! keeps reading after a write failed.
+//! The stream under every HTTP client of the proxy's but the fast path's own exchange (hyper's
+//! pooled client and `h2_pool` at the TCP level, `h1` over a pooled connection), which keeps
+//! reading after a write failed.
 //!
 //! An upstream that ends a connection — an h2 GOAWAY followed by a close, an HTTP/1.1 server
 //! answering early and closing — can have its last frames sitting in our receive buffer when
@@ -19,18 +20,23 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-pub struct DeferWriteErrors {
-    inner: TcpStream,
+pub struct DeferWriteErrors<IO = TcpStream> {
+    inner: IO,
     /// Set once a write met a peer that is gone: writes are dropped from then on.
     peer_gone: bool,
 }
 
-impl DeferWriteErrors {
-    pub fn new(inner: TcpStream) -> Self {
+impl<IO> DeferWriteErrors<IO> {
+    pub fn new(inner: IO) -> Self {
         DeferWriteErrors {
             inner,
             peer_gone: false,
         }
+    }
+
+    /// The stream, unless a write met a peer that is gone (it is no use then).
+    pub fn into_live(self) -> Option<IO> {
+        (!self.peer_gone).then_some(self.inner)
     }
 }
 
@@ -41,7 +47,7 @@ fn peer_gone(e: &io::Error) -> bool {
     )
 }
 
-impl AsyncRead for DeferWriteErrors {
+impl<IO: AsyncRead + Unpin> AsyncRead for DeferWriteErrors<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -51,7 +57,7 @@ impl AsyncRead for DeferWriteErrors {
     }
 }
 
-impl AsyncWrite for DeferWriteErrors {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for DeferWriteErrors<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -110,7 +116,7 @@ impl AsyncWrite for DeferWriteErrors {
     }
 }
 
-impl Connection for DeferWriteErrors {
+impl Connection for DeferWriteErrors<TcpStream> {
     fn connected(&self) -> Connected {
         self.inner.connected()
     }

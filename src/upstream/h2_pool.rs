@@ -26,9 +26,9 @@ use http_body::Body;
 
 use tokio_rustls::client::TlsStream;
 
-use super::coalesce::Coalesce;
 use super::deferred::DeferWriteErrors;
 use super::IDLE_TIMEOUT;
+use crate::coalesce::Coalesce;
 use crate::{BoxError, ProxyBody};
 
 /// Flow-control windows offered to the upstream (hyper's client defaults): large enough that

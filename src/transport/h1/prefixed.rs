@@ -14,6 +14,14 @@ pub struct Prefixed<IO> {
     pub(super) io: IO,
 }
 
+impl<IO> Prefixed<IO> {
+    /// Whether the connection opens with h2's connection preface (RFC 9113 §3.4): h2c by
+    /// prior knowledge, or h2 after TLS chose it by ALPN.
+    pub fn starts_h2(&self) -> bool {
+        self.prefix.starts_with(b"PRI * HTTP/2.0\r\n")
+    }
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
