@@ -24,6 +24,8 @@ pub struct DeferWriteErrors<IO = TcpStream> {
     inner: IO,
     /// Set once a write met a peer that is gone: writes are dropped from then on.
     peer_gone: bool,
+    /// No write since the last completed flush: every byte given has left.
+    flushed: bool,
 }
 
 impl<IO> DeferWriteErrors<IO> {
@@ -31,12 +33,14 @@ impl<IO> DeferWriteErrors<IO> {
         DeferWriteErrors {
             inner,
             peer_gone: false,
+            flushed: true,
         }
     }
 
-    /// The stream, unless a write met a peer that is gone (it is no use then).
-    pub fn into_live(self) -> Option<IO> {
-        (!self.peer_gone).then_some(self.inner)
+    /// The stream, if it can carry another exchange: every byte written has been flushed (a
+    /// codec that kept some back would lose them), and no write met a peer that is gone.
+    pub fn into_reusable(self) -> Option<IO> {
+        (self.flushed && !self.peer_gone).then_some(self.inner)
     }
 }
 
@@ -64,6 +68,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for DeferWriteErrors<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.flushed = false;
         if this.peer_gone {
             return Poll::Ready(Ok(buf.len()));
         }
@@ -82,6 +87,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for DeferWriteErrors<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.flushed = false;
         let len = || bufs.iter().map(|b| b.len()).sum();
         if this.peer_gone {
             return Poll::Ready(Ok(len()));
@@ -104,7 +110,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for DeferWriteErrors<IO> {
         if this.peer_gone {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut this.inner).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            this.flushed = true;
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -127,6 +137,24 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    /// A stream is reusable only when every byte written has been flushed: a codec that kept
+    /// part of a request back (an upstream that answered before reading it all) would
+    /// otherwise leave the next request to be read as the rest of that body.
+    #[tokio::test]
+    async fn reusable_only_once_flushed() {
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let mut io = DeferWriteErrors::new(ours);
+        assert!(io.flushed, "nothing written yet");
+        io.write_all(b"part of a request").await.unwrap();
+        assert!(io.into_reusable().is_none(), "written, not flushed");
+
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let mut io = DeferWriteErrors::new(ours);
+        io.write_all(b"a whole request").await.unwrap();
+        io.flush().await.unwrap();
+        assert!(io.into_reusable().is_some());
+    }
 
     /// A peer that writes its last words and closes with our bytes unread (so its kernel
     /// answers our next segment with a reset): our writes keep "succeeding", and its last

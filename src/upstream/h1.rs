@@ -48,49 +48,100 @@ pub enum Failure {
 /// Sends `request` (its URI absolute, as the pipeline builds it) to `route`'s upstream on a
 /// pooled connection, or a new one; the answer's body drives the connection
 /// (`UpstreamBody::Pooled`). The caller bounds the time (the route's timeout).
+///
+/// A request whose body is already whole (none, or one kept for a replay) is exchanged in
+/// this task. One whose body still streams from the client gets a task for its connection,
+/// as hyper's pooled client would: its upload must go on whether or not the answer's body
+/// is being read (an h2 client that reads the answer only after its upload would otherwise
+/// wait on the proxy, and the proxy on it). That connection is not pooled again.
 pub async fn send(
     pool: &Arc<Pool>,
     route: &crate::routes::Route,
-    request: Request<ProxyBody>,
+    mut request: Request<ProxyBody>,
 ) -> Result<Response<Pooled>, Failure> {
-    let stream = match pool.checkout(&route.pool_key) {
-        Some(stream) => stream,
-        None => super::connect(pool, route)
+    let in_task = {
+        let body = request.body();
+        body.is_end_stream()
+            || body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= crate::pipeline::REPLAY_LIMIT as u64)
+    };
+    let mut pooled_ok = true;
+    loop {
+        let (stream, reused) = match pooled_ok.then(|| pool.checkout(&route.pool_key)) {
+            Some(Some(stream)) => (stream, true),
+            _ => (
+                super::connect(pool, route)
+                    .await
+                    .map_err(Failure::Connect)?,
+                false,
+            ),
+        };
+        let (mut sender, codec) = http1::Builder::new()
+            .handshake::<_, ProxyBody>(TokioIo::new(DeferWriteErrors::new(stream)))
             .await
-            .map_err(Failure::Connect)?,
-    };
-    let (mut sender, mut codec) = http1::Builder::new()
-        .handshake::<_, ProxyBody>(TokioIo::new(DeferWriteErrors::new(stream)))
-        .await
-        .map_err(Failure::Other)?;
-    let answer = sender.send_request(origin_form(request, route));
-    let mut answer = std::pin::pin!(answer);
-    // The codec writes the request and reads the answer when polled, here.
-    let mut ended = false;
-    let response = std::future::poll_fn(|cx| {
-        if !ended && Pin::new(&mut codec).poll(cx).is_ready() {
-            // The connection is done (closed, or failed); the answer, if it came, is in.
-            ended = true;
-        }
-        match answer.as_mut().poll(cx) {
-            Poll::Pending if ended => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(result) => Poll::Ready(Some(result)),
-        }
-    })
-    .await;
-    let response = match response {
-        Some(Ok(response)) => response,
-        Some(Err(e)) => return Err(classify(e)),
-        None => return Err(Failure::Lost("the connection closed".into())),
-    };
-    Ok(response.map(|body| Pooled {
-        body,
-        codec: (!ended).then_some(codec),
-        sender: Some(sender),
-        home: Some((Arc::clone(pool), route.pool_key.clone())),
-        ended: false,
-    }))
+            .map_err(Failure::Other)?;
+        let answer = sender.try_send_request(origin_form(request, route));
+        let mut answer = std::pin::pin!(answer);
+        let mut ended = false;
+        let mut codec = Some(codec);
+        let result = match codec.as_mut().filter(|_| in_task) {
+            // The codec writes the request and reads the answer when polled, here.
+            Some(driven) => {
+                std::future::poll_fn(|cx| {
+                    if !ended && Pin::new(&mut *driven).poll(cx).is_ready() {
+                        // The connection is done (closed, or failed); the answer, if it came,
+                        // is in.
+                        ended = true;
+                    }
+                    match answer.as_mut().poll(cx) {
+                        Poll::Pending if ended => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(result) => Poll::Ready(Some(result)),
+                    }
+                })
+                .await
+            }
+            None => {
+                if let Some(codec) = codec.take() {
+                    tokio::spawn(async move {
+                        if let Err(e) = codec.await {
+                            let error = crate::error::chain(&e);
+                            tracing::debug!(%error, "upstream connection ended");
+                        }
+                    });
+                }
+                Some(answer.await)
+            }
+        };
+        let response = match result {
+            Some(Ok(response)) => response,
+            Some(Err(mut e)) => match e.take_message() {
+                // Never written, on a pooled connection found dead: once more on a new one
+                // (the body, streamed or not, is still whole).
+                Some(unsent) if reused => {
+                    request = unsent;
+                    pooled_ok = false;
+                    continue;
+                }
+                _ => return Err(classify(e.into_error())),
+            },
+            None => return Err(Failure::Lost("the connection closed".into())),
+        };
+        // A codec still here is driven by the body and may go back to the pool.
+        let codec = codec.filter(|_| !ended);
+        let home = codec
+            .is_some()
+            .then(|| (Arc::clone(pool), route.pool_key.clone()));
+        return Ok(response.map(|body| Pooled {
+            body,
+            codec,
+            sender: Some(sender),
+            home,
+            ended: false,
+        }));
+    }
 }
 
 /// The request as HTTP/1.1 puts it to an origin server: the target in origin form and the
@@ -217,7 +268,7 @@ impl Drop for Pooled {
         if !parts.read_buf.is_empty() {
             return;
         }
-        if let Some(stream) = parts.io.into_inner().into_live() {
+        if let Some(stream) = parts.io.into_inner().into_reusable() {
             pool.checkin(&key, stream);
         }
     }
