@@ -87,7 +87,8 @@ pub(crate) fn may_retry(method: &Method, written: bool) -> bool {
 /// the request, and is asked again for a retry (`may_retry`, and streams an h2 upstream did
 /// not process; it answers `None` when the body cannot be sent twice). The response's framing
 /// is checked (`crate::http::response_framing`): an ambiguous one is a 502 and its connection
-/// is never used again. Hop-by-hop fields are gone from the response that is returned.
+/// is never used again. Hop-by-hop fields are gone from the response that is returned, and
+/// its body ends with an error if the upstream sends nothing for the route's timeout.
 pub(crate) async fn send(
     shared: &Shared,
     admitted: &Admitted<'_>,
@@ -132,7 +133,7 @@ pub(crate) async fn send(
             let sent = crate::upstream::h1::send(pool, route, request);
             match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(response)) => {
-                    let response = response.map(|body| UpstreamBody::Pooled(Box::new(body)));
+                    let response = response.map(UpstreamBody::pooled);
                     return checked(shared, route, &method, response, None, log);
                 }
                 Ok(Err(e)) => Failed::from_h1(e),
@@ -152,7 +153,7 @@ pub(crate) async fn send(
                     if https {
                         pool.learn(&route.pool_key, response.version());
                     }
-                    let response = response.map(UpstreamBody::Hyper);
+                    let response = response.map(UpstreamBody::hyper);
                     return checked(shared, route, &method, response, Some(&connection), log);
                 }
                 Ok(Err(e)) => Failed::from_hyper(&e),
@@ -320,6 +321,8 @@ fn checked(
                 retire(&mut response, connection);
             }
             headers::remove_hop_by_hop(response.headers_mut());
+            // The route's timeout bounds each wait for the body's next bytes, too.
+            response.body_mut().idle_limit(route.config.timeout);
             Ok((response, framing))
         }
         Err(what) => {
@@ -340,9 +343,7 @@ fn retire(
     response: &mut Response<UpstreamBody>,
     connection: Option<&hyper_util::client::legacy::connect::CaptureConnection>,
 ) {
-    if let UpstreamBody::Pooled(body) = response.body_mut() {
-        body.retire();
-    }
+    response.body_mut().retire();
     if let Some(connection) = connection {
         if let Some(connected) = connection.connection_metadata().as_ref() {
             connected.poison();

@@ -199,10 +199,16 @@ async fn within_connect_timeout<T>(
     }
 }
 
-/// A response body from any of the upstream clients: hyper's, a pooled HTTP/1.1 connection
+/// A response body from any of the upstream clients — hyper's, a pooled HTTP/1.1 connection
 /// (`h1`), or an h2 stream of `h2_pool` (whose flow-control window is given back as its data
-/// is taken).
-pub enum UpstreamBody {
+/// is taken) — bounded, once `idle_limit` sets it, in how long it may go without sending a
+/// byte (`crate::pipeline::send` sets the route's `timeout`).
+pub struct UpstreamBody {
+    source: Source,
+    idle: Option<Idle>,
+}
+
+enum Source {
     Hyper(hyper::body::Incoming),
     Pooled(Box<h1::Pooled>),
     H2 {
@@ -211,32 +217,67 @@ pub enum UpstreamBody {
     },
 }
 
+/// The idle bound: armed when the body first has nothing to give after a frame, cleared by
+/// the next frame. Only a body that waits arms it (most answers come whole with their head).
+struct Idle {
+    limit: std::time::Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
 impl UpstreamBody {
+    pub fn hyper(body: hyper::body::Incoming) -> Self {
+        UpstreamBody::from(Source::Hyper(body))
+    }
+
+    pub fn pooled(body: h1::Pooled) -> Self {
+        UpstreamBody::from(Source::Pooled(Box::new(body)))
+    }
+
     pub fn h2(stream: ::h2::RecvStream) -> Self {
-        UpstreamBody::H2 {
+        UpstreamBody::from(Source::H2 {
             stream,
             data_done: false,
+        })
+    }
+
+    fn from(source: Source) -> Self {
+        UpstreamBody { source, idle: None }
+    }
+
+    /// Ends the body with an error when the upstream sends nothing for `limit`.
+    pub fn idle_limit(&mut self, limit: std::time::Duration) {
+        self.idle = Some(Idle {
+            limit,
+            sleep: None,
+            armed: false,
+        });
+    }
+
+    /// Keeps a pooled HTTP/1.1 connection from being used again (an answer that must have no
+    /// body, or an ambiguous one).
+    pub fn retire(&mut self) {
+        if let Source::Pooled(body) = &mut self.source {
+            body.retire();
         }
     }
 }
 
-impl http_body::Body for UpstreamBody {
-    type Data = bytes::Bytes;
-    type Error = crate::BoxError;
-
+impl Source {
     fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
+        &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::BoxError>>> {
+        use http_body::Body as _;
         use std::task::Poll;
-        match self.get_mut() {
-            UpstreamBody::Hyper(body) => std::pin::Pin::new(body)
+        match self {
+            Source::Hyper(body) => std::pin::Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|e| BodyFailed::boxed(&e)),
-            UpstreamBody::Pooled(body) => std::pin::Pin::new(body.as_mut())
+            Source::Pooled(body) => std::pin::Pin::new(body.as_mut())
                 .poll_frame(cx)
                 .map_err(|e| BodyFailed::boxed(&e)),
-            UpstreamBody::H2 { stream, data_done } => {
+            Source::H2 { stream, data_done } => {
                 if !*data_done {
                     match std::task::ready!(stream.poll_data(cx)) {
                         Some(Ok(data)) => {
@@ -258,12 +299,53 @@ impl http_body::Body for UpstreamBody {
             }
         }
     }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let polled = this.source.poll_frame(cx);
+        let Some(idle) = &mut this.idle else {
+            return polled;
+        };
+        if polled.is_ready() {
+            idle.armed = false;
+            return polled;
+        }
+        let deadline = tokio::time::Instant::now() + idle.limit;
+        let sleep = match &mut idle.sleep {
+            Some(sleep) => {
+                if !idle.armed {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            None => idle
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        idle.armed = true;
+        match std::future::Future::poll(sleep.as_mut(), cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyFailed(format!(
+                "the upstream sent nothing for {}",
+                humantime::format_duration(idle.limit)
+            )))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Hyper(body) => body.is_end_stream(),
-            UpstreamBody::Pooled(body) => body.is_end_stream(),
-            UpstreamBody::H2 { stream, .. } => stream.is_end_stream(),
+        match &self.source {
+            Source::Hyper(body) => body.is_end_stream(),
+            Source::Pooled(body) => body.is_end_stream(),
+            Source::H2 { stream, .. } => stream.is_end_stream(),
         }
     }
 }

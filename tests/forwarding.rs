@@ -704,7 +704,80 @@ async fn upstream_connections_are_pooled_and_retired_alike(on: On) {
     );
 }
 
+/// An upstream that stops sending in the middle of a body: once it has sent nothing for the
+/// route's `timeout`, the exchange ends — the client's transfer ends as broken (an HTTP/1.1
+/// client's connection closes, an h2 client's stream is reset) and the upstream connection
+/// is closed — rather than holding both for good. The proxy goes on serving.
+async fn a_stalled_response_body_ends_at_the_route_timeout(on: On) {
+    struct Dropped(Arc<AtomicU64>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let tokens = TokenServer::healthy(3600).await;
+    let dropped = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&dropped);
+    let (addr, _g) = serve(move |req: http::Request<hyper::body::Incoming>| {
+        let counter = Arc::clone(&counter);
+        async move {
+            if req.uri().path() == "/fine" {
+                return json_response(200, "{}", &[]);
+            }
+            // Part of the body, then nothing; the guard goes when the body is dropped (the
+            // proxy closed the connection).
+            let guard = Dropped(counter);
+            let first = futures_util::stream::once(async {
+                Ok::<_, egain_proxy::BoxError>(http_body::Frame::data(Bytes::from_static(
+                    b"partial",
+                )))
+            });
+            let stalled = first
+                .chain(futures_util::stream::pending())
+                .map(move |frame| {
+                    let _ = &guard;
+                    frame
+                });
+            http::Response::new(BodyExt::boxed(StreamBody::new(stalled)))
+        }
+    })
+    .await;
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("portal", &tokens, ""),
+            route(
+                "r",
+                "/",
+                &format!("http://{addr}"),
+                "portal",
+                "timeout = \"700ms\""
+            )
+        ))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    for n in 1..=2 {
+        let started = std::time::Instant::now();
+        let r = client.get(on.url(&proxy, "/stall")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body = tokio::time::timeout(Duration::from_secs(10), r.bytes())
+            .await
+            .expect("the stalled body ends");
+        assert!(body.is_err(), "a cut body must not look whole: {body:?}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(700), "{waited:?}");
+        eventually(Duration::from_secs(5), || {
+            dropped.load(Ordering::SeqCst) == n
+        })
+        .await;
+    }
+    let r = client.get(on.url(&proxy, "/fine")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 on_every_transport!(
+    a_stalled_response_body_ends_at_the_route_timeout,
     upstream_connections_are_pooled_and_retired_alike,
     upstream_sees_the_proxy_token_never_the_clients,
     paths_queries_and_prefixes_join_byte_for_byte,

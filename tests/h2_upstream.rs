@@ -434,3 +434,48 @@ async fn no_body_after_a_204_from_an_h2_upstream(on: On) {
 }
 
 on_every_transport!(no_body_after_a_204_from_an_h2_upstream);
+
+/// On every transport, an upstream body that stops coming ends once the upstream has sent
+/// nothing for the route's `timeout`: the client's transfer ends as broken, and the upstream
+/// stream is reset (its body dropped), so neither side is held for good. Twice: through
+/// hyper's client (the first answer, before the proxy knows the upstream speaks h2), then on
+/// the proxy's own h2 connection.
+async fn a_stalled_h2_upstream_body_ends_at_the_route_timeout(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, _seen, _connections, _guard, dropped) = h2_upstream(&ca).await;
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("p", &tokens, ""),
+            route(
+                "up",
+                "/",
+                &format!("https://127.0.0.1:{port}"),
+                "p",
+                &format!("ca_file = \"{}\"\ntimeout = \"700ms\"", ca.ca_file())
+            )
+        ))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    for n in 1..=2 {
+        let started = std::time::Instant::now();
+        let r = client.get(on.url(&proxy, "/stall")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body = tokio::time::timeout(Duration::from_secs(10), r.bytes())
+            .await
+            .expect("the stalled body ends");
+        assert!(body.is_err(), "a cut body must not look whole: {body:?}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(700), "{waited:?}");
+        eventually(Duration::from_secs(5), || {
+            dropped.load(Ordering::SeqCst) == n
+        })
+        .await;
+    }
+    let r = client.get(on.url(&proxy, "/after")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+on_every_transport!(a_stalled_h2_upstream_body_ends_at_the_route_timeout);

@@ -135,7 +135,7 @@ pub(crate) async fn forward(
     }
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         headers::remove_hop_by_hop(response.headers_mut());
-        let response = response.map(crate::upstream::UpstreamBody::Hyper);
+        let response = response.map(crate::upstream::UpstreamBody::hyper);
         return Ok(super::egain::inspect(shared, admitted, response).await);
     }
     // The upstream switched: so does the client, once hyper has written this 101.

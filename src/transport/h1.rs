@@ -120,7 +120,8 @@ struct Connection<IO> {
     spans: Vec<Span>,
     /// Bounds reading a request head (`server.header_read_timeout`).
     head_timer: Deadline,
-    /// Bounds an upstream exchange up to the response head (the route's `timeout`).
+    /// Bounds an upstream exchange up to the response head, and each wait for the next bytes
+    /// of its body (the route's `timeout`).
     upstream_timer: Deadline,
 }
 
@@ -136,6 +137,8 @@ struct Streaming<'g> {
     /// Whether the upstream connection can serve another request once the body is through.
     reusable: bool,
     done: bool,
+    /// The longest wait for the body's next bytes (the route's `timeout`).
+    idle: std::time::Duration,
 }
 
 impl<IO> Connection<IO>
@@ -434,6 +437,7 @@ where
             chunked: ChunkedScanner::default(),
             reusable: answer.keep_alive,
             done: false,
+            idle: route.config.timeout,
         };
         // self.out holds the client's response head (read_response_head).
         let first = answer.head_len..self.up.len();
@@ -620,7 +624,18 @@ where
     async fn stream_more(&mut self, s: &mut Streaming<'_>) -> io::Result<()> {
         self.up.clear();
         self.up.reserve(READ_CHUNK);
-        let n = s.stream.read_buf(&mut self.up).await?;
+        let deadline = tokio::time::Instant::now() + s.idle;
+        let read = s.stream.read_buf(&mut self.up);
+        let Some(n) = self.upstream_timer.until(deadline, read).await else {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the upstream sent nothing for {}",
+                    humantime::format_duration(s.idle)
+                ),
+            ));
+        };
+        let n = n?;
         self.out.clear();
         if n == 0 {
             if s.framing != Framing::Close {
