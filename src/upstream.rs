@@ -2,7 +2,9 @@
 //! in `crate::pipeline`):
 //!
 //! - the fast path's pool (`pool`): HTTP/1.1 keep-alive connections, plain for `http://`
-//!   upstreams and TLS for `https://` ones known to answer in HTTP/1.1;
+//!   upstreams and TLS for `https://` ones known to answer in HTTP/1.1, used by the fast
+//!   path's own exchange and, through hyper's HTTP/1.1 codec (`h1`), by every other
+//!   transport;
 //! - `h2_pool`: one h2 connection per `https://` upstream known to answer in h2, driven with
 //!   the `h2` crate from the requests' own tasks;
 //! - hyper's pooled client (`Upstreams`), which lets ALPN choose, for the first requests to an

@@ -1,8 +1,9 @@
 //! Keep-alive connections for the fast path, to `http://` upstreams and to `https://` ones
 //! that speak HTTP/1.1: a shared LIFO pool per key (`Route::pool_key`: the upstream scheme
 //! and authority, and the egress proxy its connections go through), used inline by the
-//! connection task that needs one (no connection task and no channel between the client
-//! side and the upstream side). An `https://` upstream is first served by hyper's client
+//! task that needs one — the fast path's connection task, or a request's task through
+//! `super::h1` — with no connection task and no channel between the client side and the
+//! upstream side. An `https://` upstream is first served by hyper's client
 //! (h2 or HTTP/1.1 by ALPN), and what it answered in is remembered (`Speaks`): once it has
 //! answered in HTTP/1.1 the fast path takes it over with TLS connections of its own offering
 //! only http/1.1; upstreams that answered in h2 get one multiplexed h2 connection of their
