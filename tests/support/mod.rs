@@ -499,3 +499,26 @@ pub async fn status(request: reqwest::RequestBuilder) -> u16 {
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
+
+/// Twice asks `url` for an answer whose body stalls after its head, and asserts each body
+/// ends as broken (never as a whole body), no sooner than `timeout` (the route's) and within
+/// 10 s, and that the upstream saw its exchange end (`ended` counts those).
+pub async fn expect_stalled_bodies_cut(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+    ended: impl Fn() -> usize,
+) {
+    for n in 1..=2 {
+        let started = Instant::now();
+        let r = client.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body = tokio::time::timeout(Duration::from_secs(10), r.bytes())
+            .await
+            .expect("the stalled body ends");
+        assert!(body.is_err(), "a cut body must not look whole: {body:?}");
+        let waited = started.elapsed();
+        assert!(waited >= timeout, "{waited:?}");
+        eventually(Duration::from_secs(5), || ended() == n).await;
+    }
+}
