@@ -766,7 +766,64 @@ async fn a_stalled_response_body_ends_at_the_route_timeout(on: On) {
     assert_eq!(r.status(), 200);
 }
 
+/// A large upload to an upstream that streams a large answer at once (as an echo or a
+/// transcoding service does), from a client that reads the answer only once its upload is
+/// done: the upload goes on whether or not the answer is being read, on every transport.
+/// (Were the upstream connection driven only by reads of the answer, the proxy would wait
+/// on the client and the client on the proxy.)
+async fn an_upload_goes_on_while_the_answer_waits_to_be_read(on: On) {
+    const CHUNK: usize = 64 * 1024;
+    const UP: usize = 16 << 20;
+    const DOWN: usize = 32 << 20;
+    let tokens = TokenServer::healthy(3600).await;
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&received);
+    let (addr, _g) = serve(move |req: http::Request<hyper::body::Incoming>| {
+        let counter = Arc::clone(&counter);
+        async move {
+            tokio::spawn(async move {
+                let mut body = req.into_body();
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Ok(data) = frame.into_data() {
+                        counter.fetch_add(data.len() as u64, Ordering::SeqCst);
+                    }
+                }
+            });
+            let chunk = Bytes::from(vec![7u8; CHUNK]);
+            let answer = futures_util::stream::iter(0..DOWN / CHUNK).map(move |_| {
+                Ok::<_, egain_proxy::BoxError>(http_body::Frame::data(chunk.clone()))
+            });
+            http::Response::new(BodyExt::boxed(StreamBody::new(answer)))
+        }
+    })
+    .await;
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("portal", &tokens, ""),
+            route("r", "/", &format!("http://{addr}"), "portal", "")
+        ))
+        .await;
+    proxy.ready().await;
+    let upload = futures_util::stream::iter(0..UP / CHUNK)
+        .map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![1u8; CHUNK])));
+    let r = on
+        .client()
+        .post(on.url(&proxy, "/echo"))
+        .body(reqwest::Body::wrap_stream(upload))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(Duration::from_secs(20), || {
+        received.load(Ordering::SeqCst) == UP as u64
+    })
+    .await;
+    assert_eq!(r.bytes().await.unwrap().len(), DOWN);
+}
+
 on_every_transport!(
+    an_upload_goes_on_while_the_answer_waits_to_be_read,
     a_stalled_response_body_ends_at_the_route_timeout,
     upstream_connections_are_pooled_and_retired_alike,
     upstream_sees_the_proxy_token_never_the_clients,
