@@ -822,7 +822,40 @@ async fn an_upload_goes_on_while_the_answer_waits_to_be_read(on: On) {
     assert_eq!(r.bytes().await.unwrap().len(), DOWN);
 }
 
+/// The proxy's own error answers to HEAD have no body (RFC 9110 §9.3.2), and the client's
+/// connection goes on serving: a body there would be read by an HTTP/1.1 client as the start
+/// of the next response, and break an h2 client's stream.
+async fn the_proxys_own_errors_to_head_have_no_body(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = on
+        .proxy(&format!(
+            "{}{}{}",
+            client_app_profile("portal", &tokens, ""),
+            route("dead", "/dead", &format!("http://{dead}"), "portal", ""),
+            route("ok", "/ok", &upstream.url(), "portal", "")
+        ))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    for _ in 0..2 {
+        for (path, status) in [("/nowhere", 404), ("/dead", 502)] {
+            let r = client.head(on.url(&proxy, path)).send().await.unwrap();
+            assert_eq!(r.status(), status, "{path}");
+            assert_eq!(r.version(), on.version());
+            assert_eq!(r.bytes().await.unwrap().len(), 0, "{path}");
+        }
+        let r = client.get(on.url(&proxy, "/ok")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
+
 on_every_transport!(
+    the_proxys_own_errors_to_head_have_no_body,
     an_upload_goes_on_while_the_answer_waits_to_be_read,
     a_stalled_response_body_ends_at_the_route_timeout,
     upstream_connections_are_pooled_and_retired_alike,

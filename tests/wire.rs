@@ -376,3 +376,28 @@ async fn the_fast_path_and_hyper_transport_share_pooled_upstream_connections() {
         assert!(r.head.contains("Bearer "), "{}", r.head);
     }
 }
+
+/// The proxy's own error answer to HEAD has no body on the wire (RFC 9110 §9.3.2): the next
+/// response on the connection starts right after its head. (reqwest would hide a stray
+/// body by dropping the connection; a raw client sees it.)
+#[tokio::test]
+async fn the_proxys_own_error_to_head_has_no_body_on_the_wire() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = RawUpstream::start(|head| match head.split(' ').nth(1).unwrap_or("") {
+        "/drop" => (Vec::new(), true),
+        _ => reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    })
+    .await;
+    let proxy = proxy_to(&upstream, &tokens).await;
+    for inbound in INBOUND {
+        let mut client = Client::on(&proxy, inbound).await;
+        client
+            .send("HEAD /drop HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await;
+        let (head, _) = client.response(true).await;
+        assert!(head.starts_with("HTTP/1.1 502 "), "{inbound:?}: {head}");
+        let (head, body) = client.get("/after").await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{inbound:?}: {head}");
+        assert_eq!(body, b"ok");
+    }
+}

@@ -270,7 +270,9 @@ where
                 // Refused before its body was read (access, route, token, a stalled body):
                 // the connection closes after the answer rather than read what is left.
                 let unread = self.read.len() < head.head_len + head.body_len;
-                let status = write_error(&mut self.out, e, &request_id, head.close || unread);
+                let closing = head.close || unread;
+                let head_request = head.method == Method::HEAD;
+                let status = write_error(&mut self.out, e, &request_id, closing, head_request);
                 close = self.io.write_all(&self.out).await.is_err() || unread;
                 (status, None)
             }

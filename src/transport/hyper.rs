@@ -39,7 +39,14 @@ pub async fn handle(
         Ok(response) => response,
         Err(e) => {
             log.error = Some(e.to_string());
-            e.into_response(&request_id)
+            let response = e.into_response(&request_id);
+            // An answer to HEAD has no body (RFC 9110 §9.3.2): hyper's h2 server would send
+            // it, hyper's HTTP/1.1 server would not.
+            if method == http::Method::HEAD {
+                response.map(|_| crate::error::full(Bytes::new()))
+            } else {
+                response
+            }
         }
     };
     pipeline::record(

@@ -135,6 +135,7 @@ pub(super) fn write_error(
     e: ProxyError,
     request_id: &HeaderValue,
     close: bool,
+    head_request: bool,
 ) -> u16 {
     let (status, headers, body) = e.into_parts(request_id);
     out.clear();
@@ -154,6 +155,9 @@ pub(super) fn write_error(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&body);
+    // An answer to HEAD has no body (RFC 9110 §9.3.2); its length is the one a GET would get.
+    if !head_request {
+        out.extend_from_slice(&body);
+    }
     status.as_u16()
 }
