@@ -9,8 +9,8 @@
 //! `writev` of its own: measured under 64 busy client connections, 0.9 `writev` per request
 //! against 1 per 17 with the yield (upstream side); on the client side (h2load, 4
 //! connections x 16 streams, answers from pooled HTTP/1.1 upstream connections) 0.9 against
-//! fewer than 1 per 100. The yield costs one pass of the run
-//! queue; when nothing else is ready the task is polled again at once.
+//! fewer than 1 per 100. The yield costs one pass of the run queue; when nothing else is
+//! ready the task is polled again at once.
 
 use std::io;
 use std::pin::Pin;

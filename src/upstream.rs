@@ -321,24 +321,21 @@ impl http_body::Body for UpstreamBody {
             idle.armed = false;
             return polled;
         }
-        let deadline = tokio::time::Instant::now() + idle.limit;
+        // The deadline counts from the first wait after a frame; later polls keep it.
         let sleep = match &mut idle.sleep {
             Some(sleep) => {
                 if !idle.armed {
-                    sleep.as_mut().reset(deadline);
+                    sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + idle.limit);
                 }
                 sleep
             }
-            None => idle
-                .sleep
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => idle.sleep.insert(Box::pin(tokio::time::sleep(idle.limit))),
         };
         idle.armed = true;
         match std::future::Future::poll(sleep.as_mut(), cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyFailed(format!(
-                "the upstream sent nothing for {}",
-                humantime::format_duration(idle.limit)
-            )))))),
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyFailed(went_quiet(idle.limit)))))),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -350,6 +347,14 @@ impl http_body::Body for UpstreamBody {
             Source::H2 { stream, .. } => stream.is_end_stream(),
         }
     }
+}
+
+/// How a response body that stopped coming for `limit` is reported (every transport).
+pub fn went_quiet(limit: std::time::Duration) -> String {
+    format!(
+        "the upstream sent nothing for {}",
+        humantime::format_duration(limit)
+    )
 }
 
 /// An upstream response body that broke, as its own error with no source: an h2 reset code

@@ -631,10 +631,7 @@ where
         let Some(n) = self.upstream_timer.until(deadline, read).await else {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!(
-                    "the upstream sent nothing for {}",
-                    humantime::format_duration(s.idle)
-                ),
+                crate::upstream::went_quiet(s.idle),
             ));
         };
         let n = n?;

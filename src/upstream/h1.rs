@@ -7,8 +7,10 @@
 //! no connection task, no dispatch hand-off between tasks, no second pool. A pooled
 //! connection is taken for one exchange, the codec set on it, and the response body
 //! (`Pooled`) keeps driving it until the body is through. A connection whose exchange
-//! finished cleanly (the body read to its end, nothing more read, the upstream keeping it
-//! alive) goes back to the pool when the body is dropped; any other is closed.
+//! finished cleanly (the body read to its end, nothing more read, every request byte
+//! flushed, the upstream keeping it alive) goes back to the pool when the body is dropped;
+//! any other is closed. A request whose body still streams from the client is the
+//! exception (`send`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -137,7 +139,7 @@ pub async fn send(
         return Ok(response.map(|body| Pooled {
             body,
             codec,
-            sender: Some(sender),
+            sender,
             home,
             ended: false,
         }));
@@ -190,7 +192,7 @@ pub struct Pooled {
     body: Incoming,
     /// `None` once the connection is done.
     codec: Option<Codec>,
-    sender: Option<http1::SendRequest<ProxyBody>>,
+    sender: http1::SendRequest<ProxyBody>,
     /// Where the connection goes back to; `None` when it must not be used again.
     home: Option<(Arc<Pool>, Box<str>)>,
     /// The body was read to its end.
@@ -254,16 +256,15 @@ impl Drop for Pooled {
         if !(self.ended || self.body.is_end_stream()) {
             return;
         }
-        let (Some(mut codec), Some(sender)) = (self.codec.take(), self.sender.take()) else {
+        let Some(mut codec) = self.codec.take() else {
             return;
         };
         // One more turn lets the codec settle after the body's end; it reads only what is
         // already there.
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        if Pin::new(&mut codec).poll(&mut cx).is_ready() || !sender.is_ready() {
+        if Pin::new(&mut codec).poll(&mut cx).is_ready() || !self.sender.is_ready() {
             return;
         }
-        drop(sender);
         let parts = codec.into_parts();
         if !parts.read_buf.is_empty() {
             return;
