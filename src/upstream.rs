@@ -108,6 +108,10 @@ fn new_client(key: &ClientKey) -> Result<HttpClient, String> {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
+        // A silent h2 connection is found dead as on the proxy's own (`h2_pool`), at the
+        // longest patience: PINGed after 10 s without a frame while streams are open.
+        .http2_keep_alive_interval(h2_pool::MAX_PATIENCE)
+        .http2_keep_alive_timeout(h2_pool::MAX_PATIENCE)
         .build(https))
 }
 

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
+use support::blackhole;
 use support::raw;
 use support::tls::{https_route, TestCa};
 use support::transport::On;
@@ -48,8 +49,9 @@ fn sha(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// An h2 (and http/1.1) TLS upstream: `/big` answers `BIG` bytes, anything else a small JSON
-/// body after reading the request body whole. Counts TCP connections.
+/// An h2 (and http/1.1) TLS upstream: `/big` answers `BIG` bytes, `/stall` a body that never
+/// comes, `/slow` after 5 s, anything else a small JSON body after reading the request body
+/// whole. Counts TCP connections.
 async fn h2_upstream(
     ca: &TestCa,
 ) -> (
@@ -110,6 +112,10 @@ async fn h2_upstream(
                         let response = match path.as_str() {
                             "/big" => http::Response::new(full(Bytes::from(pattern(BIG)))),
                             "/stall" => http::Response::new(Stalled(Arc::clone(&dropped)).boxed()),
+                            "/slow" => {
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                                json_response(200, "{\"ok\":true}", &[])
+                            }
                             _ => json_response(200, "{\"ok\":true}", &[]),
                         };
                         Ok::<_, Infallible>(response)
@@ -469,3 +475,71 @@ async fn a_stalled_h2_upstream_body_ends_at_the_route_timeout(on: On) {
 }
 
 on_every_transport!(a_stalled_h2_upstream_body_ends_at_the_route_timeout);
+
+/// On every transport, an h2 connection that goes silent (no FIN, no RST: the upstream or a
+/// middlebox vanished) is found dead while requests wait on it: it is sent a PING once it has
+/// been silent for a third of the route's timeout, and closed when that goes unanswered as
+/// long. Its GET is sent again on a new connection and answered within the route's timeout;
+/// its POST, which the upstream may have processed, is a 502 and is not sent again; what
+/// follows goes to the new connection. A connection that is slow to answer but answers its
+/// PINGs is kept.
+async fn a_silent_h2_connection_is_found_dead_and_replaced(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, seen, connections, _guard, _) = h2_upstream(&ca).await;
+    let hole = blackhole::Blackhole::start(port).await;
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("p", &tokens, ""),
+            route(
+                "up",
+                "/",
+                &format!("https://127.0.0.1:{}", hole.port),
+                "p",
+                &format!("ca_file = \"{}\"\ntimeout = \"6s\"", ca.ca_file())
+            )
+        ))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    // The first answer tells the proxy the upstream speaks h2; the second opens its h2
+    // connection.
+    for path in ["/first", "/second"] {
+        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let before = connections.load(Ordering::SeqCst);
+    let r = client.get(on.url(&proxy, "/slow")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a slow answer on a live connection");
+    assert_eq!(connections.load(Ordering::SeqCst), before);
+
+    hole.silence();
+    let get = client.get(on.url(&proxy, "/get-after")).send();
+    let post = client
+        .post(on.url(&proxy, "/post-after"))
+        .body("once")
+        .send();
+    let (get, post) = tokio::join!(get, post);
+    let get = get.unwrap();
+    assert_eq!(
+        get.status(),
+        200,
+        "the GET was not sent again on a new connection"
+    );
+    let post = post.unwrap();
+    assert_eq!(post.status(), 502);
+    let body = post.text().await.unwrap();
+    assert!(body.contains("connection failed"), "{body}");
+    assert!(connections.load(Ordering::SeqCst) > before);
+
+    let r = client.get(on.url(&proxy, "/later")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = seen.lock().unwrap().clone();
+    let count = |path: &str| seen.iter().filter(|s| s.path == path).count();
+    assert_eq!(count("/get-after"), 1);
+    assert_eq!(count("/post-after"), 0, "the upstream never saw the POST");
+    assert_eq!(count("/later"), 1);
+}
+
+on_every_transport!(a_silent_h2_connection_is_found_dead_and_replaced);

@@ -6,14 +6,19 @@
 //! its own, as h2 requires.
 //!
 //! A connection is replaced when it is gone: its task ended (the upstream closed it, an I/O
-//! error), a stream learned it is going away (GOAWAY), or it sat unused for `IDLE_TIMEOUT`.
+//! error), a stream learned it is going away (GOAWAY), it sat unused for `IDLE_TIMEOUT`, or
+//! it went silent: requests waited on it for their answers while nothing came back for a
+//! third of their route's timeout (at most `MAX_PATIENCE`), and a PING sent then got no
+//! answer within as long again (a peer or middlebox that vanished without a FIN or RST; TCP
+//! alone would notice after many minutes). Its waiting requests then fail as lost, and the
+//! retry rule may send them again on a new connection.
 //! New connections are opened one at a time per key, so a GOAWAY under load costs one TLS
 //! handshake, not one per waiting request. What a failed stream may do next (retry on a new
 //! connection, or fail) is `crate::pipeline::send`'s rule, fed by `Failure`.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +42,16 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// The largest response head taken (as hyper's client).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The longest a connection with requests waiting on it may stay silent before it is sent a
+/// PING, and the longest it then has to answer (`patience`).
+pub const MAX_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long a request with `timeout` lets its connection stay silent before a PING, and the
+/// PING go unanswered: a third of the timeout, so that a dead connection is known, and an
+/// idempotent request sent again, before the timeout ends.
+pub fn patience(timeout: Duration) -> Duration {
+    (timeout / 3).clamp(Duration::from_millis(50), MAX_PATIENCE)
+}
 
 /// The request's fields as h2 takes them: the authority travels as `:authority` (RFC 9113
 /// §8.3.1); connection-specific fields (`crate::http::is_hop_by_hop`) are not allowed but
@@ -95,18 +110,77 @@ struct ConnState {
     gone: AtomicBool,
     /// When a stream was last started, in milliseconds since `born`.
     last_used: AtomicU64,
+    /// Requests waiting for their response heads.
+    waiting: AtomicUsize,
+    /// Since when the connection has been silent while requests waited on it: the later of
+    /// the last answer (a response head, a PONG) and the moment requests began waiting; in
+    /// milliseconds since `born`.
+    silent_since: AtomicU64,
+    /// The least `patience` of the requests sent on it, in milliseconds.
+    patience: AtomicU64,
     born: Instant,
 }
 
 impl ConnState {
-    fn touch(&self) {
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.last_used.store(ms, Ordering::Relaxed);
+    fn new() -> ConnState {
+        ConnState {
+            gone: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            silent_since: AtomicU64::new(0),
+            patience: AtomicU64::new(MAX_PATIENCE.as_millis() as u64),
+            born: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
     }
 
     fn idle_for(&self) -> Duration {
-        let now = self.born.elapsed().as_millis() as u64;
+        let now = self.now();
         Duration::from_millis(now.saturating_sub(self.last_used.load(Ordering::Relaxed)))
+    }
+
+    /// The upstream answered: the connection is alive.
+    fn heard(&self) {
+        self.silent_since.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// A request is sent on the connection and waits for its answer, with `patience`
+    /// (`patience()`).
+    fn wait(&self, patience: Duration) -> Waiting<'_> {
+        let now = self.now();
+        self.last_used.store(now, Ordering::Relaxed);
+        let patience = patience.as_millis() as u64;
+        if patience < self.patience.load(Ordering::Relaxed) {
+            self.patience.fetch_min(patience, Ordering::Relaxed);
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.silent_since.store(now, Ordering::Relaxed);
+        }
+        Waiting(self)
+    }
+
+    fn patience(&self) -> Duration {
+        Duration::from_millis(self.patience.load(Ordering::Relaxed))
+    }
+
+    /// Requests are waiting and nothing has come back for `patience`: time for a PING.
+    fn needs_ping(&self) -> bool {
+        let silent = self
+            .now()
+            .saturating_sub(self.silent_since.load(Ordering::Relaxed));
+        self.waiting.load(Ordering::Relaxed) > 0 && Duration::from_millis(silent) >= self.patience()
+    }
+}
+
+/// A request waiting for its response head (`ConnState::wait`).
+struct Waiting<'a>(&'a ConnState);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -134,13 +208,15 @@ pub enum Failure {
 
 impl H2Pool {
     /// Sends `request` on the live connection under `key`, opening one with `open` when there
-    /// is none, and awaits the response head. The body is sent alongside; a body the upstream
-    /// answered before the end of is sent on in a task of its own.
+    /// is none, and awaits the response head, with `patience` for a silent connection
+    /// (`patience()`). The body is sent alongside; a body the upstream answered before the end
+    /// of is sent on in a task of its own.
     pub async fn send<F, Fut>(
         &self,
         key: &str,
         open: F,
         request: Request<ProxyBody>,
+        patience: Duration,
     ) -> Result<Response<RecvStream>, Failure>
     where
         F: FnOnce() -> Fut,
@@ -149,55 +225,14 @@ impl H2Pool {
         let slot = self.slot(key);
         let live = match slot.current() {
             Some(live) => live,
-            None => Slot::open(&slot, open).await?,
+            None => Slot::open(&slot, key, open).await?,
         };
-        live.state.touch();
-        let (parts, body) = request.into_parts();
-        let mut head = Request::from_parts(parts, ());
-        h2_fields(head.headers_mut(), &body);
-        let end = body.is_end_stream();
-        let result = async {
-            let mut send = live.send.clone().ready().await?;
-            let (response, stream) = send.send_request(head, end)?;
-            Ok::<_, h2::Error>((response, stream))
+        let _waiting = live.state.wait(patience);
+        let answer = live.exchange(request).await;
+        if answer.is_ok() {
+            live.state.heard();
         }
-        .await;
-        let (response, stream) = match result {
-            Ok(pair) => pair,
-            Err(e) => return Err(live.failed_before_sending(e)),
-        };
-        if end {
-            return response.await.map_err(|e| live.failed(e));
-        }
-        let mut pump = Box::pin(pump(body, stream));
-        let mut response = std::pin::pin!(response);
-        let answer = tokio::select! {
-            biased;
-            answer = &mut response => Some(answer),
-            sent = &mut pump => match sent {
-                Ok(()) => None,
-                Err(Pumped::Body(e)) => return Err(Failure::Body(e)),
-                // The stream failed: its reason comes with the response.
-                Err(Pumped::Stream(e)) => {
-                    tracing::debug!(error = %e, "request body not sent whole");
-                    None
-                }
-            },
-        };
-        let answer = match answer {
-            Some(Ok(answer)) => {
-                // Answered before the whole body went: the rest is sent on meanwhile (the
-                // pump ends when the upstream resets the stream).
-                tokio::spawn(async move {
-                    let _ = pump.await;
-                });
-                Ok(answer)
-            }
-            // The stream failed: dropping the pump stops reading the client's body.
-            Some(Err(e)) => Err(e),
-            None => response.await,
-        };
-        answer.map_err(|e| live.failed(e))
+        answer
     }
 
     fn slot(&self, key: &str) -> Arc<Slot> {
@@ -228,7 +263,7 @@ impl Slot {
     }
 
     /// Opens the next connection (or takes the one another request just opened).
-    async fn open<F, Fut>(slot: &Arc<Slot>, open: F) -> Result<Live, Failure>
+    async fn open<F, Fut>(slot: &Arc<Slot>, key: &str, open: F) -> Result<Live, Failure>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Opened, String>>,
@@ -260,11 +295,7 @@ impl Slot {
                 return Err(Failure::Connect(cause));
             }
         };
-        let state = Arc::new(ConnState {
-            gone: AtomicBool::new(false),
-            last_used: AtomicU64::new(0),
-            born: Instant::now(),
-        });
+        let state = Arc::new(ConnState::new());
         let id = slot.next_id.fetch_add(1, Ordering::Relaxed);
         let live = Live {
             id,
@@ -272,38 +303,13 @@ impl Slot {
             state: Arc::clone(&state),
         };
         *lock(&slot.live) = Some(live.clone());
-        let weak = Arc::downgrade(slot);
-        tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            let mut check = tokio::time::interval(IDLE_TIMEOUT / 4);
-            check.tick().await;
-            let mut retired = false;
-            loop {
-                tokio::select! {
-                    ended = &mut connection => {
-                        if let Err(e) = ended {
-                            tracing::debug!(error = %e, "h2 upstream connection ended");
-                        }
-                        break;
-                    }
-                    _ = check.tick(), if !retired => {
-                        if state.idle_for() >= IDLE_TIMEOUT {
-                            // Unused for long: no new streams, and h2 closes it (GOAWAY)
-                            // once the slot's handle is dropped and its streams are done.
-                            retired = true;
-                            state.gone.store(true, Ordering::Relaxed);
-                            if let Some(slot) = weak.upgrade() {
-                                slot.retire(id);
-                            }
-                        }
-                    }
-                }
-            }
-            state.gone.store(true, Ordering::Relaxed);
-            if let Some(slot) = weak.upgrade() {
-                slot.retire(id);
-            }
-        });
+        let watch = Watch {
+            slot: Arc::downgrade(slot),
+            key: key.into(),
+            id,
+            state,
+        };
+        tokio::spawn(watch.drive(connection));
         Ok(live)
     }
 
@@ -315,7 +321,137 @@ impl Slot {
     }
 }
 
+/// What a connection's task keeps of it.
+struct Watch {
+    slot: std::sync::Weak<Slot>,
+    key: Box<str>,
+    id: u64,
+    state: Arc<ConnState>,
+}
+
+impl Watch {
+    /// Drives the connection's frame I/O until it ends; retires it when it sits unused for
+    /// `IDLE_TIMEOUT` (no new streams; h2 closes it with GOAWAY once its streams are done and
+    /// the slot's handle is dropped), and closes it when it does not answer a PING sent while
+    /// requests waited on it in silence (`ConnState::needs_ping`).
+    async fn drive(self, connection: h2::client::Connection<Coalesce<Opened>, Bytes>) {
+        let state = &self.state;
+        let mut connection = std::pin::pin!(connection);
+        let mut pings = connection.ping_pong();
+        let mut pong_by: Option<tokio::time::Instant> = None;
+        let mut retired = false;
+        loop {
+            let check = (state.patience() / 4).clamp(Duration::from_millis(100), IDLE_TIMEOUT / 4);
+            let ping = async {
+                match (pong_by, pings.as_mut()) {
+                    (Some(_), Some(pings)) => poll_fn(|cx| pings.poll_pong(cx)).await.is_ok(),
+                    _ => std::future::pending().await,
+                }
+            };
+            let dead = async {
+                match pong_by {
+                    Some(by) => tokio::time::sleep_until(by).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ended = &mut connection => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "h2 upstream connection ended");
+                    }
+                    break;
+                }
+                answered = ping => {
+                    pong_by = None;
+                    if answered {
+                        state.heard();
+                    }
+                }
+                () = dead => {
+                    tracing::warn!(
+                        upstream = %self.key,
+                        after_ms = state.patience().as_millis() as u64,
+                        "h2 upstream connection silent and no answer to a PING: closed, its requests fail as lost"
+                    );
+                    break;
+                }
+                () = tokio::time::sleep(check) => {
+                    if !retired && state.idle_for() >= IDLE_TIMEOUT {
+                        retired = true;
+                        self.retire();
+                    }
+                    if pong_by.is_none() && state.needs_ping() {
+                        let sent = pings.as_mut().map(|p| p.send_ping(h2::Ping::opaque()));
+                        if let Some(Ok(())) = sent {
+                            pong_by = Some(tokio::time::Instant::now() + state.patience());
+                        }
+                    }
+                }
+            }
+        }
+        self.retire();
+    }
+
+    /// No new streams on this connection.
+    fn retire(&self) {
+        self.state.gone.store(true, Ordering::Relaxed);
+        if let Some(slot) = self.slot.upgrade() {
+            slot.retire(self.id);
+        }
+    }
+}
+
 impl Live {
+    /// Sends `request` on this connection and awaits the response head (`H2Pool::send`).
+    async fn exchange(&self, request: Request<ProxyBody>) -> Result<Response<RecvStream>, Failure> {
+        let (parts, body) = request.into_parts();
+        let mut head = Request::from_parts(parts, ());
+        h2_fields(head.headers_mut(), &body);
+        let end = body.is_end_stream();
+        let result = async {
+            let mut send = self.send.clone().ready().await?;
+            let (response, stream) = send.send_request(head, end)?;
+            Ok::<_, h2::Error>((response, stream))
+        }
+        .await;
+        let (response, stream) = match result {
+            Ok(pair) => pair,
+            Err(e) => return Err(self.failed_before_sending(e)),
+        };
+        if end {
+            return response.await.map_err(|e| self.failed(e));
+        }
+        let mut pump = Box::pin(pump(body, stream));
+        let mut response = std::pin::pin!(response);
+        let answer = tokio::select! {
+            biased;
+            answer = &mut response => Some(answer),
+            sent = &mut pump => match sent {
+                Ok(()) => None,
+                Err(Pumped::Body(e)) => return Err(Failure::Body(e)),
+                // The stream failed: its reason comes with the response.
+                Err(Pumped::Stream(e)) => {
+                    tracing::debug!(error = %e, "request body not sent whole");
+                    None
+                }
+            },
+        };
+        let answer = match answer {
+            Some(Ok(answer)) => {
+                // Answered before the whole body went: the rest is sent on meanwhile (the
+                // pump ends when the upstream resets the stream).
+                tokio::spawn(async move {
+                    let _ = pump.await;
+                });
+                Ok(answer)
+            }
+            // The stream failed: dropping the pump stops reading the client's body.
+            Some(Err(e)) => Err(e),
+            None => response.await,
+        };
+        answer.map_err(|e| self.failed(e))
+    }
+
     /// A failure to open a stream: nothing was sent, so a connection that failed or is going
     /// away (whatever the method) is as good as unprocessed.
     fn failed_before_sending(&self, e: h2::Error) -> Failure {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod blackhole;
 pub mod raw;
 pub mod redis_server;
 pub mod tinyproxy;
