@@ -574,7 +574,51 @@ async fn trace_and_miscased_methods_are_refused(on: On) {
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
 }
 
+/// On every transport, a client connection with no request under way is closed once
+/// `header_read_timeout` has passed (for h2, with GOAWAY), so idle or half-opened connections
+/// cannot hold the `max_connections` slots for good; a request whose answer takes longer
+/// than that is not cut, and its connection stays open for the next one.
+async fn an_idle_client_connection_is_closed_after_header_read_timeout(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::with(|seen| {
+        if seen.target != "/slow" {
+            return json_response(200, r#"{"ok":true}"#, &[]);
+        }
+        // The head at once, the body after 1.5 s.
+        let later = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Ok::<_, egain_proxy::BoxError>(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"late",
+            )))
+        });
+        http::Response::new(http_body_util::StreamBody::new(later).boxed())
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "{}{}{}",
+        on.head_with("header_read_timeout = \"1s\"\n"),
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    ))
+    .await;
+    proxy.ready().await;
+    let mut conn = on.connect(&proxy).await;
+    assert_eq!(conn.get("/slow").await, 200);
+    assert_eq!(conn.get("/quick").await, 200, "closed during a slow answer");
+    let idle = std::time::Instant::now();
+    assert!(
+        conn.closed_within(Duration::from_secs(4)).await,
+        "an idle connection was kept"
+    );
+    assert!(
+        idle.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        idle.elapsed()
+    );
+}
+
 on_every_transport!(
     trace_and_miscased_methods_are_refused,
     api_keys_and_allow_list,
+    an_idle_client_connection_is_closed_after_header_read_timeout,
 );

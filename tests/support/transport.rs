@@ -2,8 +2,67 @@
 //! `http1_tests!` does): the HTTP/1.1 fast path, hyper's HTTP/1.1 (a connection the fast
 //! path handed over), h2c by prior knowledge, and h2 over TLS by ALPN.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use super::tls::TestCa;
-use super::{client_app_profile, route, TestProxy, TokenServer, Upstream};
+use super::{client_app_profile, raw, route, AbortOnDrop, TestProxy, TokenServer, Upstream};
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A client connection on one transport (`On::connect`).
+pub enum Conn {
+    H1(raw::Client),
+    H2 {
+        send: h2::client::SendRequest<Bytes>,
+        ended: tokio::sync::oneshot::Receiver<()>,
+        _task: AbortOnDrop,
+    },
+}
+
+impl Conn {
+    /// A GET of `path` on this connection; the answer's status.
+    pub async fn get(&mut self, path: &str) -> u16 {
+        match self {
+            Conn::H1(client) => {
+                let (head, _) = client.get(path).await;
+                head[9..12].parse().unwrap()
+            }
+            Conn::H2 { send, .. } => {
+                let request = http::Request::get(format!("http://app{path}"))
+                    .body(())
+                    .unwrap();
+                let mut send = send.clone().ready().await.unwrap();
+                let (response, _) = send.send_request(request, true).unwrap();
+                let response = response.await.unwrap();
+                let status = response.status().as_u16();
+                let mut body = response.into_body();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                status
+            }
+        }
+    }
+
+    /// Whether the proxy ends the connection within `limit`.
+    pub async fn closed_within(&mut self, limit: Duration) -> bool {
+        match self {
+            Conn::H1(client) => {
+                use tokio::io::AsyncReadExt;
+                let mut rest = Vec::new();
+                let read = client.stream.read_to_end(&mut rest);
+                tokio::time::timeout(limit, read).await.is_ok()
+            }
+            Conn::H2 { ended, .. } => tokio::time::timeout(limit, ended).await.is_ok(),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -48,6 +107,11 @@ impl On {
     /// `[server]` (with `[server.tls]` for TLS) and `[admin]` on ephemeral loopback ports.
     /// Further `[server]` keys cannot follow it; tables can.
     pub fn head(&self) -> String {
+        self.head_with("")
+    }
+
+    /// As `head`, with `server_keys` (whole `key = value` lines) in `[server]`.
+    pub fn head_with(&self, server_keys: &str) -> String {
         let tls = match self.transport {
             Transport::TlsH2 => format!(
                 "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -55,7 +119,53 @@ impl On {
             ),
             _ => String::new(),
         };
-        format!("[server]\nlisten = \"127.0.0.1:0\"\n{tls}[admin]\nlisten = \"127.0.0.1:0\"\n")
+        format!("[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}{tls}[admin]\nlisten = \"127.0.0.1:0\"\n")
+    }
+
+    /// One client connection to `proxy` on this transport, kept open between requests (for
+    /// hyper's HTTP/1.1, its first request, answered, moved it there).
+    pub async fn connect(&self, proxy: &TestProxy) -> Conn {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let io: Box<dyn Io> = match self.transport {
+            Transport::FastH1 => return Conn::H1(raw::Client::on(proxy, raw::Inbound::Fast).await),
+            Transport::HyperH1 => {
+                return Conn::H1(raw::Client::on(proxy, raw::Inbound::Hyper).await)
+            }
+            Transport::H2c => Box::new(tcp),
+            Transport::TlsH2 => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(rustls::pki_types::CertificateDer::from(
+                        self.ca.ca.der().to_vec(),
+                    ))
+                    .unwrap();
+                let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                config.alpn_protocols = vec![b"h2".to_vec()];
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                    .connect(name, tcp)
+                    .await
+                    .unwrap();
+                Box::new(tls)
+            }
+        };
+        let (send, connection) = h2::client::handshake(io).await.unwrap();
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let _ = connection.await;
+            let _ = ended_tx.send(());
+        });
+        Conn::H2 {
+            send,
+            ended,
+            _task: AbortOnDrop(task),
+        }
     }
 
     /// The proxy for `config` (everything after the head).
