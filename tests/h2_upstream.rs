@@ -316,7 +316,8 @@ async fn a_client_leaving_a_stalled_body_frees_the_upstream_stream() {
 }
 
 /// An h2 upstream written with the `h2` crate's server, which lets it do what hyper's
-/// server will not: `/nocontent` answers 204 and then sends DATA; `/refused` answers 200,
+/// server will not: `/nocontent` answers 204 and then sends DATA, as every answer does, to
+/// HEAD too; `/refused` answers 200,
 /// sends part of a body, then resets the stream with REFUSED_STREAM.
 async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop) {
     let (cert, key) = ca.leaf("raw-h2-upstream");
@@ -418,28 +419,33 @@ async fn read_all(mut body: h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
     Ok(all)
 }
 
-/// On every transport, a 204 from an h2 upstream that sends DATA after it reaches the client
-/// without a body, and the client's connection goes on serving (RFC 9110 §6.4.1).
-async fn no_body_after_a_204_from_an_h2_upstream(on: On) {
+/// On every transport, a 204, or an answer to HEAD, from an h2 upstream that sends DATA after
+/// it reaches the client without a body, and the client's connection goes on serving (RFC
+/// 9110 §6.4.1, §9.3.2).
+async fn no_body_after_a_204_or_head_from_an_h2_upstream(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
     let (port, _guard) = raw_h2_upstream(&ca).await;
     let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
     proxy.ready().await;
     let client = on.client();
-    for path in ["/first", "/nocontent", "/nocontent", "/after"] {
-        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
+    for path in ["/first", "/nocontent", "HEAD /head", "/nocontent", "HEAD /head", "/after"] {
+        let r = match path.strip_prefix("HEAD ") {
+            Some(path) => client.head(on.url(&proxy, path)),
+            None => client.get(on.url(&proxy, path)),
+        };
+        let r = r.send().await.unwrap();
         let status = r.status().as_u16();
         let body = r.bytes().await.unwrap();
-        if path == "/nocontent" {
-            assert_eq!((status, &body[..]), (204, &b""[..]), "{path}");
-        } else {
-            assert_eq!(status, 200, "{path}");
+        match path {
+            "/nocontent" => assert_eq!((status, &body[..]), (204, &b""[..]), "{path}"),
+            "HEAD /head" => assert_eq!((status, &body[..]), (200, &b""[..]), "{path}"),
+            _ => assert_eq!(status, 200, "{path}"),
         }
     }
 }
 
-on_every_transport!(no_body_after_a_204_from_an_h2_upstream);
+on_every_transport!(no_body_after_a_204_or_head_from_an_h2_upstream);
 
 /// On every transport, an upstream body that stops coming ends once the upstream has sent
 /// nothing for the route's `timeout`: the client's transfer ends as broken, and the upstream

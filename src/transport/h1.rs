@@ -506,10 +506,12 @@ where
         bridge::write_head(&mut self.out, &response, framing, head.close);
         let head_len = self.out.len();
         let status = response.status().as_u16();
+        // A HEAD, 204 or 304 answer has no body, whatever the upstream sent after its head:
+        // nothing of it is read (an h2 upstream's DATA there is its error, not the client's).
         let mut relay = bridge::Relay {
             body: response.into_body(),
             framing,
-            done: false,
+            done: framing == Framing::Empty,
         };
         if let Err(e) = bridge::take_ready(&mut relay, &mut self.out) {
             // Broken before anything went to the client: a 502 (later, the client connection
