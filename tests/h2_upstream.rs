@@ -317,7 +317,9 @@ async fn a_client_leaving_a_stalled_body_frees_the_upstream_stream() {
 
 /// An h2 upstream written with the `h2` crate's server, which lets it do what hyper's
 /// server will not: `/nocontent` answers 204 and then sends DATA, as every answer does, to
-/// HEAD too; `/refused` answers 200,
+/// HEAD too; `/hugehead` answers with 60 KB of fields, over the proxy's limit for a response
+/// head (a connection error for the proxy's h2 client); `/slow` answers after 500 ms;
+/// `/refused` answers 200,
 /// sends part of a body, then resets the stream with REFUSED_STREAM.
 async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop) {
     let (cert, key) = ca.leaf("raw-h2-upstream");
@@ -342,7 +344,18 @@ async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop) {
                     let path = request.uri().path().to_owned();
                     tokio::spawn(async move {
                         let status = if path == "/nocontent" { 204 } else { 200 };
-                        let response = http::Response::builder().status(status).body(()).unwrap();
+                        let mut response = http::Response::builder().status(status);
+                        match path.as_str() {
+                            "/slow" => tokio::time::sleep(Duration::from_millis(500)).await,
+                            "/hugehead" => {
+                                for i in 0..60 {
+                                    response =
+                                        response.header(format!("x-huge-{i}"), "h".repeat(1000));
+                                }
+                            }
+                            _ => {}
+                        }
+                        let response = response.body(()).unwrap();
                         let Ok(mut body) = respond.send_response(response, false) else {
                             return;
                         };
@@ -429,7 +442,14 @@ async fn no_body_after_a_204_or_head_from_an_h2_upstream(on: On) {
     let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
     proxy.ready().await;
     let client = on.client();
-    for path in ["/first", "/nocontent", "HEAD /head", "/nocontent", "HEAD /head", "/after"] {
+    for path in [
+        "/first",
+        "/nocontent",
+        "HEAD /head",
+        "/nocontent",
+        "HEAD /head",
+        "/after",
+    ] {
         let r = match path.strip_prefix("HEAD ") {
             Some(path) => client.head(on.url(&proxy, path)),
             None => client.get(on.url(&proxy, path)),
@@ -549,3 +569,33 @@ async fn a_silent_h2_connection_is_found_dead_and_replaced(on: On) {
 }
 
 on_every_transport!(a_silent_h2_connection_is_found_dead_and_replaced);
+
+/// On every transport, when the proxy's h2 client ends an upstream connection on an error it
+/// found itself (here a response head over its limit: GOAWAY COMPRESSION_ERROR), a GET
+/// waiting on another stream of that connection is sent again on a new one, as for a
+/// connection that broke; the POST that met the error is a 502, not sent again.
+async fn a_get_on_a_connection_the_proxy_ends_is_sent_again(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, _guard) = raw_h2_upstream(&ca).await;
+    let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
+    proxy.ready().await;
+    let client = on.client();
+    for path in ["/first", "/second"] {
+        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let slow = client.get(on.url(&proxy, "/slow")).send();
+    let huge = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.post(on.url(&proxy, "/hugehead")).send().await
+    };
+    let (slow, huge) = tokio::join!(slow, huge);
+    assert_eq!(huge.unwrap().status(), 502);
+    let slow = slow.unwrap();
+    let status = slow.status();
+    let body = slow.text().await.unwrap();
+    assert_eq!(status, 200, "the waiting GET was not sent again: {body}");
+}
+
+on_every_transport!(a_get_on_a_connection_the_proxy_ends_is_sent_again);

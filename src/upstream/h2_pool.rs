@@ -198,7 +198,8 @@ pub enum Failure {
     /// The upstream said it did not process the stream: GOAWAY above its last stream id, or
     /// REFUSED_STREAM (RFC 9113 §6.8, §8.7). Safe to send again, whatever the method.
     Unprocessed(String),
-    /// The connection broke under the stream (I/O error, reset socket) before the answer.
+    /// The connection broke under the stream (I/O error, reset socket, a connection error
+    /// the proxy's h2 client found) before the answer.
     Lost(String),
     /// The request body failed while it was being sent (the client's side).
     Body(BoxError),
@@ -472,7 +473,10 @@ impl Live {
         if e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) {
             return Failure::Unprocessed(what);
         }
-        if e.is_io() {
+        // The connection broke, or the proxy's h2 client ended it on an error it found (a
+        // malformed frame, an oversized head, on this stream or another): whether the upstream
+        // processed the stream is unknown, as for a broken connection.
+        if e.is_io() || (e.is_go_away() && e.is_library()) {
             return Failure::Lost(what);
         }
         Failure::Protocol(what)
