@@ -327,8 +327,13 @@ async fn serve_connection<IO>(
         }
         () = activity.idle_for(idle) => {
             tracing::debug!(peer = %conn.peer, "idle connection closed");
+            // h2's graceful close waits for the client to answer a PING; one that never does
+            // (gone, or hostile) is dropped after as long again.
             connection.as_mut().graceful_shutdown();
-            connection.await
+            match tokio::time::timeout(idle, connection.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
         }
     };
     if let Err(e) = result {
@@ -341,8 +346,10 @@ async fn serve_connection<IO>(
 struct Activity {
     busy: AtomicUsize,
     /// When the last request under way ended (or the connection began), in milliseconds
-    /// since `born`.
+    /// since `born`; written before `busy` drops to zero.
     idle_since: AtomicU64,
+    /// Woken when `busy` drops to zero.
+    quiet: tokio::sync::Notify,
     born: tokio::time::Instant,
 }
 
@@ -351,26 +358,29 @@ impl Activity {
         Activity {
             busy: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
+            quiet: tokio::sync::Notify::new(),
             born: tokio::time::Instant::now(),
         }
     }
 
     fn begin(this: &Arc<Activity>) -> Under {
-        this.busy.fetch_add(1, Ordering::Relaxed);
+        this.busy.fetch_add(1, Ordering::AcqRel);
         Under(Arc::clone(this))
     }
 
     /// Resolves once no request has been under way for `limit`.
     async fn idle_for(&self, limit: Duration) {
         loop {
-            let since = self.born + Duration::from_millis(self.idle_since.load(Ordering::Relaxed));
-            if self.busy.load(Ordering::Relaxed) > 0 {
-                tokio::time::sleep(limit).await;
-            } else if since.elapsed() >= limit {
-                return;
-            } else {
-                tokio::time::sleep_until(since + limit).await;
+            if self.busy.load(Ordering::Acquire) > 0 {
+                // A permit is kept if the last request ends before this waits.
+                self.quiet.notified().await;
+                continue;
             }
+            let since = self.born + Duration::from_millis(self.idle_since.load(Ordering::Acquire));
+            if since.elapsed() >= limit {
+                return;
+            }
+            tokio::time::sleep_until(since + limit).await;
         }
     }
 }
@@ -382,8 +392,10 @@ impl Drop for Under {
     fn drop(&mut self) {
         let activity = &self.0;
         let ms = activity.born.elapsed().as_millis() as u64;
-        activity.idle_since.store(ms, Ordering::Relaxed);
-        activity.busy.fetch_sub(1, Ordering::Relaxed);
+        activity.idle_since.store(ms, Ordering::Release);
+        if activity.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.quiet.notify_one();
+        }
     }
 }
 

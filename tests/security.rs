@@ -617,6 +617,36 @@ async fn an_idle_client_connection_is_closed_after_header_read_timeout(on: On) {
     );
 }
 
+/// An h2c client that sends its preface and then nothing, not even the acknowledgements h2's
+/// graceful close waits for (a SETTINGS ack, a PING answer), is still closed: after
+/// `header_read_timeout` idle, and as long again for the close.
+#[tokio::test]
+async fn a_silent_h2_client_connection_is_closed() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}header_read_timeout = \"1s\"\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    // The preface and an empty SETTINGS frame (RFC 9113 §3.4, §6.5).
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a silent h2 client was kept");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 on_every_transport!(
     trace_and_miscased_methods_are_refused,
     api_keys_and_allow_list,
