@@ -120,8 +120,9 @@ pub(crate) async fn send(
         let h1 = !https || speaks == Some(Speaks::H1);
         let failed = if h2 {
             let open = || crate::upstream::connect_h2(pool, route);
-            let patience = crate::upstream::h2_pool::patience(route.config.timeout);
-            let sent = pool.h2.send(&route.pool_key, open, request, patience);
+            let sent = pool
+                .h2
+                .send(&route.pool_key, open, request, route.config.timeout);
             match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(response)) => {
                     let response = response.map(UpstreamBody::h2);

@@ -319,20 +319,24 @@ async fn a_client_leaving_a_stalled_body_frees_the_upstream_stream() {
 /// server will not: `/nocontent` answers 204 and then sends DATA, as every answer does, to
 /// HEAD too; `/hugehead` answers with 60 KB of fields, over the proxy's limit for a response
 /// head (a connection error for the proxy's h2 client); `/slow` answers after 500 ms;
-/// `/refused` answers 200,
+/// `/early` answers 413 before the request body and then holds the stream, giving no window
+/// (counting the resets it sees); `/refused` answers 200,
 /// sends part of a body, then resets the stream with REFUSED_STREAM.
-async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop) {
+async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop, Arc<AtomicUsize>) {
     let (cert, key) = ca.leaf("raw-h2-upstream");
     let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let resets = Arc::new(AtomicUsize::new(0));
+    let reset_seen = Arc::clone(&resets);
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let acceptor = acceptor.clone();
+            let reset_seen = Arc::clone(&reset_seen);
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
@@ -342,7 +346,29 @@ async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop) {
                 };
                 while let Some(Ok((request, mut respond))) = connection.accept().await {
                     let path = request.uri().path().to_owned();
+                    let reset_seen = Arc::clone(&reset_seen);
                     tokio::spawn(async move {
+                        if path == "/early" {
+                            // 413 at once; the body is read but its window never given back,
+                            // and the stream neither reset nor closed by this side.
+                            let response = http::Response::builder().status(413).body(()).unwrap();
+                            let _ = respond.send_response(response, true);
+                            let mut body = request.into_body();
+                            loop {
+                                match body.data().await {
+                                    Some(Ok(_)) => continue,
+                                    Some(Err(e)) if e.is_reset() => {
+                                        reset_seen.fetch_add(1, Ordering::SeqCst);
+                                        break;
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            // Held: only the proxy can end this stream.
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            drop(body);
+                            return;
+                        }
                         let status = if path == "/nocontent" { 204 } else { 200 };
                         let mut response = http::Response::builder().status(status);
                         match path.as_str() {
@@ -375,7 +401,7 @@ async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop) {
             });
         }
     });
-    (port, AbortOnDrop(task))
+    (port, AbortOnDrop(task), resets)
 }
 
 /// What an upstream says after its head reaches an h2 client only as the proxy's own word: no
@@ -386,7 +412,7 @@ async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop) {
 async fn an_h2_client_gets_no_body_after_204_and_no_upstream_reset_code() {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
-    let (port, _guard) = raw_h2_upstream(&ca).await;
+    let (port, _guard, _) = raw_h2_upstream(&ca).await;
     let proxy = TestProxy::start(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
         https_route(&tokens, port, &ca)
@@ -438,7 +464,7 @@ async fn read_all(mut body: h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
 async fn no_body_after_a_204_or_head_from_an_h2_upstream(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
-    let (port, _guard) = raw_h2_upstream(&ca).await;
+    let (port, _guard, _) = raw_h2_upstream(&ca).await;
     let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
     proxy.ready().await;
     let client = on.client();
@@ -577,7 +603,7 @@ on_every_transport!(a_silent_h2_connection_is_found_dead_and_replaced);
 async fn a_get_on_a_connection_the_proxy_ends_is_sent_again(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
-    let (port, _guard) = raw_h2_upstream(&ca).await;
+    let (port, _guard, _) = raw_h2_upstream(&ca).await;
     let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
     proxy.ready().await;
     let client = on.client();
@@ -599,3 +625,95 @@ async fn a_get_on_a_connection_the_proxy_ends_is_sent_again(on: On) {
 }
 
 on_every_transport!(a_get_on_a_connection_the_proxy_ends_is_sent_again);
+
+/// On every transport, an upload the h2 upstream answered early (413) and then neither reset
+/// nor gave window for is reset by the proxy once the route's `timeout` has passed without
+/// window, so the stream (and the client's connection) is not held for good.
+async fn an_upload_answered_early_and_starved_of_window_is_reset(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, _guard, resets) = raw_h2_upstream(&ca).await;
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("p", &tokens, ""),
+            route(
+                "up",
+                "/",
+                &format!("https://127.0.0.1:{port}"),
+                "p",
+                &format!("ca_file = \"{}\"\ntimeout = \"1s\"", ca.ca_file())
+            )
+        ))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    for path in ["/first", "/second"] {
+        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let upload = client
+        .post(on.url(&proxy, "/early"))
+        .body(pattern(1024 * 1024))
+        .send();
+    let r = tokio::time::timeout(Duration::from_secs(5), upload).await;
+    // The 413 came before the upload ended; a client may also see its upload cut.
+    if let Ok(Ok(r)) = r {
+        assert_eq!(r.status(), 413);
+    }
+    eventually(Duration::from_secs(4), || {
+        resets.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+on_every_transport!(an_upload_answered_early_and_starved_of_window_is_reset);
+
+/// On every transport, clients that stop reading large answers from an h2 upstream hold only
+/// their own streams' windows: other answers on the same upstream connection keep coming
+/// (with a connection window as small as the sum of a few stream windows, three such clients
+/// stalled every answer).
+async fn clients_that_stop_reading_do_not_stall_other_answers(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, seen, _connections, _guard, _) = h2_upstream(&ca).await;
+    let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
+    proxy.ready().await;
+    let client = on.client();
+    let r = client.get(on.url(&proxy, "/first")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Four h2 clients ask for 5 MiB each and read none of it (their windows stay at h2's
+    // initial 64 KiB): each of their upstream streams fills its 2 MiB window in the proxy.
+    let h2c = On::new(support::transport::Transport::H2c);
+    let stalling = match on.transport {
+        support::transport::Transport::TlsH2 => &on,
+        _ => &h2c,
+    };
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut conn = stalling.connect(&proxy).await;
+        held.push((conn.get_unread("/big").await, conn));
+    }
+    eventually(Duration::from_secs(5), || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == "/big")
+            .count()
+            == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = async {
+        let r = client.get(on.url(&proxy, "/small")).send().await.unwrap();
+        (r.status(), r.bytes().await.unwrap().len())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer).await;
+    assert_eq!(
+        answer.expect("an answer stalled behind clients that stopped reading"),
+        (http::StatusCode::OK, "{\"ok\":true}".len())
+    );
+    drop(held);
+}
+
+on_every_transport!(clients_that_stop_reading_do_not_stall_other_answers);

@@ -7,19 +7,27 @@
 //!
 //! A connection is replaced when it is gone: its task ended (the upstream closed it, an I/O
 //! error), a stream learned it is going away (GOAWAY), it sat unused for `IDLE_TIMEOUT`, or
-//! it went silent: requests waited on it for their answers while nothing came back for a
-//! third of their route's timeout (at most `MAX_PATIENCE`), and a PING sent then got no
-//! answer within as long again (a peer or middlebox that vanished without a FIN or RST; TCP
+//! it went silent: requests waited on it for their answers while not a byte came from the
+//! upstream for a third of their route's timeout (`patience`), and nothing came either within
+//! as long again after a PING (a peer or middlebox that vanished without a FIN or RST; TCP
 //! alone would notice after many minutes). Its waiting requests then fail as lost, and the
 //! retry rule may send them again on a new connection.
+//!
+//! Flow control: each stream may hold `STREAM_WINDOW` of its answer unread; the connection's
+//! window is so large that it never binds first, so clients that stop reading their answers
+//! hold at most that much each in memory and cannot stall the other streams' answers (as Go's
+//! HTTP/2 transport does). A request body's wait for the upstream's window is bounded by the
+//! route's timeout, also after the answer came.
 //! New connections are opened one at a time per key, so a GOAWAY under load costs one TLS
 //! handshake, not one per waiting request. What a failed stream may do next (retry on a new
 //! connection, or fail) is `crate::pipeline::send`'s rule, fed by `Failure`.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,6 +37,7 @@ use http::header::HOST;
 use http::{Request, Response};
 use http_body::Body;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::client::TlsStream;
 
 use super::deferred::DeferWriteErrors;
@@ -36,21 +45,24 @@ use super::IDLE_TIMEOUT;
 use crate::coalesce::Coalesce;
 use crate::{BoxError, ProxyBody};
 
-/// Flow-control windows offered to the upstream (hyper's client defaults): large enough that
-/// a response body never waits on a window update on a fast link.
+/// Flow-control windows offered to the upstream: per stream hyper's client default, large
+/// enough that a response body never waits on a window update on a fast link; per connection
+/// Go's transport's (1 GiB), so streams whose clients stopped reading never use it up.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 1 << 30;
 /// The largest response head taken (as hyper's client).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// The longest a connection with requests waiting on it may stay silent before it is sent a
 /// PING, and the longest it then has to answer (`patience`).
 pub const MAX_PATIENCE: Duration = Duration::from_secs(10);
+/// The shortest: a PING's answer can queue behind a busy connection's frames.
+const MIN_PATIENCE: Duration = Duration::from_secs(1);
 
-/// How long a request with `timeout` lets its connection stay silent before a PING, and the
-/// PING go unanswered: a third of the timeout, so that a dead connection is known, and an
-/// idempotent request sent again, before the timeout ends.
-pub fn patience(timeout: Duration) -> Duration {
-    (timeout / 3).clamp(Duration::from_millis(50), MAX_PATIENCE)
+/// How long a request with `timeout` lets its connection stay silent before a PING, and then
+/// without an answer: a third of the timeout, so that a dead connection is known, and an
+/// idempotent request sent again, before the timeout ends (for timeouts of 3 s and more).
+fn patience(timeout: Duration) -> Duration {
+    (timeout / 3).clamp(MIN_PATIENCE, MAX_PATIENCE)
 }
 
 /// The request's fields as h2 takes them: the authority travels as `:authority` (RFC 9113
@@ -112,23 +124,25 @@ struct ConnState {
     last_used: AtomicU64,
     /// Requests waiting for their response heads.
     waiting: AtomicUsize,
-    /// Since when the connection has been silent while requests waited on it: the later of
-    /// the last answer (a response head, a PONG) and the moment requests began waiting; in
-    /// milliseconds since `born`.
-    silent_since: AtomicU64,
-    /// The least `patience` of the requests sent on it, in milliseconds.
+    /// When requests last began waiting on it with none waiting before, in milliseconds
+    /// since `born`.
+    wait_began: AtomicU64,
+    /// When bytes last came from the upstream (`Listening`), in milliseconds since `born`.
+    last_read: AtomicU64,
+    /// The least `patience` of the requests waiting since none was, in milliseconds.
     patience: AtomicU64,
     born: Instant,
 }
 
 impl ConnState {
-    fn new() -> ConnState {
+    fn new(patience: Duration) -> ConnState {
         ConnState {
             gone: AtomicBool::new(false),
             last_used: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
-            silent_since: AtomicU64::new(0),
-            patience: AtomicU64::new(MAX_PATIENCE.as_millis() as u64),
+            wait_began: AtomicU64::new(0),
+            last_read: AtomicU64::new(0),
+            patience: AtomicU64::new(patience.as_millis() as u64),
             born: Instant::now(),
         }
     }
@@ -142,22 +156,16 @@ impl ConnState {
         Duration::from_millis(now.saturating_sub(self.last_used.load(Ordering::Relaxed)))
     }
 
-    /// The upstream answered: the connection is alive.
-    fn heard(&self) {
-        self.silent_since.store(self.now(), Ordering::Relaxed);
-    }
-
-    /// A request is sent on the connection and waits for its answer, with `patience`
-    /// (`patience()`).
+    /// A request is sent on the connection and waits for its answer, with `patience`.
     fn wait(&self, patience: Duration) -> Waiting<'_> {
         let now = self.now();
         self.last_used.store(now, Ordering::Relaxed);
         let patience = patience.as_millis() as u64;
-        if patience < self.patience.load(Ordering::Relaxed) {
-            self.patience.fetch_min(patience, Ordering::Relaxed);
-        }
         if self.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.silent_since.store(now, Ordering::Relaxed);
+            self.wait_began.store(now, Ordering::Relaxed);
+            self.patience.store(patience, Ordering::Relaxed);
+        } else if patience < self.patience.load(Ordering::Relaxed) {
+            self.patience.fetch_min(patience, Ordering::Relaxed);
         }
         Waiting(self)
     }
@@ -166,12 +174,69 @@ impl ConnState {
         Duration::from_millis(self.patience.load(Ordering::Relaxed))
     }
 
-    /// Requests are waiting and nothing has come back for `patience`: time for a PING.
+    fn last_read(&self) -> u64 {
+        self.last_read.load(Ordering::Relaxed)
+    }
+
+    /// Requests are waiting and not a byte has come for `patience`: time for a PING.
     fn needs_ping(&self) -> bool {
-        let silent = self
-            .now()
-            .saturating_sub(self.silent_since.load(Ordering::Relaxed));
-        self.waiting.load(Ordering::Relaxed) > 0 && Duration::from_millis(silent) >= self.patience()
+        let since = self
+            .last_read()
+            .max(self.wait_began.load(Ordering::Relaxed));
+        let silent = Duration::from_millis(self.now().saturating_sub(since));
+        self.waiting.load(Ordering::Relaxed) > 0 && silent >= self.patience()
+    }
+}
+
+/// An upstream connection's socket, noting when bytes come (`ConnState::last_read`).
+struct Listening<IO> {
+    io: IO,
+    state: Arc<ConnState>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Listening<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let now = self.state.now();
+            self.state.last_read.store(now, Ordering::Relaxed);
+        }
+        read
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Listening<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -209,15 +274,16 @@ pub enum Failure {
 
 impl H2Pool {
     /// Sends `request` on the live connection under `key`, opening one with `open` when there
-    /// is none, and awaits the response head, with `patience` for a silent connection
-    /// (`patience()`). The body is sent alongside; a body the upstream answered before the end
-    /// of is sent on in a task of its own.
+    /// is none, and awaits the response head; `timeout` is the route's (it sets how long a
+    /// silent connection is borne, `patience`, and bounds each wait of the request body for
+    /// the upstream's window). The body is sent alongside; a body the upstream answered before
+    /// the end of is sent on in a task of its own.
     pub async fn send<F, Fut>(
         &self,
         key: &str,
         open: F,
         request: Request<ProxyBody>,
-        patience: Duration,
+        timeout: Duration,
     ) -> Result<Response<RecvStream>, Failure>
     where
         F: FnOnce() -> Fut,
@@ -226,14 +292,10 @@ impl H2Pool {
         let slot = self.slot(key);
         let live = match slot.current() {
             Some(live) => live,
-            None => Slot::open(&slot, key, open).await?,
+            None => Slot::open(&slot, key, open, patience(timeout)).await?,
         };
-        let _waiting = live.state.wait(patience);
-        let answer = live.exchange(request).await;
-        if answer.is_ok() {
-            live.state.heard();
-        }
-        answer
+        let _waiting = live.state.wait(patience(timeout));
+        live.exchange(request, timeout).await
     }
 
     fn slot(&self, key: &str) -> Arc<Slot> {
@@ -264,7 +326,12 @@ impl Slot {
     }
 
     /// Opens the next connection (or takes the one another request just opened).
-    async fn open<F, Fut>(slot: &Arc<Slot>, key: &str, open: F) -> Result<Live, Failure>
+    async fn open<F, Fut>(
+        slot: &Arc<Slot>,
+        key: &str,
+        open: F,
+        patience: Duration,
+    ) -> Result<Live, Failure>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Opened, String>>,
@@ -277,8 +344,12 @@ impl Slot {
         if slot.failed_opens.load(Ordering::Acquire) != failed_before {
             return Err(Failure::Connect(lock(&slot.last_failure).clone()));
         }
+        let state = Arc::new(ConnState::new(patience));
         let handshake = async {
-            let io = open().await?;
+            let io = Listening {
+                io: open().await?,
+                state: Arc::clone(&state),
+            };
             h2::client::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
@@ -296,7 +367,6 @@ impl Slot {
                 return Err(Failure::Connect(cause));
             }
         };
-        let state = Arc::new(ConnState::new());
         let id = slot.next_id.fetch_add(1, Ordering::Relaxed);
         let live = Live {
             id,
@@ -333,46 +403,58 @@ struct Watch {
 impl Watch {
     /// Drives the connection's frame I/O until it ends; retires it when it sits unused for
     /// `IDLE_TIMEOUT` (no new streams; h2 closes it with GOAWAY once its streams are done and
-    /// the slot's handle is dropped), and closes it when it does not answer a PING sent while
-    /// requests waited on it in silence (`ConnState::needs_ping`).
-    async fn drive(self, connection: h2::client::Connection<Coalesce<Opened>, Bytes>) {
+    /// the slot's handle is dropped), and closes it when nothing comes from it within
+    /// `patience` of a PING sent while requests waited on it in silence
+    /// (`ConnState::needs_ping`).
+    async fn drive(self, connection: h2::client::Connection<Coalesce<Listening<Opened>>, Bytes>) {
         let state = &self.state;
         let mut connection = std::pin::pin!(connection);
         let mut pings = connection.ping_pong();
-        let mut pong_by: Option<tokio::time::Instant> = None;
+        // A PING awaits its answer (h2 takes one at a time).
+        let mut outstanding = false;
+        // When the connection is taken for dead unless something comes from it meanwhile, and
+        // when that wait began (milliseconds since `born`).
+        let mut deadline: Option<(tokio::time::Instant, u64)> = None;
         let mut retired = false;
         loop {
-            let check = (state.patience() / 4).clamp(Duration::from_millis(100), IDLE_TIMEOUT / 4);
-            let ping = async {
-                match (pong_by, pings.as_mut()) {
-                    (Some(_), Some(pings)) => poll_fn(|cx| pings.poll_pong(cx)).await.is_ok(),
+            let check = (state.patience() / 4).min(IDLE_TIMEOUT / 4);
+            let pong = async {
+                match (outstanding, pings.as_mut()) {
+                    (true, Some(pings)) => poll_fn(|cx| pings.poll_pong(cx)).await.is_ok(),
                     _ => std::future::pending().await,
                 }
             };
             let dead = async {
-                match pong_by {
-                    Some(by) => tokio::time::sleep_until(by).await,
+                match deadline {
+                    Some((by, _)) => tokio::time::sleep_until(by).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
+                // A PONG read in the same poll as the deadline passed wins.
+                biased;
                 ended = &mut connection => {
                     if let Err(e) = ended {
                         tracing::debug!(error = %e, "h2 upstream connection ended");
                     }
                     break;
                 }
-                answered = ping => {
-                    pong_by = None;
+                answered = pong => {
+                    outstanding = false;
                     if answered {
-                        state.heard();
+                        deadline = None;
                     }
                 }
                 () = dead => {
+                    let since = deadline.take().map_or(0, |(_, since)| since);
+                    if state.last_read() > since {
+                        // Frames came, if not yet the PONG: alive.
+                        continue;
+                    }
                     tracing::warn!(
                         upstream = %self.key,
                         after_ms = state.patience().as_millis() as u64,
-                        "h2 upstream connection silent and no answer to a PING: closed, its requests fail as lost"
+                        "h2 upstream connection silent, even after a PING: closed, its requests fail as lost"
                     );
                     break;
                 }
@@ -381,11 +463,12 @@ impl Watch {
                         retired = true;
                         self.retire();
                     }
-                    if pong_by.is_none() && state.needs_ping() {
-                        let sent = pings.as_mut().map(|p| p.send_ping(h2::Ping::opaque()));
-                        if let Some(Ok(())) = sent {
-                            pong_by = Some(tokio::time::Instant::now() + state.patience());
+                    if deadline.is_none() && state.needs_ping() {
+                        if let (false, Some(pings)) = (outstanding, pings.as_mut()) {
+                            outstanding = pings.send_ping(h2::Ping::opaque()).is_ok();
                         }
+                        let by = tokio::time::Instant::now() + state.patience();
+                        deadline = Some((by, state.now()));
                     }
                 }
             }
@@ -404,7 +487,11 @@ impl Watch {
 
 impl Live {
     /// Sends `request` on this connection and awaits the response head (`H2Pool::send`).
-    async fn exchange(&self, request: Request<ProxyBody>) -> Result<Response<RecvStream>, Failure> {
+    async fn exchange(
+        &self,
+        request: Request<ProxyBody>,
+        timeout: Duration,
+    ) -> Result<Response<RecvStream>, Failure> {
         let (parts, body) = request.into_parts();
         let mut head = Request::from_parts(parts, ());
         h2_fields(head.headers_mut(), &body);
@@ -422,7 +509,7 @@ impl Live {
         if end {
             return response.await.map_err(|e| self.failed(e));
         }
-        let mut pump = Box::pin(pump(body, stream));
+        let mut pump = Box::pin(pump(body, stream, timeout));
         let mut response = std::pin::pin!(response);
         let answer = tokio::select! {
             biased;
@@ -491,8 +578,14 @@ enum Pumped {
 }
 
 /// Sends `body` on `stream` as the upstream's flow control allows; its last data frame ends
-/// the stream, or its trailers do.
-async fn pump(mut body: ProxyBody, mut stream: SendStream<Bytes>) -> Result<(), Pumped> {
+/// the stream, or its trailers do. An upstream that gives no window for `limit` gets the
+/// stream reset (CANCEL): one that answered early and neither reset the stream nor reads on
+/// would hold it, and the client's connection, for good.
+async fn pump(
+    mut body: ProxyBody,
+    mut stream: SendStream<Bytes>,
+    limit: Duration,
+) -> Result<(), Pumped> {
     loop {
         // The upstream resetting the stream ends the wait for the client's next bytes.
         let next = poll_fn(|cx| {
@@ -528,18 +621,21 @@ async fn pump(mut body: ProxyBody, mut stream: SendStream<Bytes>) -> Result<(), 
                 }
                 loop {
                     stream.reserve_capacity(data.len().max(1));
-                    let room = match poll_fn(|cx| {
+                    let room = poll_fn(|cx| {
                         if let std::task::Poll::Ready(reset) = stream.poll_reset(cx) {
                             let e = reset.map_or_else(|e| e, h2::Error::from);
                             return std::task::Poll::Ready(Some(Err(e)));
                         }
                         stream.poll_capacity(cx)
-                    })
-                    .await
-                    {
-                        Some(Ok(room)) => room,
-                        Some(Err(e)) => return Err(Pumped::Stream(e)),
-                        None => return Err(Pumped::Stream(h2::Reason::STREAM_CLOSED.into())),
+                    });
+                    let room = match tokio::time::timeout(limit, room).await {
+                        Ok(Some(Ok(room))) => room,
+                        Ok(Some(Err(e))) => return Err(Pumped::Stream(e)),
+                        Ok(None) => return Err(Pumped::Stream(h2::Reason::STREAM_CLOSED.into())),
+                        Err(_) => {
+                            stream.send_reset(h2::Reason::CANCEL);
+                            return Err(Pumped::Stream(h2::Reason::CANCEL.into()));
+                        }
                     };
                     if room == 0 {
                         continue;

@@ -50,6 +50,20 @@ impl Conn {
         }
     }
 
+    /// Sends a GET of `path` on this h2 connection and returns its answer's body unread (its
+    /// window stays where the client's settings put it).
+    pub async fn get_unread(&mut self, path: &str) -> h2::RecvStream {
+        let Conn::H2 { send, .. } = self else {
+            panic!("get_unread needs an h2 connection");
+        };
+        let request = http::Request::get(format!("http://app{path}"))
+            .body(())
+            .unwrap();
+        let mut send = send.clone().ready().await.unwrap();
+        let (response, _) = send.send_request(request, true).unwrap();
+        response.await.unwrap().into_body()
+    }
+
     /// Whether the proxy ends the connection within `limit`.
     pub async fn closed_within(&mut self, limit: Duration) -> bool {
         match self {
