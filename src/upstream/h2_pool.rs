@@ -289,12 +289,13 @@ impl H2Pool {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Opened, String>>,
     {
+        let patience = patience(timeout);
         let slot = self.slot(key);
         let live = match slot.current() {
             Some(live) => live,
-            None => Slot::open(&slot, key, open, patience(timeout)).await?,
+            None => Slot::open(&slot, key, open, patience).await?,
         };
-        let _waiting = live.state.wait(patience(timeout));
+        let _waiting = live.state.wait(patience);
         live.exchange(request, timeout).await
     }
 
