@@ -196,6 +196,11 @@ fn http_builder(
     builder
         .http2()
         .timer(TokioTimer::new())
+        // A client that sends nothing for this long is PINGed, and one that does not answer
+        // within as long again is gone (vanished without a FIN or RST): its connection closes
+        // and its streams end, instead of holding an upstream stream until TCP gives up.
+        .keep_alive_interval(Some(header_read_timeout))
+        .keep_alive_timeout(header_read_timeout)
         .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
     builder
 }

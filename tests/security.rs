@@ -647,6 +647,71 @@ async fn a_silent_h2_client_connection_is_closed() {
     );
 }
 
+/// An h2 client that vanishes (no FIN, no RST) while its answer streams is found gone by
+/// PING (after `header_read_timeout` without a frame from it, and as long again without an
+/// answer): its connection closes and the upstream's answer is dropped, long before the
+/// route's timeout would end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_h2_client_is_found_gone_and_its_answer_dropped() {
+    let tokens = TokenServer::healthy(3600).await;
+    let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen_drop = Arc::clone(&dropped);
+    let upstream = Upstream::with(move |_| {
+        // "start", then nothing more, for good; counts its drop.
+        struct Endless(Arc<std::sync::atomic::AtomicUsize>, bool);
+        impl http_body::Body for Endless {
+            type Data = bytes::Bytes;
+            type Error = egain_proxy::BoxError;
+            fn poll_frame(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>>
+            {
+                if self.1 {
+                    return std::task::Poll::Pending;
+                }
+                self.1 = true;
+                let start = bytes::Bytes::from_static(b"start");
+                std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(start))))
+            }
+        }
+        impl Drop for Endless {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        http::Response::new(Endless(Arc::clone(&seen_drop), false).boxed())
+    })
+    .await;
+    let config = format!(
+        "{HEAD}header_read_timeout = \"1s\"\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "timeout = \"60s\"")
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+    let hole = support::blackhole::Blackhole::start(proxy.addr.port()).await;
+    let tcp = TcpStream::connect(("127.0.0.1", hole.port)).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("http://app/endless").body(()).unwrap();
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let mut body = response.await.unwrap().into_body();
+    assert_eq!(body.data().await.unwrap().unwrap(), "start");
+    let started = std::time::Instant::now();
+    hole.silence();
+    eventually(Duration::from_secs(6), || {
+        dropped.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 on_every_transport!(
     trace_and_miscased_methods_are_refused,
     api_keys_and_allow_list,
