@@ -118,49 +118,37 @@ pub(crate) async fn send(
         let speaks = pool.speaks(&route.pool_key);
         let h2 = https && !fell_back && speaks == Some(Speaks::H2);
         let h1 = !https || speaks == Some(Speaks::H1);
-        let failed = if h2 {
-            let open = || crate::upstream::connect_h2(pool, route);
-            let sent = pool
-                .h2
-                .send(&route.pool_key, open, request, route.config.timeout);
-            match tokio::time::timeout_at(deadline, sent).await {
-                Ok(Ok(response)) => {
-                    let response = response.map(UpstreamBody::h2);
-                    return checked(shared, route, &method, response, None, log);
-                }
-                Ok(Err(e)) => Failed::from_h2(e),
-                Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
+        let attempt = async {
+            if h2 {
+                let open = || crate::upstream::connect_h2(pool, route);
+                let sent = pool.h2.send(&route.pool_key, open, request, route.config.timeout);
+                let response = sent.await.map_err(Failed::from_h2)?;
+                return Ok((response.map(UpstreamBody::h2), None));
             }
-        } else if h1 {
-            let sent = crate::upstream::h1::send(pool, route, request);
-            match tokio::time::timeout_at(deadline, sent).await {
-                Ok(Ok(response)) => {
-                    let response = response.map(UpstreamBody::pooled);
-                    return checked(shared, route, &method, response, None, log);
-                }
-                Ok(Err(e)) => Failed::from_h1(e),
-                Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
+            if h1 {
+                let sent = crate::upstream::h1::send(pool, route, request);
+                let response = sent.await.map_err(Failed::from_h1)?;
+                return Ok((response.map(UpstreamBody::pooled), None));
             }
-        } else {
             let Some(client) = admitted.generation.upstreams.for_route(admitted.index) else {
-                return Err(upstream_failed(
-                    shared,
-                    route,
-                    UpstreamFailure::Protocol("no upstream client for this route".into()),
-                ));
+                return Err(Failed::Other("no upstream client for this route".into()));
             };
             let connection = hyper_util::client::legacy::connect::capture_connection(&mut request);
-            match tokio::time::timeout_at(deadline, client.request(request)).await {
-                Ok(Ok(response)) => {
-                    if https {
-                        pool.learn(&route.pool_key, response.version());
-                    }
-                    let response = response.map(UpstreamBody::hyper);
-                    return checked(shared, route, &method, response, Some(&connection), log);
-                }
-                Ok(Err(e)) => Failed::from_hyper(&e),
-                Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
+            let response = client
+                .request(request)
+                .await
+                .map_err(|e| Failed::from_hyper(&e))?;
+            if https {
+                pool.learn(&route.pool_key, response.version());
             }
+            Ok((response.map(UpstreamBody::hyper), Some(connection)))
+        };
+        let failed = match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok((response, connection))) => {
+                return checked(shared, route, &method, response, connection.as_ref(), log);
+            }
+            Ok(Err(failed)) => failed,
+            Err(_) => return Err(upstream_failed(shared, route, UpstreamFailure::Timeout)),
         };
         match failed {
             Failed::Stall(idle) => return Err(ProxyError::RequestTimeout(idle)),
