@@ -42,6 +42,17 @@ use crate::ProxyBody;
 /// Bodies up to this size are kept so the request can be replayed after a 401.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
+/// The client connection's `max_connections` slot, in each request's extensions on hyper's
+/// transport: an upgraded connection (a tunnel) keeps it after hyper lets the connection go.
+#[derive(Clone)]
+pub struct ConnectionSlot(pub std::sync::Arc<tokio::sync::OwnedSemaphorePermit>);
+
+/// Something a transport keeps while a request's body is being read (hyper's transport: the
+/// connection's count of requests under way, so an upload that goes on after its answer is
+/// not taken for an idle connection).
+#[derive(Clone)]
+pub struct UnderWay(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -121,7 +132,9 @@ pub(crate) async fn send(
         let attempt = async {
             if h2 {
                 let open = || crate::upstream::connect_h2(pool, route);
-                let sent = pool.h2.send(&route.pool_key, open, request, route.config.timeout);
+                let sent = pool
+                    .h2
+                    .send(&route.pool_key, open, request, route.config.timeout);
                 let response = sent.await.map_err(Failed::from_h2)?;
                 return Ok((response.map(UpstreamBody::h2), None));
             }

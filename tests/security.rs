@@ -712,8 +712,60 @@ async fn a_vanished_h2_client_is_found_gone_and_its_answer_dropped() {
     );
 }
 
+/// On every transport, an upload that goes on after the upstream answered (202 at once, the
+/// body read meanwhile) is under way, not idle: it is not cut at `header_read_timeout`.
+async fn an_upload_after_its_answer_is_not_taken_for_idle(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&received);
+    let (addr, _guard) = serve(move |req: http::Request<hyper::body::Incoming>| {
+        let counted = Arc::clone(&counted);
+        async move {
+            let mut body = req.into_body();
+            tokio::spawn(async move {
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Some(data) = frame.data_ref() {
+                        counted.fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+            json_response(202, r#"{"accepted":true}"#, &[])
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "{}{}{}",
+        on.head_with("header_read_timeout = \"1s\"\n"),
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &format!("http://{addr}"), "p", "")
+    ))
+    .await;
+    proxy.ready().await;
+    // 24 pieces of 64 KiB, one every 125 ms: 3 s of upload.
+    let pieces = futures_util::stream::unfold(0, |i| async move {
+        if i == 24 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(125)).await;
+        Some((Ok::<_, std::io::Error>(vec![7u8; 64 * 1024]), i + 1))
+    });
+    let r = on
+        .client()
+        .post(on.url(&proxy, "/upload"))
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    eventually(Duration::from_secs(8), || {
+        received.load(std::sync::atomic::Ordering::SeqCst) == 24 * 64 * 1024
+    })
+    .await;
+}
+
 on_every_transport!(
     trace_and_miscased_methods_are_refused,
     api_keys_and_allow_list,
     an_idle_client_connection_is_closed_after_header_read_timeout,
+    an_upload_after_its_answer_is_not_taken_for_idle,
 );

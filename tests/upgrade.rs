@@ -421,3 +421,32 @@ async fn an_upgrade_goes_through_the_routes_egress_proxy() {
     assert_eq!(tinyproxy.connects_to(&ws_addr.to_string()), 1);
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+/// An open tunnel keeps its client connection's `max_connections` slot: with one slot, the
+/// next client waits (in the kernel's backlog) until the tunnel closes, then is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_holds_its_connection_slot() {
+    let tokens = TokenServer::healthy(3600).await;
+    let (ws_addr, _seen, _server) = ws_server(None, None).await;
+    let head = "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let proxy = chat_proxy(head, &tokens, &format!("http://{ws_addr}"), "", "").await;
+    let mut ws = open_socket(&proxy, "/chat/ws").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+
+    let mut next = raw::Client::connect(&proxy).await;
+    next.send("GET /chat/plain HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await;
+    let waiting = tokio::time::timeout(Duration::from_millis(700), next.response(false)).await;
+    assert!(
+        waiting.is_err(),
+        "served while the tunnel held the only slot"
+    );
+
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let (head, _) = tokio::time::timeout(Duration::from_secs(5), next.response(false))
+        .await
+        .expect("not served once the tunnel closed");
+    assert!(head.starts_with("HTTP/1.1 "), "{head}");
+}

@@ -112,6 +112,8 @@ pub(crate) struct UpgradeRequest {
     pub headers: HeaderMap,
     pub protocol: HeaderValue,
     pub client: OnUpgrade,
+    /// The client connection's slot, held while the tunnel is open.
+    pub slot: Option<super::ConnectionSlot>,
 }
 
 pub(crate) async fn forward(
@@ -159,8 +161,10 @@ pub(crate) async fn forward(
     let guard = TunnelGuard::new(Arc::clone(shared));
     let name = route.config.name.clone();
     let client_side = request.client;
+    let slot = request.slot;
     tokio::spawn(async move {
         let _guard = guard;
+        let _slot = slot;
         let (client, upstream) = match tokio::join!(client_side, upstream_side) {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {

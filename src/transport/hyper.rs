@@ -90,7 +90,7 @@ async fn forward(
 
     let upgrade = pipeline::upgrade::requested(req.version(), req.headers());
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    let (parts, incoming) = req.into_parts();
+    let (mut parts, incoming) = req.into_parts();
     let uri = upstream_uri(route, &parts.uri)?;
     // HTTP/2 clients name the host in `:authority` rather than `Host` (RFC 9113 §8.3.1).
     let client_host = parts.headers.get(HOST).cloned().or_else(|| {
@@ -123,11 +123,15 @@ async fn forward(
             headers: plan.encode_headers(&parts.headers, client_host.as_ref(), None),
             protocol,
             client,
+            slot: parts.extensions.remove::<pipeline::ConnectionSlot>(),
         };
         return pipeline::upgrade::forward(shared, &admitted, request, token, log).await;
     }
     let stall = generation.config.server.body_read_timeout;
-    let incoming = pipeline::stall::StallGuard::new(incoming, stall).boxed();
+    let upload = parts.extensions.remove::<pipeline::UnderWay>();
+    let incoming = pipeline::stall::StallGuard::new(incoming, stall)
+        .holding(upload)
+        .boxed();
     let mut head = plan.encode_headers(&parts.headers, client_host.as_ref(), None);
     body::frame(&mut head, &parts.method, &incoming);
 
