@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 use support::blackhole;
 use support::raw;
-use support::tls::{https_route, TestCa};
+use support::tls::{https_route, https_route_with, TestCa};
 use support::transport::On;
 use support::*;
 use tokio::net::TcpListener;
@@ -502,19 +502,8 @@ async fn a_stalled_h2_upstream_body_ends_at_the_route_timeout(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
     let (port, _seen, _connections, _guard, dropped) = h2_upstream(&ca).await;
-    let proxy = on
-        .proxy(&format!(
-            "{}{}",
-            client_app_profile("p", &tokens, ""),
-            route(
-                "up",
-                "/",
-                &format!("https://127.0.0.1:{port}"),
-                "p",
-                &format!("ca_file = \"{}\"\ntimeout = \"700ms\"", ca.ca_file())
-            )
-        ))
-        .await;
+    let extra = "timeout = \"700ms\"";
+    let proxy = on.proxy(&https_route_with(&tokens, port, &ca, extra)).await;
     proxy.ready().await;
     let client = on.client();
     let url = on.url(&proxy, "/stall");
@@ -540,18 +529,9 @@ async fn a_silent_h2_connection_is_found_dead_and_replaced(on: On) {
     let tokens = TokenServer::healthy(3600).await;
     let (port, seen, connections, _guard, _) = h2_upstream(&ca).await;
     let hole = blackhole::Blackhole::start(port).await;
+    let extra = "timeout = \"6s\"";
     let proxy = on
-        .proxy(&format!(
-            "{}{}",
-            client_app_profile("p", &tokens, ""),
-            route(
-                "up",
-                "/",
-                &format!("https://127.0.0.1:{}", hole.port),
-                "p",
-                &format!("ca_file = \"{}\"\ntimeout = \"6s\"", ca.ca_file())
-            )
-        ))
+        .proxy(&https_route_with(&tokens, hole.port, &ca, extra))
         .await;
     proxy.ready().await;
     let client = on.client();
@@ -633,19 +613,8 @@ async fn an_upload_answered_early_and_starved_of_window_is_reset(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
     let (port, _guard, resets) = raw_h2_upstream(&ca).await;
-    let proxy = on
-        .proxy(&format!(
-            "{}{}",
-            client_app_profile("p", &tokens, ""),
-            route(
-                "up",
-                "/",
-                &format!("https://127.0.0.1:{port}"),
-                "p",
-                &format!("ca_file = \"{}\"\ntimeout = \"1s\"", ca.ca_file())
-            )
-        ))
-        .await;
+    let extra = "timeout = \"1s\"";
+    let proxy = on.proxy(&https_route_with(&tokens, port, &ca, extra)).await;
     proxy.ready().await;
     let client = on.client();
     for path in ["/first", "/second"] {

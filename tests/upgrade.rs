@@ -96,28 +96,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 async fn connect(on: &On, proxy: &TestProxy) -> Box<dyn Io> {
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     match on.transport {
-        Transport::TlsH2 => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots
-                .add(rustls::pki_types::CertificateDer::from(
-                    on.ca().ca.der().to_vec(),
-                ))
-                .unwrap();
-            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, tcp)
-                .await
-                .unwrap();
-            Box::new(tls)
-        }
+        Transport::TlsH2 => Box::new(on.tls(tcp, b"http/1.1").await),
         _ => Box::new(tcp),
     }
 }

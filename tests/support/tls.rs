@@ -105,6 +105,16 @@ where
 /// Profile `p` against `tokens` and one route `/` to the HTTPS upstream on loopback `port`,
 /// trusted through `ca`.
 pub fn https_route(tokens: &super::TokenServer, port: u16, ca: &TestCa) -> String {
+    https_route_with(tokens, port, ca, "")
+}
+
+/// As `https_route`, with `extra` (whole `key = value` lines) on the route.
+pub fn https_route_with(
+    tokens: &super::TokenServer,
+    port: u16,
+    ca: &TestCa,
+    extra: &str,
+) -> String {
     format!(
         "{}{}",
         super::client_app_profile("p", tokens, ""),
@@ -113,7 +123,7 @@ pub fn https_route(tokens: &super::TokenServer, port: u16, ca: &TestCa) -> Strin
             "/",
             &format!("https://127.0.0.1:{port}"),
             "p",
-            &format!("ca_file = \"{}\"", ca.ca_file())
+            &format!("ca_file = \"{}\"\n{extra}", ca.ca_file())
         ),
     )
 }

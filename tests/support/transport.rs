@@ -136,6 +136,33 @@ impl On {
         format!("[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}{tls}[admin]\nlisten = \"127.0.0.1:0\"\n")
     }
 
+    /// TLS to the proxy over `tcp`, trusting `ca()`, offering `alpn` alone.
+    pub async fn tls(
+        &self,
+        tcp: tokio::net::TcpStream,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(
+                self.ca.ca.der().to_vec(),
+            ))
+            .unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+
     /// One client connection to `proxy` on this transport, kept open between requests (for
     /// hyper's HTTP/1.1, its first request, answered, moved it there).
     pub async fn connect(&self, proxy: &TestProxy) -> Conn {
@@ -146,28 +173,7 @@ impl On {
                 return Conn::H1(raw::Client::on(proxy, raw::Inbound::Hyper).await)
             }
             Transport::H2c => Box::new(tcp),
-            Transport::TlsH2 => {
-                let mut roots = rustls::RootCertStore::empty();
-                roots
-                    .add(rustls::pki_types::CertificateDer::from(
-                        self.ca.ca.der().to_vec(),
-                    ))
-                    .unwrap();
-                let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-                config.alpn_protocols = vec![b"h2".to_vec()];
-                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-                let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                    .connect(name, tcp)
-                    .await
-                    .unwrap();
-                Box::new(tls)
-            }
+            Transport::TlsH2 => Box::new(self.tls(tcp, b"h2").await),
         };
         let (send, connection) = h2::client::handshake(io).await.unwrap();
         let (ended_tx, ended) = tokio::sync::oneshot::channel();
