@@ -217,10 +217,7 @@ pub struct UpstreamBody {
 enum Source {
     Hyper(hyper::body::Incoming),
     Pooled(Box<h1::Pooled>),
-    H2 {
-        stream: ::h2::RecvStream,
-        data_done: bool,
-    },
+    H2(h2_pool::Answer),
 }
 
 /// The idle bound: armed when the body first has nothing to give after a frame, cleared by
@@ -240,11 +237,8 @@ impl UpstreamBody {
         UpstreamBody::from(Source::Pooled(Box::new(body)))
     }
 
-    pub fn h2(stream: ::h2::RecvStream) -> Self {
-        UpstreamBody::from(Source::H2 {
-            stream,
-            data_done: false,
-        })
+    pub fn h2(answer: h2_pool::Answer) -> Self {
+        UpstreamBody::from(Source::H2(answer))
     }
 
     fn from(source: Source) -> Self {
@@ -275,7 +269,6 @@ impl Source {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::BoxError>>> {
         use http_body::Body as _;
-        use std::task::Poll;
         match self {
             Source::Hyper(body) => std::pin::Pin::new(body)
                 .poll_frame(cx)
@@ -283,26 +276,9 @@ impl Source {
             Source::Pooled(body) => std::pin::Pin::new(body.as_mut())
                 .poll_frame(cx)
                 .map_err(|e| BodyFailed::boxed(&e)),
-            Source::H2 { stream, data_done } => {
-                if !*data_done {
-                    match std::task::ready!(stream.poll_data(cx)) {
-                        Some(Ok(data)) => {
-                            // The upstream may send as much again.
-                            let _ = stream.flow_control().release_capacity(data.len());
-                            return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
-                        }
-                        Some(Err(e)) => return Poll::Ready(Some(Err(BodyFailed::boxed(&e)))),
-                        None => *data_done = true,
-                    }
-                }
-                match std::task::ready!(stream.poll_trailers(cx)) {
-                    Ok(Some(trailers)) => {
-                        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
-                    }
-                    Ok(None) => Poll::Ready(None),
-                    Err(e) => Poll::Ready(Some(Err(BodyFailed::boxed(&e)))),
-                }
-            }
+            Source::H2(answer) => answer
+                .poll_frame(cx)
+                .map_err(|e| BodyFailed::boxed(e.as_ref())),
         }
     }
 }
@@ -348,7 +324,7 @@ impl http_body::Body for UpstreamBody {
         match &self.source {
             Source::Hyper(body) => body.is_end_stream(),
             Source::Pooled(body) => body.is_end_stream(),
-            Source::H2 { stream, .. } => stream.is_end_stream(),
+            Source::H2(answer) => answer.is_end_stream(),
         }
     }
 }

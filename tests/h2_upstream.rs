@@ -61,6 +61,20 @@ async fn h2_upstream(
     AbortOnDrop,
     Arc<AtomicUsize>,
 ) {
+    h2_upstream_with(ca, None).await
+}
+
+/// As `h2_upstream`, allowing at most `max_streams` streams per connection when given.
+async fn h2_upstream_with(
+    ca: &TestCa,
+    max_streams: Option<u32>,
+) -> (
+    u16,
+    Arc<Mutex<Vec<Served>>>,
+    Arc<AtomicUsize>,
+    AbortOnDrop,
+    Arc<AtomicUsize>,
+) {
     let (cert, key) = ca.leaf("h2-upstream");
     let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -121,9 +135,11 @@ async fn h2_upstream(
                         Ok::<_, Infallible>(response)
                     }
                 });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                if let Some(max) = max_streams {
+                    builder.http2().max_concurrent_streams(max);
+                }
+                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
             });
         }
     });
@@ -686,3 +702,52 @@ async fn clients_that_stop_reading_do_not_stall_other_answers(on: On) {
 }
 
 on_every_transport!(clients_that_stop_reading_do_not_stall_other_answers);
+
+/// On every transport, clients that stop reading lose their answers' streams once they have
+/// taken nothing for the route's `timeout`: with as many of them as the upstream allows
+/// streams (4 here), the proxy resets theirs and other requests are answered again, where
+/// they would wait for a stream for good.
+async fn clients_that_stop_reading_lose_their_streams_at_the_route_timeout(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, seen, _connections, _guard, _) = h2_upstream_with(&ca, Some(4)).await;
+    let proxy = on
+        .proxy(&https_route_with(&tokens, port, &ca, "timeout = \"1s\""))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    let r = client.get(on.url(&proxy, "/first")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h2c = On::new(support::transport::Transport::H2c);
+    let stalling = match on.transport {
+        support::transport::Transport::TlsH2 => &on,
+        _ => &h2c,
+    };
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut conn = stalling.connect(&proxy).await;
+        held.push((conn.get_unread("/big").await, conn));
+    }
+    eventually(Duration::from_secs(5), || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == "/big")
+            .count()
+            == 4
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut answered = None;
+    while started.elapsed() < Duration::from_secs(8) {
+        let r = client.get(on.url(&proxy, "/small")).send().await.unwrap();
+        if r.status() == 200 {
+            answered = Some(started.elapsed());
+            break;
+        }
+    }
+    assert!(answered.is_some(), "the stalled clients kept every stream");
+    drop(held);
+}
+
+on_every_transport!(clients_that_stop_reading_lose_their_streams_at_the_route_timeout);

@@ -131,6 +131,8 @@ struct ConnState {
     last_read: AtomicU64,
     /// The least `patience` of the requests waiting since none was, in milliseconds.
     patience: AtomicU64,
+    /// Answers whose bodies are being relayed (`Answer`), for `reap`.
+    relayed: Mutex<Vec<std::sync::Weak<Relayed>>>,
     born: Instant,
 }
 
@@ -143,6 +145,7 @@ impl ConnState {
             wait_began: AtomicU64::new(0),
             last_read: AtomicU64::new(0),
             patience: AtomicU64::new(patience.as_millis() as u64),
+            relayed: Mutex::new(Vec::new()),
             born: Instant::now(),
         }
     }
@@ -176,6 +179,30 @@ impl ConnState {
 
     fn last_read(&self) -> u64 {
         self.last_read.load(Ordering::Relaxed)
+    }
+
+    /// Drops the answers whose clients took none of them for their limit (`Answer`): their
+    /// streams are reset and their windows given back.
+    fn reap(&self) {
+        let now = self.now();
+        let mut relayed = lock(&self.relayed);
+        relayed.retain(|answer| {
+            let Some(answer) = answer.upgrade() else {
+                return false;
+            };
+            let since = answer.since.load(Ordering::Relaxed);
+            if since == WAITING || now.saturating_sub(since) < answer.limit_ms {
+                return true;
+            }
+            let stream = lock(&answer.stream).take();
+            if stream.is_some() {
+                tracing::debug!(
+                    limit_ms = answer.limit_ms,
+                    "h2 upstream stream reset: its client took nothing of the answer"
+                );
+            }
+            false
+        });
     }
 
     /// Requests are waiting and not a byte has come for `patience`: time for a PING.
@@ -240,6 +267,103 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Listening<IO> {
     }
 }
 
+/// `Relayed::since` while the client waits for the upstream's next bytes.
+const WAITING: u64 = u64::MAX;
+
+/// An answer's body on an h2 connection. A client that stops taking it would hold one of the
+/// connection's streams (and its window's worth of data) for good, and as many such clients as
+/// the upstream allows streams would hold them all: once the client has taken nothing for the
+/// route's `timeout` while the body had more to give, the connection's task drops the stream
+/// (resetting it with CANCEL), and the body ends with an error if it is polled again.
+pub struct Answer {
+    relayed: Arc<Relayed>,
+    data_done: bool,
+}
+
+struct Relayed {
+    stream: Mutex<Option<RecvStream>>,
+    /// When the client last took a frame (milliseconds since the connection's `born`), or
+    /// `WAITING`.
+    since: AtomicU64,
+    limit_ms: u64,
+    /// Whether `ConnState::relayed` lists it (from its first frame that was not the last).
+    listed: AtomicBool,
+    state: Arc<ConnState>,
+}
+
+impl Answer {
+    fn new(stream: RecvStream, state: &Arc<ConnState>, limit: Duration) -> Answer {
+        Answer {
+            relayed: Arc::new(Relayed {
+                stream: Mutex::new(Some(stream)),
+                since: AtomicU64::new(WAITING),
+                limit_ms: limit.as_millis() as u64,
+                listed: AtomicBool::new(false),
+                state: Arc::clone(state),
+            }),
+            data_done: false,
+        }
+    }
+
+    /// The body's next frame; the stream's window is given back as its data is taken.
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let relayed = &self.relayed;
+        let mut stream = lock(&relayed.stream);
+        let Some(stream) = stream.as_mut() else {
+            let limit = Duration::from_millis(relayed.limit_ms);
+            let what = format!(
+                "the client took nothing for {}",
+                humantime::format_duration(limit)
+            );
+            return Poll::Ready(Some(Err(what.into())));
+        };
+        let polled = Self::poll_stream(stream, &mut self.data_done, cx);
+        match &polled {
+            Poll::Pending => relayed.since.store(WAITING, Ordering::Relaxed),
+            Poll::Ready(Some(Ok(_))) if !stream.is_end_stream() => {
+                relayed.since.store(relayed.state.now(), Ordering::Relaxed);
+                if !relayed.listed.swap(true, Ordering::Relaxed) {
+                    lock(&relayed.state.relayed).push(Arc::downgrade(relayed));
+                }
+            }
+            Poll::Ready(_) => {}
+        }
+        polled
+    }
+
+    fn poll_stream(
+        stream: &mut RecvStream,
+        data_done: &mut bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if !*data_done {
+            match std::task::ready!(stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // The upstream may send as much again.
+                    let _ = stream.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => *data_done = true,
+            }
+        }
+        match std::task::ready!(stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        lock(&self.relayed.stream)
+            .as_ref()
+            .map_or(true, |stream| stream.is_end_stream())
+    }
+}
+
 /// A request waiting for its response head (`ConnState::wait`).
 struct Waiting<'a>(&'a ConnState);
 
@@ -284,7 +408,7 @@ impl H2Pool {
         open: F,
         request: Request<ProxyBody>,
         timeout: Duration,
-    ) -> Result<Response<RecvStream>, Failure>
+    ) -> Result<Response<Answer>, Failure>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Opened, String>>,
@@ -296,7 +420,8 @@ impl H2Pool {
             None => Slot::open(&slot, key, open, patience).await?,
         };
         let _waiting = live.state.wait(patience);
-        live.exchange(request, timeout).await
+        let response = live.exchange(request, timeout).await?;
+        Ok(response.map(|stream| Answer::new(stream, &live.state, timeout)))
     }
 
     fn slot(&self, key: &str) -> Arc<Slot> {
@@ -460,6 +585,7 @@ impl Watch {
                     break;
                 }
                 () = tokio::time::sleep(check) => {
+                    state.reap();
                     if !retired && state.idle_for() >= IDLE_TIMEOUT {
                         retired = true;
                         self.retire();
