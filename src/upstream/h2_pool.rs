@@ -311,8 +311,8 @@ impl Answer {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let relayed = &self.relayed;
-        let mut stream = lock(&relayed.stream);
-        let Some(stream) = stream.as_mut() else {
+        let mut guard = lock(&relayed.stream);
+        let Some(stream) = guard.as_mut() else {
             let limit = Duration::from_millis(relayed.limit_ms);
             let what = format!(
                 "the client took nothing for {}",
@@ -321,9 +321,12 @@ impl Answer {
             return Poll::Ready(Some(Err(what.into())));
         };
         let polled = Self::poll_stream(stream, &mut self.data_done, cx);
+        let more = matches!(polled, Poll::Ready(Some(Ok(_)))) && !stream.is_end_stream();
+        // `reap` takes the list's lock, then a stream's: never the other way round.
+        drop(guard);
         match &polled {
             Poll::Pending => relayed.since.store(WAITING, Ordering::Relaxed),
-            Poll::Ready(Some(Ok(_))) if !stream.is_end_stream() => {
+            Poll::Ready(_) if more => {
                 relayed.since.store(relayed.state.now(), Ordering::Relaxed);
                 if !relayed.listed.swap(true, Ordering::Relaxed) {
                     lock(&relayed.state.relayed).push(Arc::downgrade(relayed));
