@@ -654,6 +654,36 @@ async fn an_upload_answered_early_and_starved_of_window_is_reset(on: On) {
 
 on_every_transport!(an_upload_answered_early_and_starved_of_window_is_reset);
 
+/// Four h2 clients (over TLS on the TLS transport, else h2c) ask for `/big` (5 MiB) each and
+/// read none of it: their windows stay at h2's initial 64 KiB, so each of their upstream
+/// streams fills its 2 MiB window in the proxy. Returns once the upstream has seen all four.
+async fn stall_big_answers(
+    on: &On,
+    proxy: &TestProxy,
+    seen: &Mutex<Vec<Served>>,
+) -> Vec<(h2::RecvStream, support::transport::Conn)> {
+    let h2c = On::new(support::transport::Transport::H2c);
+    let stalling = match on.transport {
+        support::transport::Transport::TlsH2 => on,
+        _ => &h2c,
+    };
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut conn = stalling.connect(proxy).await;
+        held.push((conn.get_unread("/big").await, conn));
+    }
+    eventually(Duration::from_secs(5), || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == "/big")
+            .count()
+            == 4
+    })
+    .await;
+    held
+}
+
 /// On every transport, clients that stop reading large answers from an h2 upstream hold only
 /// their own streams' windows: other answers on the same upstream connection keep coming
 /// (with a connection window as small as the sum of a few stream windows, three such clients
@@ -667,27 +697,7 @@ async fn clients_that_stop_reading_do_not_stall_other_answers(on: On) {
     let client = on.client();
     let r = client.get(on.url(&proxy, "/first")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    // Four h2 clients ask for 5 MiB each and read none of it (their windows stay at h2's
-    // initial 64 KiB): each of their upstream streams fills its 2 MiB window in the proxy.
-    let h2c = On::new(support::transport::Transport::H2c);
-    let stalling = match on.transport {
-        support::transport::Transport::TlsH2 => &on,
-        _ => &h2c,
-    };
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        let mut conn = stalling.connect(&proxy).await;
-        held.push((conn.get_unread("/big").await, conn));
-    }
-    eventually(Duration::from_secs(5), || {
-        seen.lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.path == "/big")
-            .count()
-            == 4
-    })
-    .await;
+    let held = stall_big_answers(&on, &proxy, &seen).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let answer = async {
         let r = client.get(on.url(&proxy, "/small")).send().await.unwrap();
@@ -718,25 +728,7 @@ async fn clients_that_stop_reading_lose_their_streams_at_the_route_timeout(on: O
     let client = on.client();
     let r = client.get(on.url(&proxy, "/first")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let h2c = On::new(support::transport::Transport::H2c);
-    let stalling = match on.transport {
-        support::transport::Transport::TlsH2 => &on,
-        _ => &h2c,
-    };
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        let mut conn = stalling.connect(&proxy).await;
-        held.push((conn.get_unread("/big").await, conn));
-    }
-    eventually(Duration::from_secs(5), || {
-        seen.lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.path == "/big")
-            .count()
-            == 4
-    })
-    .await;
+    let held = stall_big_answers(&on, &proxy, &seen).await;
     let started = std::time::Instant::now();
     let mut answered = None;
     while started.elapsed() < Duration::from_secs(8) {
