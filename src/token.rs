@@ -299,20 +299,21 @@ impl TokenHolder {
     /// `FORCED_REFRESH_INTERVAL`) and wake the refresher. Returns true when a token other than
     /// `sent` is, or soon will be, available, i.e. a replay makes sense.
     pub fn invalidate(&self, sent: &Arc<AccessToken>) -> bool {
+        // Held from the check to the swap: two 401s for the same token must not both see it
+        // current, one swapping it out while the other, rate-limited, gives up on a replay.
+        let mut last = lock(&self.last_forced);
         let current = self.current.load_full();
         match &current {
             Some(c) if Arc::ptr_eq(c, sent) => {}
             // Already replaced (or already invalidated and being refetched).
             _ => return true,
         }
-        {
-            let mut last = lock(&self.last_forced);
-            if last.is_some_and(|t| t.elapsed() < FORCED_REFRESH_INTERVAL) {
-                return false;
-            }
-            *last = Some(Instant::now());
+        if last.is_some_and(|t| t.elapsed() < FORCED_REFRESH_INTERVAL) {
+            return false;
         }
+        *last = Some(Instant::now());
         let previous = self.current.compare_and_swap(&current, None);
+        drop(last);
         let swapped = match (&*previous, &current) {
             (Some(p), Some(c)) => Arc::ptr_eq(p, c),
             _ => false,
