@@ -396,7 +396,8 @@ impl Activity {
         Under(Arc::clone(this))
     }
 
-    /// Counts idle time from now.
+    /// Counts idle time from now (written before `busy` drops to zero, so `idle_for` never
+    /// reads an older time once it sees none under way).
     fn restart(&self) {
         let ms = self.born.elapsed().as_millis() as u64;
         self.idle_since.store(ms, Ordering::Release);
@@ -425,8 +426,7 @@ struct Under(Arc<Activity>);
 impl Drop for Under {
     fn drop(&mut self) {
         let activity = &self.0;
-        let ms = activity.born.elapsed().as_millis() as u64;
-        activity.idle_since.store(ms, Ordering::Release);
+        activity.restart();
         if activity.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
             activity.quiet.notify_one();
         }
