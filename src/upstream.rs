@@ -5,8 +5,9 @@
 //!   upstreams and TLS for `https://` ones known to answer in HTTP/1.1, used by the fast
 //!   path's own exchange and, through hyper's HTTP/1.1 codec (`h1`), by every other
 //!   transport;
-//! - `h2_pool`: one h2 connection per `https://` upstream known to answer in h2, driven with
-//!   the `h2` crate from the requests' own tasks;
+//! - `h2_pool`: h2 connections to `https://` upstreams known to answer in h2 (one, and more
+//!   only while the upstream's stream limit fills them), driven with the `h2` crate from the
+//!   requests' own tasks;
 //! - hyper's pooled client (`Upstreams`), which lets ALPN choose, for the first requests to an
 //!   `https://` upstream (until it is known what it answers in). One client per distinct
 //!   (ca_file, connect_timeout, egress proxy), shared by routes and kept across reloads so

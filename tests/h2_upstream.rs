@@ -1,5 +1,6 @@
 //! An `https://` upstream that answers in h2, on every inbound transport: once it is known to
-//! speak h2, requests share one h2 connection to it (`upstream::h2_pool`); bodies larger
+//! speak h2, requests share one h2 connection to it (`upstream::h2_pool`), more only beyond
+//! the upstream's stream limit; bodies larger
 //! than h2's flow-control windows go both ways whole; the token is injected, the authority
 //! travels as `:authority` and the client's host as `X-Forwarded-Host`.
 
@@ -50,8 +51,9 @@ fn sha(bytes: &[u8]) -> String {
 }
 
 /// An h2 (and http/1.1) TLS upstream: `/big` answers `BIG` bytes, `/stall` a body that never
-/// comes, `/slow` after 5 s, anything else a small JSON body after reading the request body
-/// whole. Counts TCP connections.
+/// comes, `/slow` after 5 s, `/gate/N` once N requests to `/gate/…` are under way at once,
+/// anything else a small JSON body after reading the request body whole. Counts TCP
+/// connections.
 async fn h2_upstream(
     ca: &TestCa,
 ) -> (
@@ -88,6 +90,7 @@ async fn h2_upstream_with(
         Arc::clone(&connections),
         Arc::clone(&stalled),
     );
+    let gate = Arc::new(tokio::sync::watch::channel(0usize).0);
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -95,13 +98,14 @@ async fn h2_upstream_with(
             };
             count.fetch_add(1, Ordering::SeqCst);
             let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
-            let dropped = Arc::clone(&stalled);
+            let (dropped, gate) = (Arc::clone(&stalled), Arc::clone(&gate));
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let (log, dropped) = (Arc::clone(&log), Arc::clone(&dropped));
+                    let (log, dropped, gate) =
+                        (Arc::clone(&log), Arc::clone(&dropped), Arc::clone(&gate));
                     async move {
                         let header = |name: &str| {
                             req.headers()
@@ -128,6 +132,13 @@ async fn h2_upstream_with(
                             "/stall" => http::Response::new(Stalled(Arc::clone(&dropped)).boxed()),
                             "/slow" => {
                                 tokio::time::sleep(Duration::from_secs(5)).await;
+                                json_response(200, "{\"ok\":true}", &[])
+                            }
+                            gated if gated.starts_with("/gate/") => {
+                                let n: usize = gated["/gate/".len()..].parse().unwrap();
+                                let mut opened = gate.subscribe();
+                                gate.send_modify(|under_way| *under_way += 1);
+                                let _ = opened.wait_for(|under_way| *under_way >= n).await;
                                 json_response(200, "{\"ok\":true}", &[])
                             }
                             _ => json_response(200, "{\"ok\":true}", &[]),
@@ -714,9 +725,10 @@ async fn clients_that_stop_reading_do_not_stall_other_answers(on: On) {
 on_every_transport!(clients_that_stop_reading_do_not_stall_other_answers);
 
 /// On every transport, clients that stop reading lose their answers' streams once they have
-/// taken nothing for the route's `timeout`: with as many of them as the upstream allows
-/// streams (4 here), the proxy resets theirs and other requests are answered again, where
-/// they would wait for a stream for good.
+/// taken nothing for the route's `timeout` (1 s here): the proxy resets the upstream streams,
+/// and the clients, reading on later, get an error where they would get all of `/big`. (As
+/// many such clients as the upstream allows streams on a connection would otherwise keep it,
+/// and their windows' worth of memory, for good.)
 async fn clients_that_stop_reading_lose_their_streams_at_the_route_timeout(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
@@ -729,17 +741,72 @@ async fn clients_that_stop_reading_lose_their_streams_at_the_route_timeout(on: O
     let r = client.get(on.url(&proxy, "/first")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let held = stall_big_answers(&on, &proxy, &seen).await;
-    let started = std::time::Instant::now();
-    let mut answered = None;
-    while started.elapsed() < Duration::from_secs(8) {
-        let r = client.get(on.url(&proxy, "/small")).send().await.unwrap();
-        if r.status() == 200 {
-            answered = Some(started.elapsed());
-            break;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for (answer, _conn) in held {
+        let read = tokio::time::timeout(Duration::from_secs(10), read_all(answer)).await;
+        match read.expect("a stalled answer neither ended nor failed") {
+            Ok(all) => panic!(
+                "a client that took nothing for 2.5 s got all {} bytes",
+                all.len()
+            ),
+            Err(e) => assert!(e.is_reset() || e.is_io(), "{e}"),
         }
     }
-    assert!(answered.is_some(), "the stalled clients kept every stream");
-    drop(held);
+    let r = client.get(on.url(&proxy, "/small")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 on_every_transport!(clients_that_stop_reading_lose_their_streams_at_the_route_timeout);
+
+/// On every transport, requests beyond the upstream's stream limit (2 per connection here) go
+/// on further connections: the upstream answers `/gate/6` only once six of them are under way
+/// at once, which one connection would never carry (they would wait for a stream until the
+/// route's timeout, 504).
+async fn requests_beyond_the_upstream_stream_limit_open_more_connections(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, seen, connections, _guard, _) = h2_upstream_with(&ca, Some(2)).await;
+    let proxy = on
+        .proxy(&https_route_with(&tokens, port, &ca, "timeout = \"5s\""))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    // The first answer tells the proxy the upstream speaks h2; the second opens its first h2
+    // connection, whose limit is then known.
+    for path in ["/first", "/second"] {
+        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let before = connections.load(Ordering::SeqCst);
+    let gated = (0..6).map(|_| {
+        let request = client.get(on.url(&proxy, "/gate/6")).send();
+        async move {
+            let r = request.await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    });
+    for answer in futures_util::future::join_all(gated).await {
+        assert_eq!(answer, (200, "{\"ok\":true}".to_owned()));
+    }
+    let opened = connections.load(Ordering::SeqCst) - before;
+    assert!(
+        opened >= 2,
+        "six requests at once on {} connections allowing 2 streams each",
+        opened + 1
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert!(seen.iter().all(|s| s.version == http::Version::HTTP_2));
+        assert_eq!(seen.iter().filter(|s| s.path == "/gate/6").count(), 6);
+    }
+    // Answered, their streams count no more: requests one at a time open nothing new.
+    let now = connections.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        let r = client.get(on.url(&proxy, "/again")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), now);
+}
+
+on_every_transport!(requests_beyond_the_upstream_stream_limit_open_more_connections);

@@ -1,9 +1,17 @@
 //! `https://` upstreams known to speak h2, driven with the `h2` crate from the request's own
-//! task: one connection per key (`Route::pool_key`) at a time, shared by every request to
-//! that upstream; a request takes a stream on it and awaits its answer where it stands, with
-//! no dispatch channel, no per-request task and no pool checkout between the two sides (as
-//! the fast path does for HTTP/1.1). Only the connection's own frame I/O runs in a task of
-//! its own, as h2 requires.
+//! task: connections per key (`Route::pool_key`) shared by every request to that upstream; a
+//! request takes a stream on one and awaits its answer where it stands, with no dispatch
+//! channel, no per-request task and no pool checkout between the two sides (as the fast path
+//! does for HTTP/1.1). Only a connection's own frame I/O runs in a task of its own, as h2
+//! requires.
+//!
+//! A request takes the oldest connection with a stream to spare: one with fewer streams under
+//! way (sent and not yet answered whole) than the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+//! Only when every connection is that full is another opened, up to `MAX_CONNECTIONS`; past
+//! that, or when opening one fails, requests queue for a stream on the least busy one. So one
+//! connection carries the traffic an upstream allows on one (extra ones go idle and are closed
+//! when the load falls), and a slow upstream's stream limit does not cap the proxy's
+//! concurrency (as Go's transport and Envoy do; hyper's client queues instead).
 //!
 //! A connection is replaced when it is gone: its task ended (the upstream closed it, an I/O
 //! error), a stream learned it is going away (GOAWAY), it sat unused for `IDLE_TIMEOUT`, or
@@ -57,6 +65,13 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 pub const MAX_PATIENCE: Duration = Duration::from_secs(10);
 /// The shortest: a PING's answer can queue behind a busy connection's frames.
 const MIN_PATIENCE: Duration = Duration::from_secs(1);
+/// The streams a new connection is taken to allow until the upstream's SETTINGS say (RFC 9113
+/// §6.5.2 asks for at least 100; Go's transport assumes as many); streams beyond its real
+/// limit are refused unprocessed, and sent again.
+const INITIAL_MAX_STREAMS: usize = 100;
+/// The most connections to one upstream (key): with the usual stream limits of 100 or 128,
+/// 1,600 or more requests under way at once.
+pub const MAX_CONNECTIONS: usize = 16;
 
 /// How long a request with `timeout` lets its connection stay silent before a PING, and then
 /// without an answer: a third of the timeout, so that a dead connection is known, and an
@@ -91,7 +106,7 @@ fn h2_fields(fields: &mut http::HeaderMap, body: &ProxyBody) {
     }
 }
 
-/// One h2 connection (at most) per upstream key.
+/// The h2 connections of each upstream key.
 #[derive(Default)]
 pub struct H2Pool {
     slots: Mutex<HashMap<Box<str>, Arc<Slot>>>,
@@ -99,7 +114,8 @@ pub struct H2Pool {
 
 #[derive(Default)]
 struct Slot {
-    live: Mutex<Option<Live>>,
+    /// Its usable connections, oldest first.
+    live: Mutex<Vec<Live>>,
     /// Held while a new connection is opened, so only one is.
     opening: tokio::sync::Mutex<()>,
     /// Numbers the connections, so a retiring one never removes its successor.
@@ -122,6 +138,8 @@ struct ConnState {
     gone: AtomicBool,
     /// When a stream was last started, in milliseconds since `born`.
     last_used: AtomicU64,
+    /// Streams under way on it (`Counted`), to tell when it is full.
+    streams: AtomicUsize,
     /// Requests waiting for their response heads.
     waiting: AtomicUsize,
     /// When requests last began waiting on it with none waiting before, in milliseconds
@@ -141,6 +159,7 @@ impl ConnState {
         ConnState {
             gone: AtomicBool::new(false),
             last_used: AtomicU64::new(0),
+            streams: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             wait_began: AtomicU64::new(0),
             last_read: AtomicU64::new(0),
@@ -195,6 +214,7 @@ impl ConnState {
                 return true;
             }
             let stream = lock(&answer.stream).take();
+            lock(&answer.counted).take();
             if stream.is_some() {
                 tracing::debug!(
                     limit_ms = answer.limit_ms,
@@ -288,18 +308,21 @@ struct Relayed {
     limit_ms: u64,
     /// Whether `ConnState::relayed` lists it (from its first frame that was not the last).
     listed: AtomicBool,
+    /// The stream, counted on its connection until the answer is dropped or reset.
+    counted: Mutex<Option<Counted>>,
     state: Arc<ConnState>,
 }
 
 impl Answer {
-    fn new(stream: RecvStream, state: &Arc<ConnState>, limit: Duration) -> Answer {
+    fn new(stream: RecvStream, counted: Counted, limit: Duration) -> Answer {
         Answer {
             relayed: Arc::new(Relayed {
                 stream: Mutex::new(Some(stream)),
                 since: AtomicU64::new(WAITING),
                 limit_ms: limit.as_millis() as u64,
                 listed: AtomicBool::new(false),
-                state: Arc::clone(state),
+                state: Arc::clone(&counted.0),
+                counted: Mutex::new(Some(counted)),
             }),
             data_done: false,
         }
@@ -367,6 +390,23 @@ impl Answer {
     }
 }
 
+/// A stream under way on a connection (`ConnState::streams`), from the moment a request picks
+/// the connection until its answer is done.
+struct Counted(Arc<ConnState>);
+
+impl Counted {
+    fn new(state: &Arc<ConnState>) -> Counted {
+        state.streams.fetch_add(1, Ordering::Relaxed);
+        Counted(Arc::clone(state))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A request waiting for its response head (`ConnState::wait`).
 struct Waiting<'a>(&'a ConnState);
 
@@ -418,13 +458,17 @@ impl H2Pool {
     {
         let patience = patience(timeout);
         let slot = self.slot(key);
-        let live = match slot.current() {
-            Some(live) => live,
-            None => Slot::open(&slot, key, open, patience).await?,
+        let (live, counted) = match slot.pick(false) {
+            Some(picked) => picked,
+            None => match Slot::open(&slot, key, open, patience).await {
+                Ok(opened) => opened,
+                // Every connection is full and no other could be opened: queue on one.
+                Err(failure) => slot.pick(true).ok_or(failure)?,
+            },
         };
         let _waiting = live.state.wait(patience);
         let response = live.exchange(request, timeout).await?;
-        Ok(response.map(|stream| Answer::new(stream, &live.state, timeout)))
+        Ok(response.map(|stream| Answer::new(stream, counted, timeout)))
     }
 
     fn slot(&self, key: &str) -> Arc<Slot> {
@@ -441,34 +485,46 @@ impl H2Pool {
 }
 
 impl Slot {
-    /// The live connection, unless it is gone or has been idle too long.
-    fn current(&self) -> Option<Live> {
-        let mut live = lock(&self.live);
-        let usable = live.as_ref().is_some_and(|l| {
-            !l.state.gone.load(Ordering::Relaxed) && l.state.idle_for() < IDLE_TIMEOUT
-        });
-        if !usable {
-            // Dropping the handle lets h2 close the connection once its streams are done.
-            *live = None;
+    /// The oldest usable connection with a stream to spare, counting the request's stream on
+    /// it; `None` when another should be opened (there is none, or every one is full and
+    /// there are fewer than `MAX_CONNECTIONS`). With `queue`, or at `MAX_CONNECTIONS`, the
+    /// least busy connection even when it is full: h2 holds the request until a stream ends.
+    fn pick(&self, queue: bool) -> Option<(Live, Counted)> {
+        let mut conns = lock(&self.live);
+        // Dropping a handle lets h2 close its connection once its streams are done.
+        conns.retain(Live::usable);
+        let mut least: Option<(usize, &Live)> = None;
+        for live in conns.iter() {
+            let under_way = live.state.streams.load(Ordering::Relaxed);
+            if under_way < live.send.current_max_send_streams() {
+                return Some((live.clone(), Counted::new(&live.state)));
+            }
+            if least.map_or(true, |(fewest, _)| under_way < fewest) {
+                least = Some((under_way, live));
+            }
         }
-        live.clone()
+        if !queue && conns.len() < MAX_CONNECTIONS {
+            return None;
+        }
+        least.map(|(_, live)| (live.clone(), Counted::new(&live.state)))
     }
 
-    /// Opens the next connection (or takes the one another request just opened).
+    /// Opens another connection (or takes a stream on one that another request just opened,
+    /// or that has one to spare again).
     async fn open<F, Fut>(
         slot: &Arc<Slot>,
         key: &str,
         open: F,
         patience: Duration,
-    ) -> Result<Live, Failure>
+    ) -> Result<(Live, Counted), Failure>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Opened, String>>,
     {
         let failed_before = slot.failed_opens.load(Ordering::Acquire);
         let _opening = slot.opening.lock().await;
-        if let Some(live) = slot.current() {
-            return Ok(live);
+        if let Some(picked) = slot.pick(false) {
+            return Ok(picked);
         }
         if slot.failed_opens.load(Ordering::Acquire) != failed_before {
             return Err(Failure::Connect(lock(&slot.last_failure).clone()));
@@ -483,6 +539,7 @@ impl Slot {
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_header_list_size(MAX_HEADER_LIST)
+                .initial_max_send_streams(INITIAL_MAX_STREAMS)
                 .enable_push(false)
                 .handshake::<_, Bytes>(Coalesce::new(io))
                 .await
@@ -502,7 +559,8 @@ impl Slot {
             send,
             state: Arc::clone(&state),
         };
-        *lock(&slot.live) = Some(live.clone());
+        let counted = Counted::new(&state);
+        lock(&slot.live).push(live.clone());
         let watch = Watch {
             slot: Arc::downgrade(slot),
             key: key.into(),
@@ -510,14 +568,11 @@ impl Slot {
             state,
         };
         tokio::spawn(watch.drive(connection));
-        Ok(live)
+        Ok((live, counted))
     }
 
     fn retire(&self, id: u64) {
-        let mut live = lock(&self.live);
-        if live.as_ref().is_some_and(|l| l.id == id) {
-            *live = None;
-        }
+        lock(&self.live).retain(|live| live.id != id);
     }
 }
 
@@ -616,6 +671,11 @@ impl Watch {
 }
 
 impl Live {
+    /// Takes new streams: not gone, and used within `IDLE_TIMEOUT`.
+    fn usable(&self) -> bool {
+        !self.state.gone.load(Ordering::Relaxed) && self.state.idle_for() < IDLE_TIMEOUT
+    }
+
     /// Sends `request` on this connection and awaits the response head (`H2Pool::send`).
     async fn exchange(
         &self,
