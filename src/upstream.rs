@@ -119,13 +119,13 @@ fn new_client(key: &ClientKey) -> Result<HttpClient, String> {
 /// A new connection of the fast path's kind to `route`'s upstream (its pool and upgrades):
 /// TCP, through the route's egress proxy when it has one, and for `https://` TLS offering only
 /// http/1.1, verified against the upstream's own name. `connect_timeout` bounds all of it.
-pub async fn connect(
-    pool: &Pool,
-    route: &crate::routes::Route,
-) -> Result<stream::UpStream, String> {
+pub fn connect<'a>(
+    pool: &'a Pool,
+    route: &'a crate::routes::Route,
+) -> Connecting<'a, stream::UpStream> {
     let target = &route.config.upstream;
     let tls = target.scheme == http::uri::Scheme::HTTPS;
-    within_connect_timeout(route, async {
+    Box::pin(within_connect_timeout(route, async move {
         let tcp = tcp(route).await?;
         if !tls {
             return Ok(stream::UpStream::Plain(tcp));
@@ -134,17 +134,22 @@ pub async fn connect(
         Ok(stream::UpStream::Tls(Box::new(
             handshake(config, route, tcp).await?,
         )))
-    })
-    .await
+    }))
 }
+
+/// A connection being made (`connect`, `connect_h2`). Boxed: a TLS handshake's future is
+/// ~2.6 KiB, and every future that may await one (each request's, most of which never do)
+/// would otherwise carry that room and copy it as it moves.
+pub type Connecting<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>>;
 
 /// A new connection for `h2_pool::H2Pool` to `route`'s (`https://`) upstream: as `connect`, with
 /// TLS offering only h2, on a socket that keeps reading after a failed write.
-pub async fn connect_h2(
-    pool: &Pool,
-    route: &crate::routes::Route,
-) -> Result<h2_pool::Opened, String> {
-    within_connect_timeout(route, async {
+pub fn connect_h2<'a>(
+    pool: &'a Pool,
+    route: &'a crate::routes::Route,
+) -> Connecting<'a, h2_pool::Opened> {
+    Box::pin(within_connect_timeout(route, async move {
         let tcp = deferred::DeferWriteErrors::new(tcp(route).await?);
         let config = pool.tls_config(route.config.ca_file.as_deref(), true)?;
         let tls = handshake(config, route, tcp).await?;
@@ -152,8 +157,7 @@ pub async fn connect_h2(
             Some(b"h2") => Ok(Box::new(tls)),
             _ => Err("the upstream no longer offers h2 (ALPN)".into()),
         }
-    })
-    .await
+    }))
 }
 
 /// TCP to the route's upstream, through its egress proxy when it has one.
