@@ -647,6 +647,79 @@ async fn a_silent_h2_client_connection_is_closed() {
     );
 }
 
+/// The next h2 frame on `stream`: its type, stream id and payload; `None` at the end.
+async fn h2_frame(stream: &mut TcpStream) -> Option<(u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((head[3], id, payload))
+}
+
+/// An h2c client that opens a stream just as the proxy's idle GOAWAY reaches it gets its
+/// answer. The first GOAWAY of a graceful close names the highest stream id (RFC 9113 §6.8),
+/// so a stream already on its way is taken, and the connection is dropped only once nothing
+/// has been under way for `header_read_timeout` again (it was dropped at once, before the
+/// stream arrived).
+#[tokio::test]
+async fn a_stream_opened_as_the_idle_goaway_arrives_is_answered() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{HEAD}header_read_timeout = \"1s\"\n{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    // The preface and an empty SETTINGS frame (RFC 9113 §3.4, §6.5).
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    const HEADERS: u8 = 0x1;
+    const GOAWAY: u8 = 0x7;
+    let goaway = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some((kind, _, _)) = h2_frame(&mut stream).await {
+            if kind == GOAWAY {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        goaway,
+        Ok(true),
+        "an idle h2c connection was kept, or closed without GOAWAY"
+    );
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET, http, /, and :authority as a
+    // literal (HPACK static table indices 2, 6, 4 and 1; RFC 7541 Appendix A).
+    let authority = b"app.local";
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, authority.len() as u8];
+    block.extend_from_slice(authority);
+    let mut frame = (block.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[HEADERS, 0x5, 0, 0, 0, 1]);
+    frame.extend_from_slice(&block);
+    stream.write_all(&frame).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some((kind, id, payload)) = h2_frame(&mut stream).await {
+            if kind == HEADERS && id == 1 {
+                return Some(payload);
+            }
+        }
+        None
+    })
+    .await
+    .expect("no answer, and the connection stayed open");
+    let answer = answer.expect("the connection closed without answering the stream");
+    // `:status: 200` is the static table's entry 8.
+    assert_eq!(answer.first(), Some(&0x88), "not a 200: {answer:02x?}");
+}
+
 /// An h2 client that vanishes (no FIN, no RST) while its answer streams is found gone by
 /// PING (after `header_read_timeout` without a frame from it, and as long again without an
 /// answer): its connection closes and the upstream's answer is dropped, long before the
