@@ -481,3 +481,61 @@ impl Tokens {
         self.by_profile.iter()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientAuth, ProfileKind, Secret};
+
+    fn settings() -> TokenSettings {
+        TokenSettings {
+            kind: ProfileKind::ClientApp,
+            token_url: "http://127.0.0.1:1/t".into(),
+            client_id: "i".into(),
+            client_secret: crate::config::secrets::ClientSecret::Inline(Secret::new("s")),
+            scopes: vec![],
+            client_auth: ClientAuth::Body,
+            timeout: Duration::from_secs(1),
+            ca_file: None,
+            extra_params: vec![],
+            extra_headers: vec![],
+            default_ttl: Duration::from_secs(300),
+            egress: None,
+        }
+    }
+
+    /// 401s for one token arriving at once (from requests that were all sent with it): every
+    /// one is told a new token is coming, so each replays, and the token is swapped out once.
+    /// With the check made before the forced-refresh lock was taken, a later one could see the
+    /// token still current, then the rate limit the first had just set, and pass its 401 on.
+    #[test]
+    fn concurrent_401s_for_one_token_all_replay() {
+        for round in 0..300 {
+            let metrics = Arc::new(Metrics::new());
+            let holder = TokenHolder::new(settings(), vec!["p".into()], metrics).unwrap();
+            let token = AccessToken::new(
+                &format!("token-{round}"),
+                Duration::from_secs(3600),
+                Instant::now(),
+                None,
+            )
+            .unwrap();
+            holder.install(token);
+            let sent = holder.current().unwrap();
+            let start = std::sync::Barrier::new(4);
+            let replays: Vec<bool> = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            holder.invalidate(&sent)
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            assert!(replays.iter().all(|r| *r), "round {round}: {replays:?}");
+            assert!(holder.current().is_none(), "round {round}: not swapped out");
+        }
+    }
+}
