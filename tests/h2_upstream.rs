@@ -52,7 +52,8 @@ fn sha(bytes: &[u8]) -> String {
 
 /// An h2 (and http/1.1) TLS upstream: `/big` answers `BIG` bytes, `/stall` a body that never
 /// comes, `/slow` after 5 s, `/gate/N` once N requests to `/gate/…` are under way at once,
-/// anything else a small JSON body after reading the request body whole. Counts TCP
+/// `/pause/MS` after MS milliseconds, `/early` at once, keeping the request body unread for
+/// 30 s, anything else a small JSON body after reading the request body whole. Counts TCP
 /// connections.
 async fn h2_upstream(
     ca: &TestCa,
@@ -70,6 +71,22 @@ async fn h2_upstream(
 async fn h2_upstream_with(
     ca: &TestCa,
     max_streams: Option<u32>,
+) -> (
+    u16,
+    Arc<Mutex<Vec<Served>>>,
+    Arc<AtomicUsize>,
+    AbortOnDrop,
+    Arc<AtomicUsize>,
+) {
+    h2_upstream_serving(ca, max_streams, usize::MAX).await
+}
+
+/// As `h2_upstream_with`, closing every TCP connection after the first `served` right after
+/// its TLS handshake and h2's (its SETTINGS sent).
+async fn h2_upstream_serving(
+    ca: &TestCa,
+    max_streams: Option<u32>,
+    served: usize,
 ) -> (
     u16,
     Arc<Mutex<Vec<Served>>>,
@@ -96,13 +113,17 @@ async fn h2_upstream_with(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            count.fetch_add(1, Ordering::SeqCst);
+            let serve = count.fetch_add(1, Ordering::SeqCst) < served;
             let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
             let (dropped, gate) = (Arc::clone(&stalled), Arc::clone(&gate));
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
+                if !serve {
+                    let _ = h2::server::handshake(tls).await;
+                    return;
+                }
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let (log, dropped, gate) =
                         (Arc::clone(&log), Arc::clone(&dropped), Arc::clone(&gate));
@@ -122,6 +143,15 @@ async fn h2_upstream_with(
                             body_len: 0,
                             body_sha: String::new(),
                         };
+                        if served.path == "/early" {
+                            log.lock().unwrap().push(served);
+                            let body = req.into_body();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                                drop(body);
+                            });
+                            return Ok(json_response(200, "{\"ok\":true}", &[]));
+                        }
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         served.body_len = body.len();
                         served.body_sha = sha(&body);
@@ -132,6 +162,11 @@ async fn h2_upstream_with(
                             "/stall" => http::Response::new(Stalled(Arc::clone(&dropped)).boxed()),
                             "/slow" => {
                                 tokio::time::sleep(Duration::from_secs(5)).await;
+                                json_response(200, "{\"ok\":true}", &[])
+                            }
+                            paused if paused.starts_with("/pause/") => {
+                                let ms: u64 = paused["/pause/".len()..].parse().unwrap();
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
                                 json_response(200, "{\"ok\":true}", &[])
                             }
                             gated if gated.starts_with("/gate/") => {
@@ -759,9 +794,11 @@ async fn clients_that_stop_reading_lose_their_streams_at_the_route_timeout(on: O
 on_every_transport!(clients_that_stop_reading_lose_their_streams_at_the_route_timeout);
 
 /// On every transport, requests beyond the upstream's stream limit (2 per connection here) go
-/// on further connections: the upstream answers `/gate/6` only once six of them are under way
-/// at once, which one connection would never carry (they would wait for a stream until the
-/// route's timeout, 504).
+/// on further connections: the upstream answers `/gate/16` only once sixteen of them are under
+/// way at once, which one connection would never carry (they would wait for a stream until the
+/// route's timeout, 504). The burst also opens the proxy's first h2 connection: a connection
+/// takes requests only once its limit is known, so none is sent beyond it and refused (a
+/// connection used at once took the whole burst, and the upstream refused all but two).
 async fn requests_beyond_the_upstream_stream_limit_open_more_connections(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
@@ -771,15 +808,12 @@ async fn requests_beyond_the_upstream_stream_limit_open_more_connections(on: On)
         .await;
     proxy.ready().await;
     let client = on.client();
-    // The first answer tells the proxy the upstream speaks h2; the second opens its first h2
-    // connection, whose limit is then known.
-    for path in ["/first", "/second"] {
-        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    // The first answer tells the proxy the upstream speaks h2.
+    let r = client.get(on.url(&proxy, "/first")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     let before = connections.load(Ordering::SeqCst);
-    let gated = (0..6).map(|_| {
-        let request = client.get(on.url(&proxy, "/gate/6")).send();
+    let gated = (0..16).map(|_| {
+        let request = client.get(on.url(&proxy, "/gate/16")).send();
         async move {
             let r = request.await.unwrap();
             (r.status().as_u16(), r.text().await.unwrap())
@@ -790,14 +824,13 @@ async fn requests_beyond_the_upstream_stream_limit_open_more_connections(on: On)
     }
     let opened = connections.load(Ordering::SeqCst) - before;
     assert!(
-        opened >= 2,
-        "six requests at once on {} connections allowing 2 streams each",
-        opened + 1
+        opened >= 8,
+        "sixteen requests at once on {opened} connections allowing 2 streams each"
     );
     {
         let seen = seen.lock().unwrap();
         assert!(seen.iter().all(|s| s.version == http::Version::HTTP_2));
-        assert_eq!(seen.iter().filter(|s| s.path == "/gate/6").count(), 6);
+        assert_eq!(seen.iter().filter(|s| s.path == "/gate/16").count(), 16);
     }
     // Answered, their streams count no more: requests one at a time open nothing new.
     let now = connections.load(Ordering::SeqCst);
@@ -810,3 +843,91 @@ async fn requests_beyond_the_upstream_stream_limit_open_more_connections(on: On)
 }
 
 on_every_transport!(requests_beyond_the_upstream_stream_limit_open_more_connections);
+
+/// On every transport, an upload the upstream answered at once and then stopped reading still
+/// holds its stream while the proxy sends on (until the route's timeout): it counts against
+/// the upstream's stream limit, so with two such uploads on a connection allowing two
+/// streams, the next request goes on a new connection at once rather than waiting there.
+async fn uploads_sent_on_after_their_answer_keep_their_streams_counted(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, seen, connections, _guard, _) = h2_upstream_with(&ca, Some(2)).await;
+    let proxy = on
+        .proxy(&https_route_with(&tokens, port, &ca, "timeout = \"20s\""))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    for path in ["/first", "/second"] {
+        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let before = connections.load(Ordering::SeqCst);
+    // Larger than the upstream's windows (hyper's: 1 MiB per stream and connection).
+    let upload = pattern(3 * 1024 * 1024);
+    let mut uploads = Vec::new();
+    for _ in 0..2 {
+        let (client, url, body) = (client.clone(), on.url(&proxy, "/early"), upload.clone());
+        uploads.push(tokio::spawn(async move {
+            let r = client.post(url).body(body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }));
+    }
+    eventually(Duration::from_secs(5), || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == "/early")
+            .count()
+            == 2
+    })
+    .await;
+    // A client of its own: reqwest's HTTP/1.1 pool would wait for one of the uploads'.
+    let next = async {
+        let r = on
+            .client()
+            .get(on.url(&proxy, "/next"))
+            .send()
+            .await
+            .unwrap();
+        r.status()
+    };
+    let next = tokio::time::timeout(Duration::from_secs(8), next).await;
+    assert_eq!(
+        next.expect("the request waited behind two uploads' streams"),
+        200
+    );
+    assert!(connections.load(Ordering::SeqCst) > before);
+    for upload in uploads {
+        upload.abort();
+    }
+}
+
+on_every_transport!(uploads_sent_on_after_their_answer_keep_their_streams_counted);
+
+/// On every transport, when every further connection the upstream accepts is closed right
+/// after its TLS handshake, requests beyond the first connection's stream limit queue on it
+/// and are answered, rather than being sent on the closing connections and failing (502).
+async fn requests_queue_when_further_connections_close_at_once(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    // The warm-up's connection (hyper's client) and the proxy's first h2 connection are served.
+    let (port, _seen, _connections, _guard, _) = h2_upstream_serving(&ca, Some(2), 2).await;
+    let proxy = on
+        .proxy(&https_route_with(&tokens, port, &ca, "timeout = \"20s\""))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    for path in ["/first", "/second"] {
+        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let burst = (0..6).map(|_| {
+        let request = client.get(on.url(&proxy, "/pause/200")).send();
+        async move { request.await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(burst).await;
+    assert_eq!(statuses, vec![200; 6]);
+}
+
+on_every_transport!(requests_queue_when_further_connections_close_at_once);

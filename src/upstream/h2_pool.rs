@@ -27,7 +27,10 @@
 //! HTTP/2 transport does). A request body's wait for the upstream's window is bounded by the
 //! route's timeout, also after the answer came.
 //! New connections are opened one at a time per key, so a GOAWAY under load costs one TLS
-//! handshake, not one per waiting request. What a failed stream may do next (retry on a new
+//! handshake, not one per waiting request, and a new one takes requests once the upstream's
+//! SETTINGS are in (the answer to a first PING follows them: one round trip), so a burst is
+//! never sent beyond a stream limit not yet known, to be refused. One that ends before that
+//! is a failed open: the requests waiting for it queue on the connections there are. What a failed stream may do next (retry on a new
 //! connection, or fail) is `crate::pipeline::send`'s rule, fed by `Failure`.
 
 use std::collections::HashMap;
@@ -69,6 +72,9 @@ const MIN_PATIENCE: Duration = Duration::from_secs(1);
 /// §6.5.2 asks for at least 100; Go's transport assumes as many); streams beyond its real
 /// limit are refused unprocessed, and sent again.
 const INITIAL_MAX_STREAMS: usize = 100;
+/// The most connections one request opens before it queues on a full one: a connection that
+/// ends as soon as it is listed (a GOAWAY at once) makes each waiting request open another.
+const OPENS_PER_REQUEST: usize = 3;
 /// The most connections to one upstream (key): with the usual stream limits of 100 or 128,
 /// 1,600 or more requests under way at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -308,13 +314,14 @@ struct Relayed {
     limit_ms: u64,
     /// Whether `ConnState::relayed` lists it (from its first frame that was not the last).
     listed: AtomicBool,
-    /// The stream, counted on its connection until the answer is dropped or reset.
-    counted: Mutex<Option<Counted>>,
+    /// The stream, counted on its connection until the answer is dropped or reset (and a
+    /// request body sent on after the answer is done: `Live::exchange`).
+    counted: Mutex<Option<Arc<Counted>>>,
     state: Arc<ConnState>,
 }
 
 impl Answer {
-    fn new(stream: RecvStream, counted: Counted, limit: Duration) -> Answer {
+    fn new(stream: RecvStream, counted: Arc<Counted>, limit: Duration) -> Answer {
         Answer {
             relayed: Arc::new(Relayed {
                 stream: Mutex::new(Some(stream)),
@@ -453,21 +460,33 @@ impl H2Pool {
         timeout: Duration,
     ) -> Result<Response<Answer>, Failure>
     where
-        F: FnOnce() -> Fut,
+        F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Opened, String>>,
     {
         let patience = patience(timeout);
         let slot = self.slot(key);
-        let (live, counted) = match slot.pick(false) {
-            Some(picked) => picked,
-            None => match Slot::open(&slot, key, open, patience).await {
-                Ok(opened) => opened,
-                // Every connection is full and no other could be opened: queue on one.
-                Err(failure) => slot.pick(true).ok_or(failure)?,
-            },
+        let mut opened = 0;
+        let (live, counted) = loop {
+            if let Some(picked) = slot.pick(false) {
+                break picked;
+            }
+            let failure = if opened < OPENS_PER_REQUEST {
+                match Slot::open(&slot, key, &open, patience).await {
+                    Ok(()) => {
+                        opened += 1;
+                        continue;
+                    }
+                    Err(failure) => failure,
+                }
+            } else {
+                Failure::Connect("new connections to the upstream were gone at once".into())
+            };
+            // Every connection is full and no other could be opened: queue on one.
+            break slot.pick(true).ok_or(failure)?;
         };
+        let counted = Arc::new(counted);
         let _waiting = live.state.wait(patience);
-        let response = live.exchange(request, timeout).await?;
+        let response = live.exchange(request, timeout, &counted).await?;
         Ok(response.map(|stream| Answer::new(stream, counted, timeout)))
     }
 
@@ -509,26 +528,34 @@ impl Slot {
         least.map(|(_, live)| (live.clone(), Counted::new(&live.state)))
     }
 
-    /// Opens another connection (or takes a stream on one that another request just opened,
-    /// or that has one to spare again).
+    /// Opens another connection, unless one has a stream to spare by the time this request's
+    /// turn to open comes (another request just opened one, or a stream ended). The
+    /// connection is listed once the upstream's SETTINGS are in (a PING's answer follows
+    /// them): listed before, the requests waiting to open would all be sent on it at once,
+    /// beyond a stream limit not yet known, and the upstream would refuse the excess.
     async fn open<F, Fut>(
         slot: &Arc<Slot>,
         key: &str,
-        open: F,
+        open: &F,
         patience: Duration,
-    ) -> Result<(Live, Counted), Failure>
+    ) -> Result<(), Failure>
     where
-        F: FnOnce() -> Fut,
+        F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Opened, String>>,
     {
         let failed_before = slot.failed_opens.load(Ordering::Acquire);
         let _opening = slot.opening.lock().await;
-        if let Some(picked) = slot.pick(false) {
-            return Ok(picked);
+        if slot.pick(false).is_some() {
+            return Ok(());
         }
         if slot.failed_opens.load(Ordering::Acquire) != failed_before {
             return Err(Failure::Connect(lock(&slot.last_failure).clone()));
         }
+        let failed = |cause: String| {
+            *lock(&slot.last_failure) = cause.clone();
+            slot.failed_opens.fetch_add(1, Ordering::Release);
+            Failure::Connect(cause)
+        };
         let state = Arc::new(ConnState::new(patience));
         let handshake = async {
             let io = Listening {
@@ -545,30 +572,35 @@ impl Slot {
                 .await
                 .map_err(|e| format!("h2 handshake: {e}"))
         };
-        let (send, connection) = match handshake.await {
-            Ok(pair) => pair,
-            Err(cause) => {
-                *lock(&slot.last_failure) = cause.clone();
-                slot.failed_opens.fetch_add(1, Ordering::Release);
-                return Err(Failure::Connect(cause));
-            }
-        };
+        let (send, connection) = handshake.await.map_err(failed)?;
         let id = slot.next_id.fetch_add(1, Ordering::Relaxed);
         let live = Live {
             id,
             send,
             state: Arc::clone(&state),
         };
-        let counted = Counted::new(&state);
-        lock(&slot.live).push(live.clone());
+        let (settled, settling) = tokio::sync::oneshot::channel();
         let watch = Watch {
             slot: Arc::downgrade(slot),
             key: key.into(),
             id,
             state,
+            settled: Some(settled),
         };
         tokio::spawn(watch.drive(connection));
-        Ok((live, counted))
+        match tokio::time::timeout(patience, settling).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err(failed(
+                    "h2: the connection ended before its SETTINGS".into(),
+                ))
+            }
+            // Slow to answer: taken all the same (with `INITIAL_MAX_STREAMS`); its liveness
+            // check judges it.
+            Err(_) => {}
+        }
+        lock(&slot.live).push(live);
+        Ok(())
     }
 
     fn retire(&self, id: u64) {
@@ -582,6 +614,9 @@ struct Watch {
     key: Box<str>,
     id: u64,
     state: Arc<ConnState>,
+    /// Told when the answer to the first PING came (the upstream's SETTINGS are in); dropped
+    /// unsent when the connection ends first.
+    settled: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Watch {
@@ -590,12 +625,22 @@ impl Watch {
     /// the slot's handle is dropped), and closes it when nothing comes from it within
     /// `patience` of a PING sent while requests waited on it in silence
     /// (`ConnState::needs_ping`).
-    async fn drive(self, connection: h2::client::Connection<Coalesce<Listening<Opened>>, Bytes>) {
+    async fn drive(
+        mut self,
+        connection: h2::client::Connection<Coalesce<Listening<Opened>>, Bytes>,
+    ) {
+        let mut settled = self.settled.take();
         let state = &self.state;
         let mut connection = std::pin::pin!(connection);
         let mut pings = connection.ping_pong();
-        // A PING awaits its answer (h2 takes one at a time).
-        let mut outstanding = false;
+        // A PING awaits its answer (h2 takes one at a time). The first is sent at once: the
+        // upstream's SETTINGS come before its answer (RFC 9113 §3.4).
+        let mut outstanding = pings
+            .as_mut()
+            .is_some_and(|pings| pings.send_ping(h2::Ping::opaque()).is_ok());
+        if !outstanding {
+            settled.take().map(|settled| settled.send(()));
+        }
         // When the connection is taken for dead unless something comes from it meanwhile, and
         // when that wait began (milliseconds since `born`).
         let mut deadline: Option<(tokio::time::Instant, u64)> = None;
@@ -627,6 +672,7 @@ impl Watch {
                     outstanding = false;
                     if answered {
                         deadline = None;
+                        settled.take().map(|settled| settled.send(()));
                     }
                 }
                 () = dead => {
@@ -681,6 +727,7 @@ impl Live {
         &self,
         request: Request<ProxyBody>,
         timeout: Duration,
+        counted: &Arc<Counted>,
     ) -> Result<Response<RecvStream>, Failure> {
         let (parts, body) = request.into_parts();
         let mut head = Request::from_parts(parts, ());
@@ -717,9 +764,11 @@ impl Live {
         let answer = match answer {
             Some(Ok(answer)) => {
                 // Answered before the whole body went: the rest is sent on meanwhile (the
-                // pump ends when the upstream resets the stream).
+                // pump ends when the upstream resets the stream), its stream still counted.
+                let counted = Arc::clone(counted);
                 tokio::spawn(async move {
                     let _ = pump.await;
+                    drop(counted);
                 });
                 Ok(answer)
             }
