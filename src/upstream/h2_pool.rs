@@ -30,8 +30,9 @@
 //! handshake, not one per waiting request, and a new one takes requests once the upstream's
 //! SETTINGS are in (the answer to a first PING follows them: one round trip), so a burst is
 //! never sent beyond a stream limit not yet known, to be refused. One that ends before that
-//! is a failed open: the requests waiting for it queue on the connections there are. What a failed stream may do next (retry on a new
-//! connection, or fail) is `crate::pipeline::send`'s rule, fed by `Failure`.
+//! is a failed open: the requests waiting for it queue on the connections there are. What a
+//! failed stream may do next (retry on a new connection, or fail) is `crate::pipeline::send`'s
+//! rule, fed by `Failure`.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -447,8 +448,8 @@ pub enum Failure {
 }
 
 impl H2Pool {
-    /// Sends `request` on the live connection under `key`, opening one with `open` when there
-    /// is none, and awaits the response head; `timeout` is the route's (it sets how long a
+    /// Sends `request` on a connection under `key` with a stream to spare, opening one with
+    /// `open` when there is none (the module's rule), and awaits the response head; `timeout` is the route's (it sets how long a
     /// silent connection is borne, `patience`, and bounds each wait of the request body for
     /// the upstream's window). The body is sent alongside; a body the upstream answered before
     /// the end of is sent on in a task of its own.
