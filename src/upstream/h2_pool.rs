@@ -28,11 +28,12 @@
 //! route's timeout, also after the answer came.
 //! New connections are opened one at a time per key, so a GOAWAY under load costs one TLS
 //! handshake, not one per waiting request, and a new one takes requests once the upstream's
-//! SETTINGS are in (the answer to a first PING follows them: one round trip), so a burst is
-//! never sent beyond a stream limit not yet known, to be refused. One that ends before that
-//! is a failed open: the requests waiting for it queue on the connections there are. What a
-//! failed stream may do next (retry on a new connection, or fail) is `crate::pipeline::send`'s
-//! rule, fed by `Failure`.
+//! first SETTINGS are in (they follow its TLS handshake at once), so a burst is never sent
+//! beyond a stream limit not yet known, to be refused. One that ends before that is a failed
+//! open, and one that goes away before it answered anything (`Slot::dud_lately`) pauses
+//! opening: either way the requests waiting queue on the connections there are. What a failed
+//! stream may do next (retry on a new connection, or fail) is `crate::pipeline::send`'s rule,
+//! fed by `Failure`.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -69,13 +70,20 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 pub const MAX_PATIENCE: Duration = Duration::from_secs(10);
 /// The shortest: a PING's answer can queue behind a busy connection's frames.
 const MIN_PATIENCE: Duration = Duration::from_secs(1);
-/// The streams a new connection is taken to allow until the upstream's SETTINGS say (RFC 9113
-/// §6.5.2 asks for at least 100; Go's transport assumes as many); streams beyond its real
-/// limit are refused unprocessed, and sent again.
+/// The streams a new connection is taken to allow until the upstream's SETTINGS say, if they
+/// are slow to come (RFC 9113 §6.5.2 asks for at least 100; Go's transport assumes as many);
+/// streams beyond its real limit are refused unprocessed, and sent again.
 const INITIAL_MAX_STREAMS: usize = 100;
+/// h2's stream limit for a connection until the upstream's first SETTINGS: not a value SETTINGS
+/// can set (at most 2^32 - 1, or `usize::MAX` when they name none), so it tells they have not
+/// come yet.
+const UNKNOWN_LIMIT: usize = usize::MAX - 1;
 /// The most connections one request opens before it queues on a full one: a connection that
 /// ends as soon as it is listed (a GOAWAY at once) makes each waiting request open another.
 const OPENS_PER_REQUEST: usize = 3;
+/// How long after a new connection went away unused requests queue on the others rather than
+/// open another (`Slot::dud_lately`).
+const DUD_PAUSE: Duration = Duration::from_secs(1);
 /// The most connections to one upstream (key): with the usual stream limits of 100 or 128,
 /// 1,600 or more requests under way at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -131,6 +139,8 @@ struct Slot {
     /// for an attempt that failed share its failure rather than each trying again in turn.
     failed_opens: AtomicU64,
     last_failure: Mutex<String>,
+    /// When a new connection last went away before it answered any request (`DUD_PAUSE`).
+    last_dud: Mutex<Option<Instant>>,
 }
 
 #[derive(Clone)]
@@ -147,6 +157,8 @@ struct ConnState {
     last_used: AtomicU64,
     /// Streams under way on it (`Counted`), to tell when it is full.
     streams: AtomicUsize,
+    /// A response head came on it.
+    answered: AtomicBool,
     /// Requests waiting for their response heads.
     waiting: AtomicUsize,
     /// When requests last began waiting on it with none waiting before, in milliseconds
@@ -167,6 +179,7 @@ impl ConnState {
             gone: AtomicBool::new(false),
             last_used: AtomicU64::new(0),
             streams: AtomicUsize::new(0),
+            answered: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             wait_began: AtomicU64::new(0),
             last_read: AtomicU64::new(0),
@@ -471,6 +484,11 @@ impl H2Pool {
             if let Some(picked) = slot.pick(false) {
                 break picked;
             }
+            if slot.dud_lately() {
+                if let Some(picked) = slot.pick(true) {
+                    break picked;
+                }
+            }
             let failure = if opened < OPENS_PER_REQUEST {
                 match Slot::open(&slot, key, &open, patience).await {
                     Ok(()) => {
@@ -487,7 +505,17 @@ impl H2Pool {
         };
         let counted = Arc::new(counted);
         let _waiting = live.state.wait(patience);
-        let response = live.exchange(request, timeout, &counted).await?;
+        let response = match live.exchange(request, timeout, &counted).await {
+            Ok(response) => response,
+            Err(failure) => {
+                let state = &live.state;
+                if state.gone.load(Ordering::Relaxed) && !state.answered.load(Ordering::Relaxed) {
+                    *lock(&slot.last_dud) = Some(Instant::now());
+                }
+                return Err(failure);
+            }
+        };
+        live.state.answered.store(true, Ordering::Relaxed);
         Ok(response.map(|stream| Answer::new(stream, counted, timeout)))
     }
 
@@ -516,7 +544,7 @@ impl Slot {
         let mut least: Option<(usize, &Live)> = None;
         for live in conns.iter() {
             let under_way = live.state.streams.load(Ordering::Relaxed);
-            if under_way < live.send.current_max_send_streams() {
+            if under_way < live.limit() {
                 return Some((live.clone(), Counted::new(&live.state)));
             }
             if least.map_or(true, |(fewest, _)| under_way < fewest) {
@@ -531,9 +559,9 @@ impl Slot {
 
     /// Opens another connection, unless one has a stream to spare by the time this request's
     /// turn to open comes (another request just opened one, or a stream ended). The
-    /// connection is listed once the upstream's SETTINGS are in (a PING's answer follows
-    /// them): listed before, the requests waiting to open would all be sent on it at once,
-    /// beyond a stream limit not yet known, and the upstream would refuse the excess.
+    /// connection is listed once the upstream's first SETTINGS are in (`Watch::drive` tells):
+    /// listed before, the requests waiting to open would all be sent on it at once, beyond a
+    /// stream limit not yet known, and the upstream would refuse the excess.
     async fn open<F, Fut>(
         slot: &Arc<Slot>,
         key: &str,
@@ -567,7 +595,7 @@ impl Slot {
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_header_list_size(MAX_HEADER_LIST)
-                .initial_max_send_streams(INITIAL_MAX_STREAMS)
+                .initial_max_send_streams(UNKNOWN_LIMIT)
                 .enable_push(false)
                 .handshake::<_, Bytes>(Coalesce::new(io))
                 .await
@@ -575,19 +603,15 @@ impl Slot {
         };
         let (send, connection) = handshake.await.map_err(failed)?;
         let id = slot.next_id.fetch_add(1, Ordering::Relaxed);
-        let live = Live {
-            id,
-            send,
-            state: Arc::clone(&state),
-        };
         let (settled, settling) = tokio::sync::oneshot::channel();
         let watch = Watch {
             slot: Arc::downgrade(slot),
             key: key.into(),
             id,
-            state,
-            settled: Some(settled),
+            state: Arc::clone(&state),
+            settling: Some((send.clone(), settled)),
         };
+        let live = Live { id, send, state };
         tokio::spawn(watch.drive(connection));
         match tokio::time::timeout(patience, settling).await {
             Ok(Ok(())) => {}
@@ -596,8 +620,8 @@ impl Slot {
                     "h2: the connection ended before its SETTINGS".into(),
                 ))
             }
-            // Slow to answer: taken all the same (with `INITIAL_MAX_STREAMS`); its liveness
-            // check judges it.
+            // Slow to send them: taken all the same (taken to allow `INITIAL_MAX_STREAMS`);
+            // its liveness check judges it.
             Err(_) => {}
         }
         lock(&slot.live).push(live);
@@ -607,6 +631,14 @@ impl Slot {
     fn retire(&self, id: u64) {
         lock(&self.live).retain(|live| live.id != id);
     }
+
+    /// A new connection went away before it answered anything within `DUD_PAUSE`: requests
+    /// that find every connection full queue on one rather than open another, which would
+    /// likely go the same way (an upstream that takes no more connections than it has, and
+    /// says so with a GOAWAY or a reset once the first request comes).
+    fn dud_lately(&self) -> bool {
+        lock(&self.last_dud).is_some_and(|at| at.elapsed() < DUD_PAUSE)
+    }
 }
 
 /// What a connection's task keeps of it.
@@ -615,9 +647,9 @@ struct Watch {
     key: Box<str>,
     id: u64,
     state: Arc<ConnState>,
-    /// Told when the answer to the first PING came (the upstream's SETTINGS are in); dropped
-    /// unsent when the connection ends first.
-    settled: Option<tokio::sync::oneshot::Sender<()>>,
+    /// A handle to the connection and whom to tell once the upstream's SETTINGS are in; the
+    /// sender is dropped unsent when the connection ends first.
+    settling: Option<(SendRequest<Bytes>, tokio::sync::oneshot::Sender<()>)>,
 }
 
 impl Watch {
@@ -630,18 +662,25 @@ impl Watch {
         mut self,
         connection: h2::client::Connection<Coalesce<Listening<Opened>>, Bytes>,
     ) {
-        let mut settled = self.settled.take();
         let state = &self.state;
         let mut connection = std::pin::pin!(connection);
         let mut pings = connection.ping_pong();
-        // A PING awaits its answer (h2 takes one at a time). The first is sent at once: the
-        // upstream's SETTINGS come before its answer (RFC 9113 §3.4).
-        let mut outstanding = pings
-            .as_mut()
-            .is_some_and(|pings| pings.send_ping(h2::Ping::opaque()).is_ok());
-        if !outstanding {
-            settled.take().map(|settled| settled.send(()));
-        }
+        // Until the upstream's SETTINGS are in: a handle to read its stream limit with, and
+        // whom to tell. Both go once they are (or `open` stopped waiting), so that the
+        // connection still closes once the slot lets go of it.
+        let mut settling = self.settling.take();
+        let mut connection = std::pin::pin!(poll_fn(|cx| {
+            let polled = std::future::Future::poll(connection.as_mut(), cx);
+            let settled = settling.as_ref().is_some_and(|(probe, settled)| {
+                probe.current_max_send_streams() != UNKNOWN_LIMIT || settled.is_closed()
+            });
+            if settled {
+                settling.take().map(|(_, settled)| settled.send(()));
+            }
+            polled
+        }));
+        // A PING awaits its answer (h2 takes one at a time).
+        let mut outstanding = false;
         // When the connection is taken for dead unless something comes from it meanwhile, and
         // when that wait began (milliseconds since `born`).
         let mut deadline: Option<(tokio::time::Instant, u64)> = None;
@@ -673,7 +712,6 @@ impl Watch {
                     outstanding = false;
                     if answered {
                         deadline = None;
-                        settled.take().map(|settled| settled.send(()));
                     }
                 }
                 () = dead => {
@@ -718,6 +756,14 @@ impl Watch {
 }
 
 impl Live {
+    /// The streams the upstream allows at once on it.
+    fn limit(&self) -> usize {
+        match self.send.current_max_send_streams() {
+            UNKNOWN_LIMIT => INITIAL_MAX_STREAMS,
+            limit => limit,
+        }
+    }
+
     /// Takes new streams: not gone, and used within `IDLE_TIMEOUT`.
     fn usable(&self) -> bool {
         !self.state.gone.load(Ordering::Relaxed) && self.state.idle_for() < IDLE_TIMEOUT
