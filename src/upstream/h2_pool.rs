@@ -515,7 +515,9 @@ impl H2Pool {
                 return Err(failure);
             }
         };
-        live.state.answered.store(true, Ordering::Relaxed);
+        if !live.state.answered.load(Ordering::Relaxed) {
+            live.state.answered.store(true, Ordering::Relaxed);
+        }
         Ok(response.map(|stream| Answer::new(stream, counted, timeout)))
     }
 
