@@ -92,7 +92,7 @@ pub(crate) fn may_retry(method: &Method, written: bool) -> bool {
 
 /// Sends a request to the route's upstream within the route's timeout: an `http://` upstream,
 /// or an `https://` one known to answer in HTTP/1.1, on the fast path's pooled connections
-/// (`crate::upstream::h1`); an `https://` upstream known to answer in h2 on its h2 connection
+/// (`crate::upstream::h1`); an `https://` upstream known to answer in h2 on its h2 connections
 /// (`crate::upstream::H2Pool`); any other through hyper's client (ALPN chooses, and what the
 /// upstream answered in is learned). `make` builds
 /// the request, and is asked again for a retry (`may_retry`, and streams an h2 upstream did
