@@ -78,15 +78,17 @@ async fn h2_upstream_with(
     AbortOnDrop,
     Arc<AtomicUsize>,
 ) {
-    h2_upstream_serving(ca, max_streams, usize::MAX).await
+    h2_upstream_serving(ca, max_streams, usize::MAX, false).await
 }
 
 /// As `h2_upstream_with`, closing every TCP connection after the first `served` right after
-/// its TLS handshake and h2's (its SETTINGS sent).
+/// its TLS handshake and h2's (its SETTINGS sent); with `silent`, keeping them open without a
+/// byte instead.
 async fn h2_upstream_serving(
     ca: &TestCa,
     max_streams: Option<u32>,
     served: usize,
+    silent: bool,
 ) -> (
     u16,
     Arc<Mutex<Vec<Served>>>,
@@ -121,7 +123,12 @@ async fn h2_upstream_serving(
                     return;
                 };
                 if !serve {
-                    let _ = h2::server::handshake(tls).await;
+                    if silent {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        drop(tls);
+                    } else {
+                        let _ = h2::server::handshake(tls).await;
+                    }
                     return;
                 }
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -932,7 +939,7 @@ async fn requests_queue_when_further_connections_close_at_once(on: On) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
     // The warm-up's connection (hyper's client) and the proxy's first h2 connection are served.
-    let (port, _seen, _connections, _guard, _) = h2_upstream_serving(&ca, Some(2), 2).await;
+    let (port, _seen, _connections, _guard, _) = h2_upstream_serving(&ca, Some(2), 2, false).await;
     let proxy = on
         .proxy(&https_route_with(&tokens, port, &ca, "timeout = \"20s\""))
         .await;
@@ -951,3 +958,31 @@ async fn requests_queue_when_further_connections_close_at_once(on: On) {
 }
 
 on_every_transport!(requests_queue_when_further_connections_close_at_once);
+
+/// On every transport, when further connections the upstream accepts never send a byte after
+/// TLS (no SETTINGS: a load balancer whose backend hangs), requests beyond the first
+/// connection's stream limit queue on it once the new connection has been silent for a third
+/// of the route's timeout, and are answered, rather than going on the silent one to end at
+/// the route's timeout (504).
+async fn requests_queue_when_further_connections_stay_silent(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, _seen, _connections, _guard, _) = h2_upstream_serving(&ca, Some(2), 2, true).await;
+    let proxy = on
+        .proxy(&https_route_with(&tokens, port, &ca, "timeout = \"3s\""))
+        .await;
+    proxy.ready().await;
+    let client = on.client();
+    for path in ["/first", "/second"] {
+        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let burst = (0..6).map(|_| {
+        let request = client.get(on.url(&proxy, "/pause/200")).send();
+        async move { request.await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(burst).await;
+    assert_eq!(statuses, vec![200; 6]);
+}
+
+on_every_transport!(requests_queue_when_further_connections_stay_silent);

@@ -28,10 +28,11 @@
 //! route's timeout, also after the answer came.
 //! New connections are opened one at a time per key, so a GOAWAY under load costs one TLS
 //! handshake, not one per waiting request, and a new one takes requests once the upstream's
-//! first SETTINGS are in (they follow its TLS handshake at once), so a burst is never sent
-//! beyond a stream limit not yet known, to be refused. One that ends before that is a failed
-//! open, and one that goes away before it answered anything (`Slot::dud_lately`) pauses
-//! opening: either way the requests waiting queue on the connections there are. What a failed
+//! first SETTINGS are in (most upstreams send them a round trip after the TLS handshake), so
+//! a burst is never sent beyond a stream limit not yet known, to be refused. One that ends
+//! before that, or sends nothing for `patience` while there are others, is a failed open, and
+//! one that goes away before it answered anything (`Slot::dud_lately`) pauses opening: either
+//! way the requests waiting queue on the connections there are. What a failed
 //! stream may do next (retry on a new connection, or fail) is `crate::pipeline::send`'s rule,
 //! fed by `Failure`.
 
@@ -70,10 +71,6 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 pub const MAX_PATIENCE: Duration = Duration::from_secs(10);
 /// The shortest: a PING's answer can queue behind a busy connection's frames.
 const MIN_PATIENCE: Duration = Duration::from_secs(1);
-/// The streams a new connection is taken to allow until the upstream's SETTINGS say, if they
-/// are slow to come (RFC 9113 §6.5.2 asks for at least 100; Go's transport assumes as many);
-/// streams beyond its real limit are refused unprocessed, and sent again.
-const INITIAL_MAX_STREAMS: usize = 100;
 /// h2's stream limit for a connection until the upstream's first SETTINGS: not a value SETTINGS
 /// can set (at most 2^32 - 1, or `usize::MAX` when they name none), so it tells they have not
 /// come yet.
@@ -622,8 +619,13 @@ impl Slot {
                     "h2: the connection ended before its SETTINGS".into(),
                 ))
             }
-            // Slow to send them: taken all the same (taken to allow `INITIAL_MAX_STREAMS`);
-            // its liveness check judges it.
+            // Silent: with other connections to use, given up (requests queue on those); as
+            // the only way to the upstream, taken all the same, one stream at a time until its
+            // SETTINGS come.
+            Err(_) if lock(&slot.live).iter().any(Live::usable) => {
+                let waited = humantime::format_duration(patience);
+                return Err(failed(format!("h2: no SETTINGS within {waited}")));
+            }
             Err(_) => {}
         }
         lock(&slot.live).push(live);
@@ -761,7 +763,8 @@ impl Live {
     /// The streams the upstream allows at once on it.
     fn limit(&self) -> usize {
         match self.send.current_max_send_streams() {
-            UNKNOWN_LIMIT => INITIAL_MAX_STREAMS,
+            // Its SETTINGS were slow to come (`Slot::open`): one, as any upstream allows.
+            UNKNOWN_LIMIT => 1,
             limit => limit,
         }
     }
