@@ -936,25 +936,7 @@ on_every_transport!(uploads_sent_on_after_their_answer_keep_their_streams_counte
 /// after its TLS handshake, requests beyond the first connection's stream limit queue on it
 /// and are answered, rather than being sent on the closing connections and failing (502).
 async fn requests_queue_when_further_connections_close_at_once(on: On) {
-    let ca = TestCa::new();
-    let tokens = TokenServer::healthy(3600).await;
-    // The warm-up's connection (hyper's client) and the proxy's first h2 connection are served.
-    let (port, _seen, _connections, _guard, _) = h2_upstream_serving(&ca, Some(2), 2, false).await;
-    let proxy = on
-        .proxy(&https_route_with(&tokens, port, &ca, "timeout = \"20s\""))
-        .await;
-    proxy.ready().await;
-    let client = on.client();
-    for path in ["/first", "/second"] {
-        let r = client.get(on.url(&proxy, path)).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-    }
-    let burst = (0..6).map(|_| {
-        let request = client.get(on.url(&proxy, "/pause/200")).send();
-        async move { request.await.unwrap().status().as_u16() }
-    });
-    let statuses = futures_util::future::join_all(burst).await;
-    assert_eq!(statuses, vec![200; 6]);
+    burst_beyond_the_one_connection_served(on, false).await;
 }
 
 on_every_transport!(requests_queue_when_further_connections_close_at_once);
@@ -965,9 +947,16 @@ on_every_transport!(requests_queue_when_further_connections_close_at_once);
 /// of the route's timeout, and are answered, rather than going on the silent one to end at
 /// the route's timeout (504).
 async fn requests_queue_when_further_connections_stay_silent(on: On) {
+    burst_beyond_the_one_connection_served(on, true).await;
+}
+
+/// Six requests at once, answered after 200 ms, through an upstream that allows 2 streams per
+/// connection and serves only the warm-up's connection and the proxy's first h2 connection
+/// (closing or, with `silent`, holding the others): all must be 200 (3 s route timeout).
+async fn burst_beyond_the_one_connection_served(on: On, silent: bool) {
     let ca = TestCa::new();
     let tokens = TokenServer::healthy(3600).await;
-    let (port, _seen, _connections, _guard, _) = h2_upstream_serving(&ca, Some(2), 2, true).await;
+    let (port, _seen, _connections, _guard, _) = h2_upstream_serving(&ca, Some(2), 2, silent).await;
     let proxy = on
         .proxy(&https_route_with(&tokens, port, &ca, "timeout = \"3s\""))
         .await;
