@@ -459,9 +459,9 @@ pub enum Failure {
 
 impl H2Pool {
     /// Sends `request` on a connection under `key` with a stream to spare, opening one with
-    /// `open` when there is none (the module's rule), and awaits the response head; `timeout` is the route's (it sets how long a
-    /// silent connection is borne, `patience`, and bounds each wait of the request body for
-    /// the upstream's window). The body is sent alongside; a body the upstream answered before
+    /// `open` when there is none (the module's rule), and awaits the response head; `timeout`
+    /// is the route's (it sets how long a silent connection is borne, `patience`, and bounds
+    /// each wait of the request body for the upstream's window). The body is sent alongside; a body the upstream answered before
     /// the end of is sent on in a task of its own.
     pub async fn send<F, Fut>(
         &self,
@@ -488,7 +488,8 @@ impl H2Pool {
             }
             let failure = if opened < OPENS_PER_REQUEST {
                 match Slot::open(&slot, key, &open, patience).await {
-                    Ok(()) => {
+                    Ok(Some(picked)) => break picked,
+                    Ok(None) => {
                         opened += 1;
                         continue;
                     }
@@ -557,7 +558,8 @@ impl Slot {
     }
 
     /// Opens another connection, unless one has a stream to spare by the time this request's
-    /// turn to open comes (another request just opened one, or a stream ended). The
+    /// turn to open comes (another request just opened one, or a stream ended: that stream is
+    /// taken and returned). The
     /// connection is listed once the upstream's first SETTINGS are in (`Watch::drive` tells):
     /// listed before, the requests waiting to open would all be sent on it at once, beyond a
     /// stream limit not yet known, and the upstream would refuse the excess.
@@ -566,15 +568,15 @@ impl Slot {
         key: &str,
         open: &F,
         patience: Duration,
-    ) -> Result<(), Failure>
+    ) -> Result<Option<(Live, Counted)>, Failure>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Opened, String>>,
     {
         let failed_before = slot.failed_opens.load(Ordering::Acquire);
         let _opening = slot.opening.lock().await;
-        if slot.pick(false).is_some() {
-            return Ok(());
+        if let Some(picked) = slot.pick(false) {
+            return Ok(Some(picked));
         }
         if slot.failed_opens.load(Ordering::Acquire) != failed_before {
             return Err(Failure::Connect(lock(&slot.last_failure).clone()));
@@ -629,7 +631,7 @@ impl Slot {
             Err(_) => {}
         }
         lock(&slot.live).push(live);
-        Ok(())
+        Ok(None)
     }
 
     fn retire(&self, id: u64) {
