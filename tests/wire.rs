@@ -158,20 +158,27 @@ async fn pooled_connections_the_upstream_closed_are_not_used() {
     })
     .await;
     let proxy = proxy_to(&upstream, &tokens).await;
-    let client = client();
-    for (i, method) in ["GET", "POST", "GET", "DELETE", "POST"].iter().enumerate() {
-        // Time for the upstream's FIN to arrive; a POST must not be sent into a dead socket
-        // (it could not be retried).
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let r = client
-            .request(method.parse().unwrap(), proxy.url(&format!("/{i}")))
-            .body("x")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "request {i} ({method})");
+    // The fast path, and hyper's transport (whose codec stays parked on the connection).
+    let h2c = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for client in [client(), h2c] {
+        for (i, method) in ["GET", "POST", "GET", "DELETE", "POST"].iter().enumerate() {
+            // Time for the upstream's FIN to arrive; a POST must not be sent into a dead
+            // socket (it could not be retried).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let r = client
+                .request(method.parse().unwrap(), proxy.url(&format!("/{i}")))
+                .body("x")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "request {i} ({method})");
+        }
     }
-    assert_eq!(upstream.connections(), 5);
+    assert_eq!(upstream.connections(), 10);
 }
 
 #[tokio::test]
