@@ -652,8 +652,7 @@ async fn upstream_connections_are_pooled_and_retired_alike(on: On) {
             ),
             "/empty" => reply("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
             "/no-content" => reply("HTTP/1.1 204 No Content\r\n\r\n"),
-            // Beyond what hyper's codec may stay parked with (`upstream::h1::PARK_LIMIT`):
-            // its connection goes back to the pool as the stream alone.
+            // Longer than one read: the connection still goes back to the pool.
             "/large" => (
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: 40000\r\n\r\n{}",

@@ -14,8 +14,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -24,44 +22,25 @@ use tokio::net::TcpStream;
 
 pub struct DeferWriteErrors<IO = TcpStream> {
     inner: IO,
-    /// Shared, so it can be read while a codec owns the stream (`writes`).
-    writes: Arc<Writes>,
-}
-
-/// What the writes on a `DeferWriteErrors` stream met.
-#[derive(Default)]
-pub struct Writes {
     /// Set once a write met a peer that is gone: writes are dropped from then on.
-    peer_gone: AtomicBool,
-    /// Bytes were written since the last completed flush: some may not have left.
-    unflushed: AtomicBool,
-}
-
-impl Writes {
-    /// The stream can carry another exchange: every byte written has been flushed (a codec
-    /// that kept part of a request back would otherwise send it as the start of the next
-    /// one, or lose it), and no write met a peer that is gone.
-    pub fn reusable(&self) -> bool {
-        !self.unflushed.load(Relaxed) && !self.peer_gone.load(Relaxed)
-    }
+    peer_gone: bool,
+    /// No write since the last completed flush: every byte given has left.
+    flushed: bool,
 }
 
 impl<IO> DeferWriteErrors<IO> {
     pub fn new(inner: IO) -> Self {
         DeferWriteErrors {
             inner,
-            writes: Arc::default(),
+            peer_gone: false,
+            flushed: true,
         }
     }
 
-    /// What this stream's writes met, to be read after a codec took the stream.
-    pub fn writes(&self) -> Arc<Writes> {
-        Arc::clone(&self.writes)
-    }
-
-    /// The stream, if it can carry another exchange (`Writes::reusable`).
+    /// The stream, if it can carry another exchange: every byte written has been flushed (a
+    /// codec that kept some back would lose them), and no write met a peer that is gone.
     pub fn into_reusable(self) -> Option<IO> {
-        self.writes.reusable().then_some(self.inner)
+        (self.flushed && !self.peer_gone).then_some(self.inner)
     }
 }
 
@@ -89,13 +68,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for DeferWriteErrors<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.writes.unflushed.store(true, Relaxed);
-        if this.writes.peer_gone.load(Relaxed) {
+        this.flushed = false;
+        if this.peer_gone {
             return Poll::Ready(Ok(buf.len()));
         }
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Ready(Err(e)) if peer_gone(&e) => {
-                this.writes.peer_gone.store(true, Relaxed);
+                this.peer_gone = true;
                 Poll::Ready(Ok(buf.len()))
             }
             other => other,
@@ -108,14 +87,14 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for DeferWriteErrors<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.writes.unflushed.store(true, Relaxed);
+        this.flushed = false;
         let len = || bufs.iter().map(|b| b.len()).sum();
-        if this.writes.peer_gone.load(Relaxed) {
+        if this.peer_gone {
             return Poll::Ready(Ok(len()));
         }
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(Err(e)) if peer_gone(&e) => {
-                this.writes.peer_gone.store(true, Relaxed);
+                this.peer_gone = true;
                 Poll::Ready(Ok(len()))
             }
             other => other,
@@ -128,19 +107,19 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for DeferWriteErrors<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.writes.peer_gone.load(Relaxed) {
+        if this.peer_gone {
             return Poll::Ready(Ok(()));
         }
         let flushed = Pin::new(&mut this.inner).poll_flush(cx);
         if matches!(flushed, Poll::Ready(Ok(()))) {
-            this.writes.unflushed.store(false, Relaxed);
+            this.flushed = true;
         }
         flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.writes.peer_gone.load(Relaxed) {
+        if this.peer_gone {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_shutdown(cx)
@@ -166,7 +145,7 @@ mod tests {
     async fn reusable_only_once_flushed() {
         let (ours, _theirs) = tokio::io::duplex(1024);
         let mut io = DeferWriteErrors::new(ours);
-        assert!(io.writes().reusable(), "nothing written yet");
+        assert!(io.flushed, "nothing written yet");
         io.write_all(b"part of a request").await.unwrap();
         assert!(io.into_reusable().is_none(), "written, not flushed");
 
@@ -201,10 +180,7 @@ mod tests {
             ours.write_all(b"more").await.unwrap();
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert!(
-            ours.writes.peer_gone.load(Relaxed),
-            "no write ever met the reset"
-        );
+        assert!(ours.peer_gone, "no write ever met the reset");
         let mut words = [0u8; 7];
         ours.read_exact(&mut words).await.unwrap();
         assert_eq!(&words, b"goodbye");

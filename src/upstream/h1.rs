@@ -5,13 +5,12 @@
 //! hyper's HTTP/1.1 client codec (`hyper::client::conn::http1`) writes the request and reads
 //! the answer, and is driven from the request's own task, as the fast path and `h2_pool` do:
 //! no connection task, no dispatch hand-off between tasks, no second pool. A pooled
-//! connection is taken for one exchange, with the codec the last exchange through hyper left
-//! on it or a new one, and the response body (`Pooled`) keeps driving it until the body is
-//! through. A connection whose exchange finished cleanly (the body read to its end, nothing
-//! more read, every request byte flushed, the upstream keeping it alive) goes back to the
-//! pool when the body is dropped, codec and all (`Parked`) unless the exchange was large;
-//! any other is closed. A request whose body still streams from the client is the exception
-//! (`send`).
+//! connection is taken for one exchange, the codec set on it, and the response body
+//! (`Pooled`) keeps driving it until the body is through. A connection whose exchange
+//! finished cleanly (the body read to its end, nothing more read, every request byte
+//! flushed, the upstream keeping it alive) goes back to the pool when the body is dropped;
+//! any other is closed. A request whose body still streams from the client is the
+//! exception (`send`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,8 +24,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use super::deferred::{DeferWriteErrors, Writes};
-use super::pool::Kept;
+use super::deferred::DeferWriteErrors;
 use super::stream::UpStream;
 use super::Pool;
 use crate::ProxyBody;
@@ -34,55 +32,6 @@ use crate::ProxyBody;
 /// The codec over a pooled connection that keeps reading after a failed write
 /// (`super::deferred`): an upstream that answers early and closes is still heard.
 type Codec = http1::Connection<TokioIo<DeferWriteErrors<UpStream>>, ProxyBody>;
-
-/// The largest answer body after which the codec stays on a pooled connection. hyper grows
-/// its read buffer with what it carries and never shrinks it, so a connection that carried
-/// more goes back as the stream alone: an idle connection holds its codec's few KiB, never
-/// a large download's buffer. (Pooled connections only ever carried requests whose body was
-/// whole and at most `REPLAY_LIMIT`, which hyper writes from the body's own buffers:
-/// `UpStream` takes vectored writes.)
-const PARK_LIMIT: u64 = 16 * 1024;
-
-/// A pooled connection with hyper's codec on it, between exchanges: idle, and wanting the
-/// next request.
-pub struct Parked {
-    codec: Codec,
-    sender: http1::SendRequest<ProxyBody>,
-    writes: Arc<Writes>,
-}
-
-impl Parked {
-    /// The codec set on `stream`.
-    async fn new(stream: UpStream) -> Result<Parked, hyper::Error> {
-        let io = DeferWriteErrors::new(stream);
-        let writes = io.writes();
-        let (sender, codec) = http1::Builder::new()
-            .handshake::<_, ProxyBody>(TokioIo::new(io))
-            .await?;
-        Ok(Parked {
-            codec,
-            sender,
-            writes,
-        })
-    }
-
-    /// Fit for the next exchange: the codec, polled once, still waits (the upstream has not
-    /// closed the connection, sent a byte out of turn or an alert) and wants a request.
-    pub(super) fn is_usable(&mut self) -> bool {
-        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        Pin::new(&mut self.codec).poll(&mut cx).is_pending() && self.sender.is_ready()
-    }
-
-    /// The stream alone, for the fast path, if nothing is left in the codec's buffers: no
-    /// byte read past the last answer, every request byte flushed (`Writes::reusable`).
-    pub(super) fn into_stream(self) -> Option<UpStream> {
-        let parts = self.codec.into_parts();
-        if !parts.read_buf.is_empty() {
-            return None;
-        }
-        parts.io.into_inner().into_reusable()
-    }
-}
 
 /// Why an exchange got no answer.
 pub enum Failure {
@@ -122,23 +71,19 @@ pub async fn send(
     };
     let mut pooled_ok = true;
     loop {
-        let (parked, reused) = match pooled_ok.then(|| pool.checkout_kept(&route.pool_key)) {
-            Some(Some(Kept::Codec(parked))) => (parked, true),
-            Some(Some(Kept::Stream(stream))) => {
-                (Parked::new(stream).await.map_err(Failure::Other)?, true)
-            }
-            _ => {
-                let stream = super::connect(pool, route)
+        let (stream, reused) = match pooled_ok.then(|| pool.checkout(&route.pool_key)) {
+            Some(Some(stream)) => (stream, true),
+            _ => (
+                super::connect(pool, route)
                     .await
-                    .map_err(Failure::Connect)?;
-                (Parked::new(stream).await.map_err(Failure::Other)?, false)
-            }
+                    .map_err(Failure::Connect)?,
+                false,
+            ),
         };
-        let Parked {
-            codec,
-            mut sender,
-            writes,
-        } = parked;
+        let (mut sender, codec) = http1::Builder::new()
+            .handshake::<_, ProxyBody>(TokioIo::new(DeferWriteErrors::new(stream)))
+            .await
+            .map_err(Failure::Other)?;
         let answer = sender.try_send_request(origin_form(request, route));
         let mut answer = std::pin::pin!(answer);
         let mut ended = false;
@@ -194,12 +139,9 @@ pub async fn send(
         return Ok(response.map(|body| Pooled {
             body,
             codec,
-            sender: Some(sender),
-            writes,
+            sender,
             home,
             ended: false,
-            park: true,
-            carried: 0,
         }));
     }
 }
@@ -250,19 +192,11 @@ pub struct Pooled {
     body: Incoming,
     /// `None` once the connection is done.
     codec: Option<Codec>,
-    /// Kept while the body is read (the codec ends the connection without one); taken on
-    /// drop, to park it with the codec.
-    sender: Option<http1::SendRequest<ProxyBody>>,
-    writes: Arc<Writes>,
+    sender: http1::SendRequest<ProxyBody>,
     /// Where the connection goes back to; `None` when it must not be used again.
     home: Option<(Arc<Pool>, Box<str>)>,
     /// The body was read to its end.
     ended: bool,
-    /// The answer is small enough so far for the codec to go back to the pool with the
-    /// connection (`PARK_LIMIT`).
-    park: bool,
-    /// Bytes of the answer's body read so far.
-    carried: u64,
 }
 
 impl Pooled {
@@ -297,12 +231,7 @@ impl http_body::Body for Pooled {
         match &frame {
             None => this.ended = true,
             Some(Err(_)) => this.home = None,
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    this.carried += data.len() as u64;
-                    this.park &= this.carried <= PARK_LIMIT;
-                }
-            }
+            Some(Ok(_)) => {}
         }
         Poll::Ready(frame)
     }
@@ -319,8 +248,7 @@ impl http_body::Body for Pooled {
 impl Drop for Pooled {
     /// Back to the pool, when the exchange finished cleanly: the body read to its end (or one
     /// that had none), the codec idle and wanting the next request (so the upstream keeps the
-    /// connection alive and the request was written whole), every request byte flushed, and
-    /// no byte read past the answer (the codec, polled, fails on one).
+    /// connection alive and the request was written whole), and no byte read past the answer.
     fn drop(&mut self) {
         let Some((pool, key)) = self.home.take() else {
             return;
@@ -328,27 +256,21 @@ impl Drop for Pooled {
         if !(self.ended || self.body.is_end_stream()) {
             return;
         }
-        let (Some(codec), Some(sender)) = (self.codec.take(), self.sender.take()) else {
+        let Some(mut codec) = self.codec.take() else {
             return;
-        };
-        let mut parked = Parked {
-            codec,
-            sender,
-            writes: Arc::clone(&self.writes),
         };
         // One more turn lets the codec settle after the body's end; it reads only what is
         // already there.
-        if !parked.is_usable() || !parked.writes.reusable() {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        if Pin::new(&mut codec).poll(&mut cx).is_ready() || !self.sender.is_ready() {
             return;
         }
-        let kept = if self.park {
-            Kept::Codec(parked)
-        } else {
-            match parked.into_stream() {
-                Some(stream) => Kept::Stream(stream),
-                None => return,
-            }
-        };
-        pool.checkin_kept(&key, kept);
+        let parts = codec.into_parts();
+        if !parts.read_buf.is_empty() {
+            return;
+        }
+        if let Some(stream) = parts.io.into_inner().into_reusable() {
+            pool.checkin(&key, stream);
+        }
     }
 }

@@ -29,20 +29,8 @@ const MAX_IDLE_PER_UPSTREAM: usize = 256;
 use super::IDLE_TIMEOUT;
 
 struct Idle {
-    conn: Kept,
+    stream: UpStream,
     since: Instant,
-}
-
-/// An idle connection, as the last exchange on it left it.
-// Not boxed: a box would cost an allocation per exchange, the kind of cost parking the codec
-// saves; an idle list of them is at most `MAX_IDLE_PER_UPSTREAM` entries.
-#[allow(clippy::large_enum_variant)]
-pub enum Kept {
-    /// From the fast path: the stream alone.
-    Stream(UpStream),
-    /// From `super::h1`: the stream with hyper's HTTP/1.1 codec still on it, so the next
-    /// exchange through hyper needn't build one (its buffers and dispatch channel).
-    Codec(super::h1::Parked),
 }
 
 #[derive(Default)]
@@ -112,55 +100,22 @@ impl Pool {
         Ok(config)
     }
 
-    /// The most recently used live idle connection under `key`, if any, as a stream (for the
-    /// fast path).
+    /// The most recently used live idle connection under `key`, if any.
     pub fn checkout(&self, key: &str) -> Option<UpStream> {
-        loop {
-            let stream = match self.take(key)? {
-                Kept::Stream(stream) => stream,
-                Kept::Codec(parked) => match parked.into_stream() {
-                    Some(stream) => stream,
-                    None => continue,
-                },
-            };
-            if stream.is_quiet() {
-                return Some(stream);
-            }
-            // Closed by the upstream, or talked out of turn: drop it, try the next.
-        }
-    }
-
-    /// The most recently used live idle connection under `key`, if any, as it was left (for
-    /// `super::h1`).
-    pub fn checkout_kept(&self, key: &str) -> Option<Kept> {
-        loop {
-            let usable = match self.take(key)? {
-                Kept::Stream(stream) => stream.is_quiet().then_some(Kept::Stream(stream)),
-                Kept::Codec(mut parked) => parked.is_usable().then_some(Kept::Codec(parked)),
-            };
-            if usable.is_some() {
-                return usable;
-            }
-            // Closed by the upstream, or talked out of turn: drop it, try the next.
-        }
-    }
-
-    /// The most recently used idle connection under `key` not past its time.
-    fn take(&self, key: &str) -> Option<Kept> {
         let now = Instant::now();
         loop {
-            let idle = lock(&self.idle).get_mut(key)?.pop()?;
-            if now.duration_since(idle.since) < IDLE_TIMEOUT {
-                return Some(idle.conn);
+            let idle = {
+                let mut map = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                map.get_mut(key)?.pop()?
+            };
+            if now.duration_since(idle.since) < IDLE_TIMEOUT && idle.stream.is_quiet() {
+                return Some(idle.stream);
             }
+            // Closed by the upstream, or talked out of turn, or too old: drop it, try the next.
         }
     }
 
     pub fn checkin(&self, key: &str, stream: UpStream) {
-        self.checkin_kept(key, Kept::Stream(stream));
-    }
-
-    pub fn checkin_kept(&self, key: &str, conn: Kept) {
         let now = Instant::now();
         let mut map = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = match map.get_mut(key) {
@@ -175,7 +130,7 @@ impl Pool {
             .count();
         list.drain(..expired);
         if list.len() < MAX_IDLE_PER_UPSTREAM {
-            list.push(Idle { conn, since: now });
+            list.push(Idle { stream, since: now });
         }
     }
 }

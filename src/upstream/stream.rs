@@ -57,26 +57,6 @@ impl AsyncWrite for UpStream {
         }
     }
 
-    /// hyper's codec (`super::h1`) writes a request's head and body buffers in one call,
-    /// rather than copying the body behind the head first.
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpStream::Plain(s) => s.is_write_vectored(),
-            UpStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpStream::Plain(s) => Pin::new(s).poll_flush(cx),
