@@ -139,6 +139,34 @@ pub struct TokenCacheConfig {
     pub timeout: Duration,
 }
 
+/// The URL with the characters of its credentials (before the last `@`) that would end them
+/// early — `/`, `?`, `#`, `@`, brackets, spaces, controls, non-ASCII — percent-encoded, so
+/// a password from `${VAR}` can be written as it is (as egress proxy URLs take it). A `%`
+/// is left alone: credentials already percent-encoded stay as they were.
+pub fn encode_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host_and_tail)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let mut out = format!("{scheme}://");
+    for c in userinfo.chars() {
+        let keep = c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:%".contains(c);
+        if keep {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    out.push('@');
+    out.push_str(host_and_tail);
+    out
+}
+
 /// A 32-byte key that never prints.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret32(pub [u8; 32]);
@@ -157,14 +185,16 @@ impl TokenCacheConfig {
 }
 
 /// `scheme://user:pass@host` -> `scheme://user:***@host`; other text unchanged.
+///
+/// The credentials end at the last `@`, wherever it is: a password from `${VAR}` may hold
+/// `/`, `?`, `#` or `@` as they are (which `encode_userinfo` makes a URL of). A URL with an
+/// `@` after its host loses more than its password here, never less.
 pub fn redact_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
+    match rest.rsplit_once('@') {
+        Some((userinfo, host_and_tail)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
             let masked = if userinfo.contains(':') {
                 format!("{user}:***")
@@ -172,7 +202,7 @@ pub fn redact_url_password(url: &str) -> String {
                 // `redis://password@host` is a password alone.
                 "***".to_owned()
             };
-            format!("{scheme}://{masked}@{host}{tail}")
+            format!("{scheme}://{masked}@{host_and_tail}")
         }
         None => url.to_owned(),
     }
@@ -192,6 +222,9 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// Origins (`scheme://host[:port]`, lower case) whose pages a browser may use the proxy
+    /// from (`crate::pipeline::browser`).
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -37,6 +37,9 @@ pub enum ProxyError {
     ProxyAuthRequired(String),
     #[error("your address is not allowed to use this proxy")]
     Forbidden,
+    /// A browser's request made for a page of another site (`crate::pipeline::browser`).
+    #[error("refused {0}")]
+    BrowserRequest(String),
     #[error("no route matches {method} {path}")]
     NoRoute { method: String, path: String },
     #[error("{0} is not supported: this is a reverse proxy that adds credentials; CONNECT would make it a forward proxy and TRACE would reflect its token")]
@@ -56,7 +59,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ProxyAuthRequired(_) => StatusCode::UNAUTHORIZED,
-            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::Forbidden | ProxyError::BrowserRequest(_) => StatusCode::FORBIDDEN,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
@@ -70,7 +73,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::ProxyAuthRequired(_) => "proxy_auth_required",
-            ProxyError::Forbidden => "forbidden",
+            ProxyError::Forbidden | ProxyError::BrowserRequest(_) => "forbidden",
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",

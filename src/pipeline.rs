@@ -16,6 +16,7 @@
 
 pub mod admit;
 pub mod body;
+pub mod browser;
 pub mod egain;
 pub mod finish;
 pub mod headers;

@@ -574,6 +574,92 @@ async fn trace_and_miscased_methods_are_refused(on: On) {
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
 }
 
+/// A browser on the proxy's host carries other sites' pages: their requests — a WebSocket
+/// handshake, a form POST, an image — and a page under a name of the attacker's that resolves
+/// here (DNS rebinding) are refused before they reach the upstream with the proxy's token.
+/// Programs that are not browsers, a person at the address bar, the proxy's own origin and
+/// origins listed in `server.allowed_origins` pass.
+async fn browser_requests_for_other_sites_are_refused(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let proxy = support::TestProxy::start(&format!(
+        "{}{}{}",
+        on.head_with("allowed_origins = [\"https://tool.corp\"]\n"),
+        client_app_profile("portal", &tokens, ""),
+        route("r", "/", &upstream.url(), "portal", "")
+    ))
+    .await;
+    proxy.ready().await;
+    let own = on.url(&proxy, "");
+    let client = on.client();
+    // Method, the browser's fields, a name (the path), the status.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, u16);
+    let cases: [Case; 10] = [
+        ("GET", &[], "plain", 200),
+        ("GET", &[("sec-fetch-site", "none")], "address-bar", 200),
+        (
+            "GET",
+            &[
+                ("origin", "http://evil.example"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+            "socket",
+            403,
+        ),
+        ("POST", &[("origin", "http://evil.example")], "form", 403),
+        ("POST", &[("origin", "null")], "sandboxed", 403),
+        ("GET", &[("sec-fetch-site", "cross-site")], "image", 403),
+        (
+            "GET",
+            &[
+                ("origin", "https://tool.corp"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+            "listed",
+            200,
+        ),
+        (
+            "POST",
+            &[("origin", own.as_str()), ("sec-fetch-site", "same-origin")],
+            "own",
+            200,
+        ),
+        (
+            "GET",
+            &[
+                ("host", "rebind.example"),
+                ("sec-fetch-site", "same-origin"),
+            ],
+            "rebound",
+            403,
+        ),
+        (
+            "GET",
+            &[("host", "localhost"), ("sec-fetch-site", "same-origin")],
+            "localhost",
+            200,
+        ),
+    ];
+    for (method, fields, name, want) in cases {
+        let mut request =
+            client.request(method.parse().unwrap(), on.url(&proxy, &format!("/{name}")));
+        for (field, value) in fields {
+            request = request.header(*field, *value);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), want, "{name}");
+        if want == 403 {
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["error"], "forbidden", "{name}");
+        }
+    }
+    let seen: Vec<String> = upstream.seen().into_iter().map(|r| r.target).collect();
+    assert_eq!(
+        seen,
+        ["/plain", "/address-bar", "/listed", "/own", "/localhost"]
+    );
+}
+
 /// On every transport, a client connection with no request under way is closed once
 /// `header_read_timeout` has passed (for h2, with GOAWAY), so idle or half-opened connections
 /// cannot hold the `max_connections` slots for good; a request whose answer takes longer
@@ -837,6 +923,7 @@ async fn an_upload_after_its_answer_is_not_taken_for_idle(on: On) {
 }
 
 on_every_transport!(
+    browser_requests_for_other_sites_are_refused,
     trace_and_miscased_methods_are_refused,
     api_keys_and_allow_list,
     an_idle_client_connection_is_closed_after_header_read_timeout,

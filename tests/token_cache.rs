@@ -359,6 +359,53 @@ async fn garbage_in_redis_is_a_counted_miss_and_gets_overwritten() {
     drop(first);
 }
 
+/// A Redis password as generators make them (base64 has `/` and `+`, others `#`, `?`, `@`),
+/// written in the URL as it is, through `${VAR}`: the replicas sign in and share, and the
+/// password shows nowhere — not in `check`'s errors, `/status` or a failed reload's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_password_with_url_characters_is_used_as_written_and_never_shown() {
+    const PASSWORD: &str = "Zq8/Kx+3W#m?@==";
+    let scene = Scene::new(3600).await;
+    scene
+        .redis
+        .command(&["CONFIG", "SET", "requirepass", PASSWORD]);
+    let with_password = |url: &str| {
+        scene.config("\"knowledge.portalmgr.manage\"").replace(
+            &scene.redis.url(),
+            &url.replace("redis://", &format!("redis://:{PASSWORD}@")),
+        )
+    };
+    let config = with_password(&scene.redis.url());
+    let replicas = [
+        TestProxy::start(&config).await,
+        TestProxy::start(&config).await,
+    ];
+    let client = client();
+    for p in &replicas {
+        p.ready().await;
+        assert_eq!(status(client.get(p.url("/x"))).await, 200);
+    }
+    assert_eq!(scene.tokens.count(), 1, "the replicas did not share");
+    for p in &replicas {
+        let cache = cache_status(p).await;
+        assert_eq!(cache["state"], "up", "{cache}");
+        let text = cache.to_string();
+        assert!(!text.contains("Zq8") && !text.contains("3W"), "{text}");
+    }
+    // A URL that does not parse (port out of range): named, the password hidden.
+    let broken = with_password("redis://127.0.0.1:99999/0");
+    let err = egain_proxy::Config::parse(&broken, std::path::Path::new("."), &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("token_cache.redis"), "{err}");
+    for fragment in ["Zq8", "Kx+", "3W"] {
+        assert!(!err.contains(fragment), "{err}");
+    }
+    for p in replicas {
+        p.stop().await;
+    }
+}
+
 #[test]
 fn the_table_is_checked_with_key_paths_and_no_secrets_in_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -172,6 +172,27 @@ async fn websocket_round_trip(on: On, tls_upstream: bool) {
         .await;
     proxy.ready().await;
 
+    // A page of another site opening a socket through the proxy (no CORS check protects a
+    // WebSocket): refused before the upstream hears of it.
+    let mut foreign = handshake_request(&proxy, "/chat/ws?room=0");
+    foreign.headers_mut().insert(
+        "origin",
+        http::HeaderValue::from_static("https://evil.example"),
+    );
+    match tokio_tungstenite::client_async(foreign, connect(&on, &proxy).await).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!(
+            "a foreign page's socket was not refused: {:?}",
+            other.map(|r| r.1)
+        ),
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "the upstream saw the foreign handshake"
+    );
+
     let io = connect(&on, &proxy).await;
     let (mut ws, response) =
         tokio_tungstenite::client_async(handshake_request(&proxy, "/chat/ws?room=1"), io)
@@ -428,4 +449,101 @@ async fn a_tunnel_holds_its_connection_slot() {
         .await
         .expect("not served once the tunnel closed");
     assert!(head.starts_with("HTTP/1.1 "), "{head}");
+}
+
+/// A page of another site, in a real browser on the proxy's host, opens a WebSocket through
+/// the proxy and posts a form to it: the proxy refuses both (the browser sends `Origin`), and
+/// the upstream never sees them. Listed in `server.allowed_origins`, the same page's socket
+/// works — so the browser did reach the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_another_site_in_a_browser_cannot_use_the_proxy() {
+    let tokens = TokenServer::healthy(3600).await;
+    let (ws_addr, seen, _server) = ws_server(None, None).await;
+    let posts = Upstream::start().await;
+    let run = |allowed: bool| {
+        let (tokens, posts) = (&tokens, &posts);
+        async move {
+            // The page's own origin: a server of its own, under another name.
+            let proxy_port = Arc::new(std::sync::OnceLock::<u16>::new());
+            let (page, _pages) = {
+                let proxy_port = Arc::clone(&proxy_port);
+                serve(move |_req| {
+                    let proxy = *proxy_port.get().unwrap();
+                    async move { html_response(&page_html(proxy)) }
+                })
+                .await
+            };
+            let origin = format!("http://localhost:{}", page.port());
+            let head = if allowed {
+                HEAD.replace(
+                    "[server]\n",
+                    &format!("[server]\nallowed_origins = [\"{origin}\"]\n"),
+                )
+            } else {
+                HEAD.to_owned()
+            };
+            let proxy = TestProxy::start(&format!(
+                "{head}{}{}{}",
+                client_app_profile("portal", tokens, ""),
+                route("chat", "/chat", &format!("http://{ws_addr}"), "portal", ""),
+                route("api", "/api", &posts.url(), "portal", "")
+            ))
+            .await;
+            proxy.ready().await;
+            let _ = proxy_port.set(proxy.addr.port());
+            let url = format!("{origin}/page.html");
+            let dom = tokio::task::spawn_blocking(move || {
+                support::browser::browse(&url, &["--dump-dom"])
+            })
+            .await
+            .unwrap();
+            proxy.stop().await;
+            // What the page wrote (the script's own text holds the same words).
+            let out = dom.split("<pre id=\"out\">").nth(1).unwrap_or("");
+            out.split("</pre>").next().unwrap_or("").to_owned()
+        }
+    };
+    let dom = run(false).await;
+    assert!(dom.contains("ws-error"), "{dom}");
+    assert!(!dom.contains("ws-message"), "{dom}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "the WebSocket server saw the handshake"
+    );
+    assert!(
+        posts.seen().is_empty(),
+        "the upstream saw the form: {:?}",
+        posts.seen()
+    );
+
+    let dom = run(true).await;
+    assert!(dom.contains("ws-message:hello"), "{dom}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+/// A page that opens a WebSocket to the proxy on `proxy_port`, sends "hello", and writes what
+/// happens into the document; and posts a form-like request (no CORS preflight) to `/api`.
+fn page_html(proxy_port: u16) -> String {
+    format!(
+        r#"<!doctype html><html><body><pre id="out"></pre><script>
+const out = document.getElementById("out");
+const note = (s) => {{ out.textContent += s + ";"; }};
+const ws = new WebSocket("ws://127.0.0.1:{proxy_port}/chat/ws");
+ws.onopen = () => {{ note("ws-open"); ws.send("hello"); }};
+ws.onmessage = (e) => note("ws-message:" + e.data);
+ws.onerror = () => note("ws-error");
+fetch("http://127.0.0.1:{proxy_port}/api/form", {{ method: "POST", mode: "no-cors",
+  headers: {{ "content-type": "application/x-www-form-urlencoded" }}, body: "a=1" }})
+  .then(() => note("post-sent"), () => note("post-failed"));
+</script></body></html>"#
+    )
+}
+
+fn html_response(body: &str) -> http::Response<egain_proxy::ProxyBody> {
+    let mut r = json_response(200, body, &[]);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html"),
+    );
+    r
 }

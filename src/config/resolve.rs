@@ -52,6 +52,8 @@ struct RawServer {
     body_read_timeout: Option<Dur>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -255,8 +257,9 @@ fn resolve_token_cache(raw: RawTokenCache, base: &Path) -> Result<TokenCacheConf
             ),
         ));
     }
+    let redis = crate::config::encode_userinfo(&raw.redis);
     // The client's own parser decides what it can connect to; its message never holds the URL.
-    if let Err(e) = redis::Client::open(raw.redis.as_str()) {
+    if let Err(e) = redis::Client::open(redis.as_str()) {
         return Err(ConfigError::at(
             at("redis"),
             format!("{}: {e}", redact_url_password(&raw.redis)),
@@ -284,7 +287,7 @@ fn resolve_token_cache(raw: RawTokenCache, base: &Path) -> Result<TokenCacheConf
     let key = secrets::read_key_file(&encryption_key_file)
         .map_err(|m| ConfigError::at(at("encryption_key_file"), m))?;
     Ok(TokenCacheConfig {
-        redis: Secret::new(raw.redis),
+        redis: Secret::new(redis),
         key_prefix,
         encryption_key_file,
         key: Secret32(key),
@@ -382,7 +385,16 @@ fn resolve_server(raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigErr
             Some(files)
         }
     };
+    let allowed_origins = raw
+        .allowed_origins
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            origin(o).map_err(|m| ConfigError::at(format!("server.allowed_origins[{i}]"), m))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(ServerConfig {
+        allowed_origins,
         listen,
         shutdown_grace: raw.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
         open: raw.open,
@@ -397,6 +409,25 @@ fn resolve_server(raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigErr
         max_header_bytes: raw.max_header_bytes.unwrap_or(64 * 1024).max(8192),
         max_connections: raw.max_connections.unwrap_or(10_000).max(1),
     })
+}
+
+/// An origin as browsers send it in `Origin` (RFC 6454 §6.1): `scheme://host[:port]`, in
+/// lower case, with no path.
+fn origin(text: &str) -> Result<String, String> {
+    let usage = || {
+        format!("{text:?} is not an origin: write it as a browser sends it, scheme://host[:port] (e.g. https://tool.corp)")
+    };
+    let uri: http::Uri = text.parse().map_err(|_| usage())?;
+    let plain = matches!(uri.scheme_str(), Some("http" | "https"))
+        && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+        && !text.ends_with('/')
+        && uri.path() == "/"
+        && uri.query().is_none();
+    if plain {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(usage())
+    }
 }
 
 /// One `[profiles.NAME]`: eGain's flavour, token URL, secret and scopes.

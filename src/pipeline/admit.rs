@@ -26,6 +26,8 @@ pub(crate) struct HeadFacts<'a> {
     pub authority: Option<&'a str>,
     /// The value of the API key header, if `[server.access]` names one and it was sent.
     pub api_key: Option<&'a [u8]>,
+    /// Where a browser says the request comes from.
+    pub provenance: super::browser::Provenance<'a>,
 }
 
 /// A request admitted to a route.
@@ -90,6 +92,12 @@ pub(crate) fn admit<'g>(
         })?;
     log.route = Some(route.config.name.clone());
     log.profile = route.config.profile.clone();
+    super::browser::check(
+        &head.provenance,
+        &generation.config.server.allowed_origins,
+        host,
+        route.config.host.is_some(),
+    )?;
     let holder = match &route.config.profile {
         Some(profile) => match generation.tokens.get(profile) {
             Some(holder) => Some((profile.as_str(), holder)),

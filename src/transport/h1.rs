@@ -358,12 +358,16 @@ where
     ) -> Outcome<'g> {
         let buf = &self.read;
         let key_header = generation.access.as_ref().map(|a| a.header());
-        let api_key = key_header.and_then(|k| {
-            self.spans
-                .iter()
-                .find(|s| buf[s.name.clone()].eq_ignore_ascii_case(k.as_str().as_bytes()))
-                .map(|s| &buf[s.value.clone()])
-        });
+        let mut api_key = None;
+        let mut provenance = pipeline::browser::Provenance::default();
+        for s in &self.spans {
+            let (name, value) = (&buf[s.name.clone()], &buf[s.value.clone()]);
+            if key_header.is_some_and(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes())) {
+                api_key.get_or_insert(value);
+            } else {
+                provenance.note(name, value);
+            }
+        }
         let facts = HeadFacts {
             method: &head.method,
             path: text(&buf[head.path.clone()]),
@@ -373,6 +377,7 @@ where
             more_hosts: false,
             authority: None,
             api_key,
+            provenance,
         };
         let admitted = match pipeline::admit(generation, self.info, &facts, log) {
             Ok(admitted) => admitted,

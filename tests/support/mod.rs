@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod blackhole;
+pub mod browser;
 pub mod raw;
 pub mod redis_server;
 pub mod tinyproxy;
