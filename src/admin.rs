@@ -271,6 +271,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "state": state,
                 "redis": c.config.redacted_url(),
                 "key_prefix": c.config.key_prefix,
+                "key_id": c.key_id(),
                 "error": error,
                 "down_since": since,
                 "fallback": if state == "down" { "each replica fetches its own tokens" } else { "none" },

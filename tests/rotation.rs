@@ -179,6 +179,45 @@ async fn invalid_client_right_after_a_rotation_rereads_the_file_before_backing_o
     assert_eq!(secrets, ["first-secret", "second-secret"]);
 }
 
+/// The endpoint takes the new secret first and the mount changes a little later (a secret
+/// store syncing to Kubernetes): the refresher, backing off after `invalid_client` with a long
+/// `Retry-After`, tries the new secret as soon as the file holds it, not 30 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_that_changes_on_disk_during_the_backoff_is_tried_at_once() {
+    let mounted = Mounted::new("first-secret");
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = live_upstream(&tokens).await;
+    let proxy = TestProxy::start(&config(&tokens, &upstream, &mounted.path())).await;
+    proxy.ready().await;
+    tokens.answer_by_request(|r| match secret_of(r).as_str() {
+        "second-secret" => Reply::Token { ttl: Some(3600) },
+        _ => invalid_client(Some(30)),
+    });
+    tokens.revoke_all();
+    let before = tokens.count();
+    // The upstream's 401 sends the refresher to the endpoint, which refuses the old secret
+    // (the client gets the 401: no token to replay with).
+    assert_eq!(status(client().get(proxy.url("/x"))).await, 401);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mounted.write_version("second-secret");
+    let changed = std::time::Instant::now();
+    let mut served = false;
+    while changed.elapsed() < Duration::from_secs(5) {
+        if status(client().get(proxy.url("/x"))).await == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "still backing off 5 s after the secret changed on disk");
+    let secrets: Vec<String> = tokens.requests()[before..].iter().map(secret_of).collect();
+    assert_eq!(secrets.last().map(String::as_str), Some("second-secret"), "{secrets:?}");
+    assert!(
+        secrets.iter().filter(|s| *s == "first-secret").count() <= 2,
+        "{secrets:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_secret_file_mid_swap_keeps_the_last_secret() {
     let mounted = Mounted::new("first-secret");

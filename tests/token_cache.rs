@@ -466,9 +466,50 @@ fn the_table_is_checked_with_key_paths_and_no_secrets_in_errors() {
     assert!(err.contains("ttl"), "{err}");
 }
 
+/// A Redis that hangs, with a `timeout` of 3 s: a replica starting now waits out one
+/// operation, fetches its own token and serves within a request's wait for a token (5 s);
+/// the token is installed before it is written to Redis, and a Redis that just failed is
+/// not asked again for the next few seconds (the 401 that follows costs no timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_a_refresh_one_timeout() {
+    let scene = Scene::new(3600).await;
+    let config = scene
+        .config("\"knowledge.portalmgr.manage\"")
+        .replace("[token_cache]\n", "[token_cache]\ntimeout = \"3s\"\n");
+    let port = scene.redis.port;
+    let stall = std::thread::spawn(move || {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+        let mut c = c.get_connection().unwrap();
+        let _: redis::RedisResult<redis::Value> =
+            redis::cmd("DEBUG").arg("SLEEP").arg("9").query(&mut c);
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let proxy = TestProxy::start(&config).await;
+    let client = client();
+    assert_eq!(status(client.get(proxy.url("/x"))).await, 200);
+    let first = started.elapsed();
+    assert!(first < Duration::from_secs(4), "first answer after {first:?}");
+    // A revoked token: the refresh skips the cache that just failed.
+    scene.tokens.revoke_all();
+    let started = Instant::now();
+    assert_eq!(status(client.get(proxy.url("/x"))).await, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the 401's refresh waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(scene.tokens.count(), 2);
+    assert_eq!(cache_status(&proxy).await["state"], "down");
+    tokio::task::spawn_blocking(move || stall.join().unwrap())
+        .await
+        .unwrap();
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_refresh_lock_expires_and_only_its_owner_releases_it() {
-    use egain_proxy::token::cache::{Coordination, TokenCache};
+    use egain_proxy::token::cache::{Coordination, TokenCache, Trip};
     let scene = Scene::new(3600).await;
     let config =
         egain_proxy::Config::parse(&scene.config("\"a\""), std::path::Path::new("."), &|_| None)
@@ -484,8 +525,9 @@ async fn the_refresh_lock_expires_and_only_its_owner_releases_it() {
         b.keys(&settings).1,
         "same settings, same key on every replica"
     );
+    let trip = &mut Trip::default();
     assert!(matches!(
-        a.coordinate(&settings, None).await,
+        a.coordinate(&settings, None, trip).await,
         Coordination::Fetch { locked: true }
     ));
     let held = |redis: &RedisServer| redis.dump(&lock_key).len() == 1;
@@ -494,13 +536,25 @@ async fn the_refresh_lock_expires_and_only_its_owner_releases_it() {
     let ttl = scene.redis.pttl(&lock_key);
     let limit = (settings.timeout + Duration::from_secs(2)).as_millis() as i64;
     assert!(ttl > 0 && ttl <= limit, "lock TTL {ttl} ms");
+    // Another replica waits for the holder's token, but not for as long as a request waits
+    // for a token (5 s): a holder that froze or died mid-fetch costs time, not an error.
+    let started = Instant::now();
+    assert!(matches!(
+        b.coordinate(&settings, None, trip).await,
+        Coordination::Fetch { locked: false }
+    ));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(3),
+        "waited {waited:?} for the lock holder"
+    );
     // Another replica's release leaves it alone; the owner's removes it.
-    b.unlock(&settings).await;
+    b.unlock(&settings, trip).await;
     assert!(
         held(&scene.redis),
         "a replica released a lock it does not own"
     );
-    a.unlock(&settings).await;
+    a.unlock(&settings, trip).await;
     assert!(!held(&scene.redis));
 }
 

@@ -64,6 +64,15 @@ impl ClientSecret {
         }
     }
 
+    /// The file now holds another secret than the one in use (read quietly: a file that
+    /// cannot be read says nothing). Always false for an inline secret.
+    pub fn changed_on_disk(&self) -> bool {
+        let ClientSecret::File { path, current } = self else {
+            return false;
+        };
+        read_secret_file(path).is_ok_and(|fresh| fresh != **current.load())
+    }
+
     /// Reads the file again (following symlinks, so a `..data` swap is seen). Returns true
     /// when the secret changed. A file that cannot be read (mid-swap, removed) keeps the last
     /// secret, with a warning.

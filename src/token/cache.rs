@@ -13,8 +13,15 @@
 //!   not win wait for the winner's token by polling, up to the request wait of §4.
 //! - After an upstream 401 the token is deleted only if it is still the one sent
 //!   (compare-and-delete on the ciphertext).
-//! - Any Redis trouble (down, slow, full, garbage) makes the caller fetch for itself; the
-//!   change of state is logged once and every error counted by operation.
+//! - Any Redis trouble (down, slow, full, read-only) makes the caller fetch for itself; the
+//!   change of state is logged once and every error counted by operation. For `RETRY_DOWN`
+//!   after a failure the cache is not asked at all, so a Redis that hangs costs a refresh
+//!   one `timeout` at most, not one per operation. A freshly fetched token is installed
+//!   before it is written to Redis (`seal`, then `put`). The cache is back up only after a
+//!   refresh whose operations all worked (`Trip`): a Redis that answers reads but refuses
+//!   writes stays down, rather than going up and down with every refresh.
+//! - A value that does not decrypt (garbage, another key's) is a counted miss
+//!   (`op="decode"`) that the next store replaces; it says nothing of Redis's health.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,6 +42,12 @@ const VERSION: u8 = 1;
 const NONCE_LEN: usize = 12;
 /// How often a replica that lost the lock looks for the winner's token.
 const POLL: Duration = Duration::from_millis(50);
+/// How long a replica waits for the lock holder's token before fetching one itself: well
+/// within a request's wait for a token (`super::WAIT_FOR_TOKEN`), so that a lock holder that
+/// froze or died mid-fetch costs a waiting request time, not an error.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// After a failed operation, the cache is left alone for this long.
+const RETRY_DOWN: Duration = Duration::from_secs(5);
 
 /// Deletes KEYS[1] only when it still holds ARGV[1]: lock release and 401 purge.
 const COMPARE_AND_DELETE: &str =
@@ -78,7 +91,17 @@ pub struct TokenCache {
     /// Random per process: the lock's owner value.
     owner: String,
     health: Mutex<Health>,
+    /// Until when the cache is left alone after a failure (`RETRY_DOWN`).
+    resting_until: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
+}
+
+/// What the cache operations of one refresh met: the cache goes back up only after a refresh
+/// whose operations all worked (`TokenCache::settle`).
+#[derive(Default)]
+pub struct Trip {
+    worked: bool,
+    failed: bool,
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -94,6 +117,15 @@ impl std::fmt::Debug for TokenCache {
 pub struct CacheError {
     pub op: &'static str,
     pub message: String,
+}
+
+/// A token sealed for the cache (`TokenCache::seal_token`), not yet stored.
+pub struct Sealed {
+    key: String,
+    pub value: Arc<[u8]>,
+    /// Its remaining life when sealed.
+    ttl: Duration,
+    at: Instant,
 }
 
 /// The outcome of asking the cache before a token request.
@@ -119,6 +151,7 @@ impl TokenCache {
             key: arc_swap::ArcSwap::from_pointee(key),
             owner: hex(&owner),
             health: Mutex::new(Health::Unknown),
+            resting_until: Mutex::new(None),
             metrics,
         })
     }
@@ -147,6 +180,38 @@ impl TokenCache {
 
     pub fn health(&self) -> Health {
         lock(&self.health).clone()
+    }
+
+    /// A short digest of the encryption key (never the key): replicas that share tokens show
+    /// the same one in `/status`. Replicas with different keys use different key names, so
+    /// they share nothing; this is how an operator sees that.
+    pub fn key_id(&self) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key.load().key)
+            .expect("HMAC takes keys of any length");
+        mac.update(b"egain-proxy token cache key id");
+        hex(&mac.finalize().into_bytes()[..4])
+    }
+
+    /// Not resting after a failure (`RETRY_DOWN`): worth asking.
+    fn awake(&self) -> bool {
+        lock(&self.resting_until).map_or(true, |t| Instant::now() >= t)
+    }
+
+    /// After a refresh: the cache is up again when every operation of `trip` worked.
+    pub fn settle(&self, trip: Trip) {
+        if !trip.worked || trip.failed {
+            return;
+        }
+        let mut health = lock(&self.health);
+        if let Health::Down { since, .. } = &*health {
+            let down_for = since.elapsed().unwrap_or_default();
+            tracing::info!(
+                redis = %self.config.redacted_url(),
+                down_for_s = down_for.as_secs(),
+                "token cache answering again: sharing tokens with other replicas"
+            );
+        }
+        *health = Health::Up;
     }
 
     /// `{prefix}:token:{id}` and `{prefix}:lock:{id}` for `settings`.
@@ -190,27 +255,28 @@ impl TokenCache {
         &self,
         settings: &TokenSettings,
         rejected: Option<&[u8]>,
+        trip: &mut Trip,
     ) -> Coordination {
+        if !self.awake() {
+            return Coordination::Fetch { locked: false };
+        }
         let (key, lock_key) = self.keys(settings);
-        // The winner's fetch is bounded by the endpoint timeout; wait a little longer than
-        // that, and never longer than a request waits for a token.
-        let deadline =
-            Instant::now() + (settings.timeout + Duration::from_secs(1)).min(super::WAIT_FOR_TOKEN);
+        let deadline = Instant::now() + LOCK_WAIT;
         let lock_ttl = settings.timeout + Duration::from_secs(2);
         loop {
-            match self.get(&key).await {
+            match self.get(&key, trip).await {
                 Ok(Some(t)) if !t.refresh_due && rejected != Some(&t.value[..]) => {
                     return Coordination::Taken(Box::new(t))
                 }
                 Ok(_) => {}
                 Err(_) => return Coordination::Fetch { locked: false },
             }
-            match self.try_lock(&lock_key, lock_ttl).await {
+            match self.try_lock(&lock_key, lock_ttl, trip).await {
                 Ok(true) => {
                     // Someone may have stored between our read and our lock.
-                    if let Ok(Some(t)) = self.get(&key).await {
+                    if let Ok(Some(t)) = self.get(&key, trip).await {
                         if !t.refresh_due && rejected != Some(&t.value[..]) {
-                            self.unlock(settings).await;
+                            self.unlock(settings, trip).await;
                             return Coordination::Taken(Box::new(t));
                         }
                     }
@@ -219,7 +285,8 @@ impl TokenCache {
                 Ok(false) if Instant::now() < deadline => tokio::time::sleep(POLL).await,
                 Ok(false) => {
                     tracing::warn!(
-                        "token cache: another replica holds the refresh lock for too long; fetching here"
+                        waited_ms = LOCK_WAIT.as_millis() as u64,
+                        "token cache: another replica holds the refresh lock and has stored no token; fetching here"
                     );
                     return Coordination::Fetch { locked: false };
                 }
@@ -228,15 +295,16 @@ impl TokenCache {
         }
     }
 
-    /// Stores a freshly fetched token for the other replicas; returns the stored value.
-    pub async fn store(
+    /// A freshly fetched token sealed for the other replicas (`put` stores it), so that its
+    /// value is known before it is installed here (the 401 purge compares it).
+    pub fn seal_token(
         &self,
         settings: &TokenSettings,
         access_token: &str,
         sent_at: Instant,
         lifetime: Duration,
         scope: Option<String>,
-    ) -> Option<Arc<[u8]>> {
+    ) -> Option<Sealed> {
         let (key, _) = self.keys(settings);
         let sent_at_ms =
             unix_ms(SystemTime::now()).saturating_sub(sent_at.elapsed().as_millis() as u64);
@@ -251,57 +319,88 @@ impl TokenCache {
             scope,
         };
         let value: Arc<[u8]> = self.seal(&key, &stored)?.into();
+        Some(Sealed {
+            key,
+            value,
+            ttl: remaining,
+            at: Instant::now(),
+        })
+    }
+
+    /// Stores a sealed token for the other replicas, to expire with it.
+    pub async fn put(&self, sealed: &Sealed, trip: &mut Trip) {
+        if !self.awake() {
+            return;
+        }
+        let ttl = sealed.ttl.saturating_sub(sealed.at.elapsed());
+        if ttl < Duration::from_millis(10) {
+            return;
+        }
         let mut cmd = redis::cmd("SET");
-        cmd.arg(&key)
-            .arg(&value[..])
+        cmd.arg(&sealed.key)
+            .arg(&sealed.value[..])
             .arg("PX")
-            .arg(remaining.as_millis() as u64);
-        self.run::<()>("set", cmd).await.ok()?;
-        Some(value)
+            .arg(ttl.as_millis() as u64);
+        let _ = self.run::<()>("set", cmd, trip).await;
     }
 
     /// Releases the lock if this process still owns it.
-    pub async fn unlock(&self, settings: &TokenSettings) {
+    pub async fn unlock(&self, settings: &TokenSettings, trip: &mut Trip) {
         let (_, lock_key) = self.keys(settings);
         let _ = self
-            .compare_and_delete("unlock", &lock_key, self.owner.as_bytes())
+            .compare_and_delete("unlock", &lock_key, self.owner.as_bytes(), trip)
             .await;
     }
 
     /// After an upstream 401: deletes the shared token only if it is still `value`.
-    pub async fn purge(&self, settings: &TokenSettings, value: &[u8]) -> bool {
+    pub async fn purge(&self, settings: &TokenSettings, value: &[u8], trip: &mut Trip) -> bool {
+        if !self.awake() {
+            return false;
+        }
         let (key, _) = self.keys(settings);
-        matches!(self.compare_and_delete("purge", &key, value).await, Ok(1))
+        matches!(
+            self.compare_and_delete("purge", &key, value, trip).await,
+            Ok(1)
+        )
     }
 
-    async fn get(&self, key: &str) -> Result<Option<SharedToken>, CacheError> {
+    async fn get(&self, key: &str, trip: &mut Trip) -> Result<Option<SharedToken>, CacheError> {
         let mut cmd = redis::cmd("GET");
         cmd.arg(key);
-        let Some(value) = self.run::<Option<Vec<u8>>>("get", cmd).await? else {
+        let Some(value) = self.run::<Option<Vec<u8>>>("get", cmd, trip).await? else {
             return Ok(None);
         };
         match self.open(key, &value) {
             Some(t) => Ok(Some(t)),
             None => {
-                // Garbage, a value from another key or another encryption key: a miss that
-                // the next store overwrites, counted so it does not go unseen.
-                self.failed(&CacheError {
-                    op: "decode",
-                    message: "a cached value could not be decrypted (another encryption key, or not written by egain-proxy)".into(),
-                });
+                // Garbage, or a value sealed under another key (a replica with the previous
+                // key file, mid-rotation): a miss that the next store overwrites, counted so
+                // it does not go unseen. Redis itself answered.
+                self.metrics
+                    .token_cache_errors
+                    .get_or_create(&OpLabels { op: "decode" })
+                    .inc();
+                tracing::debug!(
+                    "token cache: a cached value could not be decrypted (another encryption key, or not written by egain-proxy)"
+                );
                 Ok(None)
             }
         }
     }
 
-    async fn try_lock(&self, lock_key: &str, ttl: Duration) -> Result<bool, CacheError> {
+    async fn try_lock(
+        &self,
+        lock_key: &str,
+        ttl: Duration,
+        trip: &mut Trip,
+    ) -> Result<bool, CacheError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(lock_key)
             .arg(&self.owner)
             .arg("NX")
             .arg("PX")
             .arg(ttl.as_millis() as u64);
-        let answer: Option<String> = self.run("lock", cmd).await?;
+        let answer: Option<String> = self.run("lock", cmd, trip).await?;
         Ok(answer.is_some())
     }
 
@@ -310,10 +409,11 @@ impl TokenCache {
         op: &'static str,
         key: &str,
         value: &[u8],
+        trip: &mut Trip,
     ) -> Result<i64, CacheError> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(COMPARE_AND_DELETE).arg(1).arg(key).arg(value);
-        self.run(op, cmd).await
+        self.run(op, cmd, trip).await
     }
 
     /// One command under the timeout, on the shared connection (made on first use, and again
@@ -322,6 +422,7 @@ impl TokenCache {
         &self,
         op: &'static str,
         cmd: redis::Cmd,
+        trip: &mut Trip,
     ) -> Result<T, CacheError> {
         let timeout = self.config.timeout;
         let result = tokio::time::timeout(timeout, async {
@@ -349,10 +450,11 @@ impl TokenCache {
         };
         match result {
             Ok(value) => {
-                self.succeeded();
+                trip.worked = true;
                 Ok(value)
             }
             Err((op, message)) => {
+                trip.failed = true;
                 let error = CacheError { op, message };
                 self.failed(&error);
                 Err(error)
@@ -377,24 +479,12 @@ impl TokenCache {
         Ok(conn)
     }
 
-    fn succeeded(&self) {
-        let mut health = lock(&self.health);
-        if let Health::Down { since, .. } = &*health {
-            let down_for = since.elapsed().unwrap_or_default();
-            tracing::info!(
-                redis = %self.config.redacted_url(),
-                down_for_s = down_for.as_secs(),
-                "token cache answering again: sharing tokens with other replicas"
-            );
-        }
-        *health = Health::Up;
-    }
-
     fn failed(&self, error: &CacheError) {
         self.metrics
             .token_cache_errors
             .get_or_create(&OpLabels { op: error.op })
             .inc();
+        *lock(&self.resting_until) = Some(Instant::now() + RETRY_DOWN);
         let mut health = lock(&self.health);
         if !matches!(&*health, Health::Down { .. }) {
             tracing::warn!(

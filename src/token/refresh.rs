@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 
-use super::cache::Coordination;
+use super::cache::{Coordination, Trip};
 use super::{fetch, lock, AccessToken, FetchError, TokenHolder};
 use crate::metrics::{FetchLabels, ProfileLabels};
 
@@ -27,10 +27,13 @@ pub fn backoff(failures: u32, retry_after: Option<Duration>, jitter: f64) -> Dur
     }
 }
 
+/// While backing off, how often the secret file is looked at (`rest`).
+const SECRET_LOOK: Duration = Duration::from_secs(1);
+
 pub async fn run(holder: Arc<TokenHolder>) {
     loop {
         if let Err(delay) = attempt(&holder).await {
-            tokio::time::sleep(delay).await;
+            rest(&holder, delay).await;
             continue;
         }
         // Wait for the refresh point, or an early wake-up because the token was invalidated.
@@ -50,6 +53,31 @@ pub async fn run(holder: Arc<TokenHolder>) {
     }
 }
 
+/// Waits out a backoff `delay`, or less when the client secret file changes meanwhile: a
+/// secret rotated at the token endpoint first (`invalid_client`) and on disk a little later,
+/// as a secret store syncing to Kubernetes does, is tried as soon as it is there, not after
+/// a backoff of up to 30 s (or a longer `Retry-After`).
+async fn rest(holder: &TokenHolder, delay: Duration) {
+    let until = tokio::time::Instant::now() + delay;
+    if !matches!(
+        holder.settings.client_secret,
+        crate::config::secrets::ClientSecret::File { .. }
+    ) {
+        tokio::time::sleep_until(until).await;
+        return;
+    }
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep_until(until.min(tokio::time::Instant::now() + SECRET_LOOK)).await;
+        if holder.settings.client_secret.changed_on_disk() {
+            tracing::info!(
+                profile = %holder.label(),
+                "client secret file changed during the backoff: trying the new secret now"
+            );
+            return;
+        }
+    }
+}
+
 /// One token request; installs the token on success, else returns the delay before the next
 /// attempt (also recorded in the status before waiters are woken, for their Retry-After).
 async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
@@ -63,15 +91,16 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
     holder.settings.client_secret.reread();
     let cache = holder.cache.load_full();
     let mut locked = false;
+    let mut trip = Trip::default();
     if let Some(cache) = &cache {
         cache.reread_key();
         let rejected = lock(&holder.rejected).take();
         if let Some(value) = &rejected {
             // Only if it is still the one the upstream refused: never a newer token.
-            cache.purge(&holder.settings, value).await;
+            cache.purge(&holder.settings, value, &mut trip).await;
         }
         match cache
-            .coordinate(&holder.settings, rejected.as_deref())
+            .coordinate(&holder.settings, rejected.as_deref(), &mut trip)
             .await
         {
             Coordination::Taken(shared) => {
@@ -102,6 +131,7 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
                 s.last_refresh = Some(SystemTime::now());
                 drop(s);
                 holder.install(token);
+                cache.settle(trip);
                 return Ok(());
             }
             Coordination::Fetch { locked: l } => locked = l,
@@ -116,6 +146,9 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
         && holder.settings.client_secret.reread()
     {
         count_fetch(holder, "oauth_error");
+        if let Err(e) = &result {
+            record_fetch(holder, sent_at, Err(e));
+        }
         tracing::warn!(
             profile = %profile,
             "token endpoint answered invalid_client and the secret file has changed: retrying with the new secret"
@@ -135,46 +168,52 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
                 FetchError::BadResponse("access_token cannot be sent in a header".into())
             })
     });
-    // Share it before releasing the lock, so the replicas waiting on it find it.
-    let token = match (token, &cache) {
+    // Sealed for the other replicas now (its value is what a 401 purges), stored in Redis
+    // after it is installed here, so a slow Redis never holds this replica's requests.
+    let (token, sealed) = match (token, &cache) {
         (Ok((mut t, source, r)), Some(cache)) => {
-            t.shared = cache
-                .store(
-                    &holder.settings,
-                    &r.access_token,
-                    sent_at,
-                    r.lifetime,
-                    r.scope,
-                )
-                .await;
-            Ok((t, source))
+            let sealed = cache.seal_token(
+                &holder.settings,
+                &r.access_token,
+                sent_at,
+                r.lifetime,
+                r.scope,
+            );
+            t.shared = sealed.as_ref().map(|s| Arc::clone(&s.value));
+            (Ok((t, source)), sealed)
         }
-        (Ok((t, source, _)), None) => Ok((t, source)),
-        (Err(e), _) => Err(e),
+        (Ok((t, source, _)), None) => (Ok((t, source)), None),
+        (Err(e), _) => (Err(e), None),
     };
-    if let (true, Some(cache)) = (locked, &cache) {
-        cache.unlock(&holder.settings).await;
+    record_fetch(
+        holder,
+        sent_at,
+        token.as_ref().map(|_| ()),
+    );
+    let result = installed(holder, &profile, outcome, sent_at, token);
+    // Then shared, before the lock is released, so the replicas waiting on it find it.
+    if let Some(cache) = cache {
+        if let Some(sealed) = &sealed {
+            cache.put(sealed, &mut trip).await;
+        }
+        if locked {
+            cache.unlock(&holder.settings, &mut trip).await;
+        }
+        cache.settle(trip);
     }
+    result
+}
+
+/// Installs a fetched token, or records the failure and the delay before the next attempt.
+fn installed(
+    holder: &TokenHolder,
+    profile: &str,
+    outcome: &'static str,
+    sent_at: Instant,
+    token: Result<(AccessToken, &'static str), FetchError>,
+) -> Result<(), Duration> {
     let mut s = lock(&holder.status);
     s.fetching = false;
-    s.fetch_count += 1;
-    if s.recent.len() == super::RECENT_FETCHES {
-        s.recent.pop_front();
-    }
-    s.recent.push_back(super::FetchRecord {
-        at: SystemTime::now(),
-        outcome: match &token {
-            Ok(_) => "success",
-            Err(e) => e.outcome(),
-        },
-        duration: sent_at.elapsed(),
-        oauth_error: token
-            .as_ref()
-            .err()
-            .and_then(|e| e.oauth_error())
-            .map(str::to_owned),
-        error: token.as_ref().err().map(|e| e.to_string()),
-    });
     match token {
         Ok((token, source)) => {
             tracing::info!(
@@ -235,6 +274,25 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
             Err(delay)
         }
     }
+}
+
+/// One token request in the status (`fetch_count`, `recent_fetches`).
+fn record_fetch(holder: &TokenHolder, sent_at: Instant, result: Result<(), &FetchError>) {
+    let mut s = lock(&holder.status);
+    s.fetch_count += 1;
+    if s.recent.len() == super::RECENT_FETCHES {
+        s.recent.pop_front();
+    }
+    s.recent.push_back(super::FetchRecord {
+        at: SystemTime::now(),
+        outcome: match result {
+            Ok(()) => "success",
+            Err(e) => e.outcome(),
+        },
+        duration: sent_at.elapsed(),
+        oauth_error: result.err().and_then(|e| e.oauth_error()).map(str::to_owned),
+        error: result.err().map(|e| e.to_string()),
+    });
 }
 
 /// One token request in `egain_proxy_token_fetches_total`, for every profile of the holder.
