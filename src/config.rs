@@ -510,6 +510,53 @@ profile = "portal"
         )
         .unwrap_err();
         assert_eq!(e.location, "server.shutdown_grace");
+
+        // What the proxy writes into a token request is not the config's to add twice.
+        let scopes = "scopes = [\"knowledge.portalmgr.manage\"]";
+        for (extra, key) in [
+            (
+                "extra_headers = { Host = \"evil.example\" }",
+                "extra_headers.Host",
+            ),
+            (
+                "extra_headers = { \"Content-Type\" = \"text/plain\" }",
+                "extra_headers.Content-Type",
+            ),
+            (
+                "client_auth = \"basic\"\nextra_headers = { Authorization = \"Bearer x\" }",
+                "extra_headers.Authorization",
+            ),
+            (
+                "extra_params = { client_secret = \"x\" }",
+                "extra_params.client_secret",
+            ),
+        ] {
+            let e = parse(&GOOD.replace(scopes, &format!("{scopes}\n{extra}"))).unwrap_err();
+            assert_eq!(e.location, format!("profiles.portal.{key}"), "{e}");
+            assert!(e.message.contains("set by the proxy itself"), "{e}");
+        }
+        // An API gateway's own credential beside a secret sent in the body is the operator's.
+        assert!(parse(&GOOD.replace(
+            scopes,
+            &format!("{scopes}\nextra_headers = {{ Authorization = \"Bearer gw\" }}")
+        ))
+        .is_ok());
+        // Origins as browsers send them.
+        let origins = |list: &str| {
+            parse(&GOOD.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\nallowed_origins = {list}"),
+            ))
+        };
+        let c = origins("[\"https://Tool.Corp\", \"http://127.0.0.1:3000\"]").unwrap();
+        assert_eq!(
+            c.server.allowed_origins,
+            ["https://tool.corp", "http://127.0.0.1:3000"]
+        );
+        for bad in ["tool.corp", "https://tool.corp/", "https://tool.corp/app", "ftp://x"] {
+            let e = origins(&format!("[\"{bad}\"]")).unwrap_err();
+            assert_eq!(e.location, "server.allowed_origins[0]", "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -452,7 +452,7 @@ async fn proxy_credentials_work_and_wrong_or_missing_ones_get_a_clear_answer() {
         .unwrap()
         .port();
     let config = format!(
-        "{HEAD}{}{}{}{}{}{}{}",
+        "{HEAD}{}{}{}{}{}{}{}{}",
         tls_profile("portal", tokens.port(), &ca_file, &good),
         tls_profile("refused", tokens.port(), &ca_file, &wrong),
         route("ok", "/ok", &up, "portal", &good),
@@ -472,6 +472,13 @@ async fn proxy_credentials_work_and_wrong_or_missing_ones_get_a_clear_answer() {
             &format!("egress_proxy = \"http://127.0.0.1:{closed}\"")
         ),
         route("refused", "/refused", &up, "refused", ""),
+        // An http:// token URL: forwarded in absolute form, refused by tinyproxy with a 401.
+        format!(
+            "[profiles.refused_http]\nkind = \"client_app\"\ntoken_url = \"http://127.0.0.1:{}/oauth2/token\"\n\
+             client_id = \"id\"\nclient_secret = \"secret\"\n{wrong}\n{}",
+            upstream.port(),
+            route("refused_http", "/refused-http", &up, "refused_http", "")
+        ),
     );
     let proxy = start(&config, &[("PROXY_PASS", PASSWORD.to_owned())]).await;
     let client = client();
@@ -533,6 +540,18 @@ async fn proxy_credentials_work_and_wrong_or_missing_ones_get_a_clear_answer() {
             "the egress proxy {shown} refused CONNECT localhost:{}: 401",
             tokens.port()
         )) && message.contains("did not accept the credentials"),
+        "{message}"
+    );
+
+    let (code, body) = error_for(&client, proxy.url("/refused-http")).await;
+    let message = body["message"].as_str().unwrap();
+    assert_eq!(code, 503, "{body}");
+    // Named either from the answer (a 401 that is no OAuth error) or, when the proxy closed
+    // before the request was sent, by asking it again.
+    assert!(
+        message.contains(&format!("the egress proxy {shown}"))
+            && message.contains("401")
+            && message.contains("did not accept the credentials"),
         "{message}"
     );
 
@@ -740,4 +759,63 @@ fn check_shows_the_egress_proxy_masked_and_refuses_what_cannot_work() {
             && !err.contains("hunter2"),
         "{err}"
     );
+}
+
+/// A forwarding proxy that refuses an http:// token request with a 401 of its own (an HTML
+/// page, as tinyproxy sends for wrong credentials), after reading it whole: the 503 names the
+/// proxy and its answer, not "invalid JSON" from a token endpoint that was never reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarding_proxys_own_401_to_a_token_request_is_named() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _refuser = AbortOnDrop(tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The head, and the form body behind it (its length as the head says).
+            let whole = |seen: &[u8]| {
+                let text = String::from_utf8_lossy(seen).to_ascii_lowercase();
+                let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                    return false;
+                };
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                body.len() >= length
+            };
+            while !whole(&seen) {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let page = "<html><body><h1>Unauthorized</h1></body></html>";
+            let answer = format!(
+                "HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"proxy\"\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\r\n{page}",
+                page.len()
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    }));
+    let upstream = Recorder::plain().await;
+    let config = format!(
+        "{HEAD}[profiles.p]\nkind = \"client_app\"\ntoken_url = \"http://127.0.0.1:9/oauth2/token\"\n\
+         client_id = \"id\"\nclient_secret = \"secret\"\nclient_auth = \"basic\"\n\
+         egress_proxy = \"http://egress:Wr0ng@127.0.0.1:{port}\"\n{}",
+        route("r", "/", &format!("http://127.0.0.1:{}", upstream.port()), "p", "")
+    );
+    let proxy = start(&config, &[]).await;
+    let (code, body) = error_for(&client(), proxy.url("/x")).await;
+    let message = body["message"].as_str().unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        message.contains(&format!(
+            "the egress proxy http://egress:***@127.0.0.1:{port} answered 401 Unauthorized"
+        )) && message.contains("did not accept the credentials"),
+        "{message}"
+    );
+    assert!(!message.contains("Wr0ng"), "{message}");
 }

@@ -537,11 +537,27 @@ fn resolve_profile(
         crate::tls::read_pem_certs(&file(ca)).map_err(|m| ConfigError::at(at("ca_file"), m))?;
     }
     for (k, v) in &p.extra_headers {
-        if HeaderName::from_bytes(k.as_bytes()).is_err() || HeaderValue::from_str(v).is_err() {
-            return Err(ConfigError::at(
-                format!("profiles.{name}.extra_headers.{k}"),
-                "is not a valid header",
-            ));
+        let at = || format!("profiles.{name}.extra_headers.{k}");
+        let Ok(header) = HeaderName::from_bytes(k.as_bytes()) else {
+            return Err(ConfigError::at(at(), "is not a valid header"));
+        };
+        if HeaderValue::from_str(v).is_err() {
+            return Err(ConfigError::at(at(), "is not a valid header"));
+        }
+        // The request's framing, its target and its credentials are the proxy's: a second
+        // `Authorization` or `Content-Type` would reach the endpoint beside the proxy's own.
+        let basic = p.client_auth == Some(ClientAuth::Basic);
+        let managed = matches!(
+            header.as_str(),
+            "host"
+                | "content-type"
+                | "content-length"
+                | "transfer-encoding"
+                | "connection"
+                | "proxy-authorization"
+        ) || (basic && header == http::header::AUTHORIZATION);
+        if managed {
+            return Err(ConfigError::at(at(), "is set by the proxy itself"));
         }
     }
     for k in p.extra_params.keys() {

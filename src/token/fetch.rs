@@ -153,12 +153,7 @@ pub async fn fetch(
     client: &reqwest::Client,
     s: &TokenSettings,
 ) -> Result<TokenResponse, FetchError> {
-    match (post(client, s).await, &s.egress) {
-        (Err(FetchError::Connect(detail)), Some(proxy)) => {
-            Err(FetchError::Connect(through_proxy(detail, proxy, s).await))
-        }
-        (result, _) => result,
-    }
+    post(client, s).await
 }
 
 /// Words a connection failure through the egress proxy as the upstream path does. reqwest's
@@ -202,11 +197,17 @@ async fn post(client: &reqwest::Client, s: &TokenSettings) -> Result<TokenRespon
     for (k, v) in &s.extra_headers {
         request = request.header(k.as_str(), v.as_str());
     }
-    let mut response = request
-        .body(form_body(s))
-        .send()
-        .await
-        .map_err(|e| classify(e, s.timeout))?;
+    let mut response = match request.body(form_body(s)).send().await {
+        Ok(response) => response,
+        Err(e) => {
+            return Err(match (classify(e, s.timeout), &s.egress) {
+                (FetchError::Connect(detail), Some(proxy)) => {
+                    FetchError::Connect(through_proxy(detail, proxy, s).await)
+                }
+                (e, _) => e,
+            })
+        }
+    };
     let status = response.status().as_u16();
     // Only a proxy answers 407 (RFC 9110 §15.5.8): for an http:// token URL the egress proxy
     // forwards the request rather than tunnel it, and refuses it this way.
@@ -218,13 +219,31 @@ async fn post(client: &reqwest::Client, s: &TokenSettings) -> Result<TokenRespon
     }
     let headers = response.headers().clone();
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| classify(e, s.timeout))? {
+    loop {
+        let chunk = match response.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            // Some proxies (tinyproxy) refuse wrong credentials with a 401 and close with
+            // the request body unread: the rest of that answer is theirs, not the endpoint's.
+            Err(_) if status == 401 && s.egress.is_some() => break,
+            Err(e) => return Err(classify(e, s.timeout)),
+        };
         if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
             return Err(FetchError::BadResponse(format!(
                 "response larger than {MAX_RESPONSE_BYTES} bytes"
             )));
         }
         body.extend_from_slice(&chunk);
+    }
+    if let (401, Some(proxy)) = (status, &s.egress) {
+        // A token endpoint's 401 is an OAuth error (RFC 6749 §5.2); one without is the
+        // forwarding proxy's (tinyproxy answers wrong credentials with 401, not 407).
+        if !is_oauth_error(&body) {
+            return Err(FetchError::Connect(format!(
+                "the egress proxy {proxy} answered 401 Unauthorized, not an OAuth error from the token endpoint{}",
+                proxy_auth_hint(proxy)
+            )));
+        }
     }
     parse_response(status, &headers, &body, s.default_ttl, SystemTime::now())
 }
@@ -239,6 +258,12 @@ fn classify(e: reqwest::Error, timeout: Duration) -> FetchError {
         return FetchError::BadResponse(detail);
     }
     FetchError::Connect(detail)
+}
+
+/// A JSON object with a string `error`, as token endpoints refuse requests.
+fn is_oauth_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v.get("error").is_some_and(|e| e.is_string()))
 }
 
 fn proxy_auth_hint(proxy: &crate::config::EgressProxy) -> &'static str {

@@ -85,25 +85,26 @@ async fn handshake(
 
     let mut answer = Vec::with_capacity(512);
     loop {
-        if answer.len() >= MAX_ANSWER_HEAD {
-            return Err(failed(format!(
-                "sent an answer head over {MAX_ANSWER_HEAD} bytes to CONNECT {target}"
-            )));
-        }
-        let n = stream
-            .read_buf(&mut answer)
-            .await
-            .map_err(|e| failed(format!("failed while answering CONNECT {target}: {e}")))?;
-        if n == 0 {
-            return Err(failed(format!(
-                "closed the connection without answering CONNECT {target}"
-            )));
-        }
         let mut fields = [httparse::EMPTY_HEADER; 64];
         let mut head = httparse::Response::new(&mut fields);
         let head_len = match head.parse(&answer) {
             Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => continue,
+            Ok(httparse::Status::Partial) => {
+                if answer.len() >= MAX_ANSWER_HEAD {
+                    return Err(failed(format!(
+                        "sent an answer head over {MAX_ANSWER_HEAD} bytes to CONNECT {target}"
+                    )));
+                }
+                let n = stream.read_buf(&mut answer).await.map_err(|e| {
+                    failed(format!("failed while answering CONNECT {target}: {e}"))
+                })?;
+                if n == 0 {
+                    return Err(failed(format!(
+                        "closed the connection without answering CONNECT {target}"
+                    )));
+                }
+                continue;
+            }
             Err(e) => {
                 return Err(failed(format!(
                     "sent an invalid answer to CONNECT {target}: {e}"
@@ -111,6 +112,12 @@ async fn handshake(
             }
         };
         let status = head.code.unwrap_or(0);
+        if (100..200).contains(&status) {
+            // An interim answer (RFC 9110 §15.2: a client must take any before the final
+            // one); the final answer follows, perhaps already here.
+            answer.drain(..head_len);
+            continue;
+        }
         if (200..300).contains(&status) {
             // The upstream speaks only after we do (TLS ClientHello, or the request): bytes
             // already here did not come from it.
@@ -242,6 +249,23 @@ mod tests {
             "CONNECT [::1]:8443 HTTP/1.1\r\nHost: [::1]:8443\r\n\
              Proxy-Authorization: Basic dXM/ZXI6cGFAc3M=\r\n\r\n"
         );
+    }
+
+    /// Interim answers before the final one are passed over (RFC 9110 §15.2), whether the
+    /// final one comes with them or after.
+    #[tokio::test]
+    async fn interim_answers_come_before_the_tunnel() {
+        for answer in [
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Connection established\r\n\r\n"[..],
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX: y\r\n\r\nHTTP/1.0 200 OK\r\n\r\n",
+        ] {
+            let (proxy, _seen) = fake_proxy(answer).await;
+            connect("h", 443, Some(&proxy), T).await.unwrap();
+        }
+        let (proxy, _seen) =
+            fake_proxy(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 403 Forbidden\r\n\r\n").await;
+        let e = connect("h", 443, Some(&proxy), T).await.unwrap_err().to_string();
+        assert!(e.contains("refused CONNECT h:443: 403 Forbidden"), "{e}");
     }
 
     #[tokio::test]
