@@ -553,7 +553,12 @@ profile = "portal"
             c.server.allowed_origins,
             ["https://tool.corp", "http://127.0.0.1:3000"]
         );
-        for bad in ["tool.corp", "https://tool.corp/", "https://tool.corp/app", "ftp://x"] {
+        for bad in [
+            "tool.corp",
+            "https://tool.corp/",
+            "https://tool.corp/app",
+            "ftp://x",
+        ] {
             let e = origins(&format!("[\"{bad}\"]")).unwrap_err();
             assert_eq!(e.location, "server.allowed_origins[0]", "{bad}: {e}");
         }

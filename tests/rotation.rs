@@ -209,9 +209,16 @@ async fn a_secret_that_changes_on_disk_during_the_backoff_is_tried_at_once() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(served, "still backing off 5 s after the secret changed on disk");
+    assert!(
+        served,
+        "still backing off 5 s after the secret changed on disk"
+    );
     let secrets: Vec<String> = tokens.requests()[before..].iter().map(secret_of).collect();
-    assert_eq!(secrets.last().map(String::as_str), Some("second-secret"), "{secrets:?}");
+    assert_eq!(
+        secrets.last().map(String::as_str),
+        Some("second-secret"),
+        "{secrets:?}"
+    );
     assert!(
         secrets.iter().filter(|s| *s == "first-secret").count() <= 2,
         "{secrets:?}"

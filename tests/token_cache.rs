@@ -489,7 +489,10 @@ async fn a_hung_redis_costs_a_refresh_one_timeout() {
     let client = client();
     assert_eq!(status(client.get(proxy.url("/x"))).await, 200);
     let first = started.elapsed();
-    assert!(first < Duration::from_secs(4), "first answer after {first:?}");
+    assert!(
+        first < Duration::from_secs(4),
+        "first answer after {first:?}"
+    );
     // A revoked token: the refresh skips the cache that just failed.
     scene.tokens.revoke_all();
     let started = Instant::now();

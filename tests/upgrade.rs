@@ -547,3 +547,30 @@ fn html_response(body: &str) -> http::Response<egain_proxy::ProxyBody> {
     );
     r
 }
+
+/// A 101 that names no protocol, or one the client did not offer (RFC 9110 §7.8): the
+/// client gets a 502, not a tunnel to something it did not ask for.
+#[tokio::test]
+async fn a_101_to_a_protocol_not_offered_is_a_502() {
+    use support::raw::RawUpstream;
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = RawUpstream::start(|head| {
+        let answer = if head.contains("/none") {
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n"
+        } else {
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: IRC/6.9\r\n\r\n"
+        };
+        (answer.as_bytes().to_vec(), false)
+    })
+    .await;
+    let proxy = chat_proxy(HEAD, &tokens, &upstream.url(), "", "").await;
+    for path in ["/chat/none", "/chat/irc"] {
+        let io = TcpStream::connect(proxy.addr).await.unwrap();
+        match tokio_tungstenite::client_async(handshake_request(&proxy, path), io).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 502, "{path}")
+            }
+            other => panic!("{path}: {:?}", other.map(|r| r.1)),
+        }
+    }
+}

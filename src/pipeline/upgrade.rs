@@ -34,11 +34,41 @@ pub fn requested(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
         .get_all(CONNECTION)
         .iter()
         .any(|v| crate::http::list_items(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"upgrade")));
-    let mut upgrade = headers.get_all(UPGRADE).iter();
-    match (listed, upgrade.next(), upgrade.next()) {
-        (true, Some(value), None) if !value.is_empty() => Some(value.clone()),
-        _ => None,
+    if !listed {
+        return None;
     }
+    // Several `Upgrade` lines are one list (RFC 9110 §5.3).
+    let mut upgrade = headers.get_all(UPGRADE).iter().filter(|v| !v.is_empty());
+    let first = upgrade.next()?;
+    let mut joined = first.as_bytes().to_vec();
+    for more in upgrade {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(more.as_bytes());
+    }
+    HeaderValue::from_bytes(&joined).ok()
+}
+
+/// The protocol a `101` switched to is one the client offered (RFC 9110 §7.8: the server
+/// must name it, and must not switch to one not asked for), compared by name, case aside
+/// (`websocket`, `h2c`, `IRC/6.9`).
+fn switched_as_offered(answered: Option<&HeaderValue>, offered: &HeaderValue) -> bool {
+    let name = |p: &[u8]| {
+        p.split(|b| *b == b'/')
+            .next()
+            .unwrap_or(p)
+            .to_ascii_lowercase()
+    };
+    let Some(answered) = answered else {
+        return false;
+    };
+    let items = |v: &HeaderValue| {
+        crate::http::list_items(v.as_bytes())
+            .filter(|p| !p.is_empty())
+            .map(name)
+            .collect::<Vec<_>>()
+    };
+    let (answered, offered) = (items(answered), items(offered));
+    !answered.is_empty() && answered.iter().all(|p| offered.contains(p))
 }
 
 /// Open tunnels, and the signal that closes them at the end of a shutdown.
@@ -140,14 +170,28 @@ pub(crate) async fn forward(
         let response = response.map(crate::upstream::UpstreamBody::hyper);
         return Ok(super::egain::inspect(shared, admitted, response).await);
     }
+    let protocol = response.headers().get(UPGRADE).cloned();
+    if !switched_as_offered(protocol.as_ref(), &request.protocol) {
+        // The connection is dropped with the answer: nothing is tunnelled.
+        let what =
+            format!(
+            "invalid response: 101 Switching Protocols to {:?}, where the client asked for {:?}",
+            protocol.as_ref().map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()),
+            String::from_utf8_lossy(request.protocol.as_bytes()),
+        );
+        return Err(upstream_failed(
+            shared,
+            route,
+            UpstreamFailure::Protocol(what),
+        ));
+    }
     // The upstream switched: so does the client, once hyper has written this 101.
     let upstream_side = hyper::upgrade::on(&mut response);
     let (mut parts, _) = response.into_parts();
-    let protocol = parts.headers.get(UPGRADE).cloned();
     headers::remove_hop_by_hop(&mut parts.headers);
-    parts
-        .headers
-        .insert(UPGRADE, protocol.unwrap_or(request.protocol.clone()));
+    if let Some(protocol) = protocol {
+        parts.headers.insert(UPGRADE, protocol);
+    }
     parts
         .headers
         .insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -311,11 +355,27 @@ mod tests {
         assert!(requested(Version::HTTP_10, &ws).is_none());
         assert!(requested(Version::HTTP_11, &headers(&[("upgrade", "websocket")])).is_none());
         assert!(requested(Version::HTTP_11, &headers(&[("connection", "upgrade")])).is_none());
+        // Two lines are one list (RFC 9110 §5.3), as the upstream will read them.
         let two = headers(&[
             ("connection", "upgrade"),
             ("upgrade", "websocket"),
             ("upgrade", "h2c"),
         ]);
-        assert!(requested(Version::HTTP_11, &two).is_none());
+        assert_eq!(requested(Version::HTTP_11, &two).unwrap(), "websocket, h2c");
+    }
+
+    #[test]
+    fn a_101_switches_only_to_a_protocol_offered() {
+        let offered = HeaderValue::from_static("websocket, IRC/6.9");
+        let ok =
+            |a: &'static str| switched_as_offered(Some(&HeaderValue::from_static(a)), &offered);
+        assert!(ok("websocket"));
+        assert!(ok("WebSocket"));
+        assert!(ok("IRC/6.9"));
+        assert!(ok("irc"));
+        assert!(!ok("h2c"));
+        assert!(!ok(""));
+        assert!(!ok("websocket, h2c"));
+        assert!(!switched_as_offered(None, &offered));
     }
 }

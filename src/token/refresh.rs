@@ -185,11 +185,7 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
         (Ok((t, source, _)), None) => (Ok((t, source)), None),
         (Err(e), _) => (Err(e), None),
     };
-    record_fetch(
-        holder,
-        sent_at,
-        token.as_ref().map(|_| ()),
-    );
+    record_fetch(holder, sent_at, token.as_ref().map(|_| ()));
     let result = installed(holder, &profile, outcome, sent_at, token);
     // Then shared, before the lock is released, so the replicas waiting on it find it.
     if let Some(cache) = cache {
@@ -290,7 +286,10 @@ fn record_fetch(holder: &TokenHolder, sent_at: Instant, result: Result<(), &Fetc
             Err(e) => e.outcome(),
         },
         duration: sent_at.elapsed(),
-        oauth_error: result.err().and_then(|e| e.oauth_error()).map(str::to_owned),
+        oauth_error: result
+            .err()
+            .and_then(|e| e.oauth_error())
+            .map(str::to_owned),
         error: result.err().map(|e| e.to_string()),
     });
 }

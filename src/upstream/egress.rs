@@ -95,9 +95,10 @@ async fn handshake(
                         "sent an answer head over {MAX_ANSWER_HEAD} bytes to CONNECT {target}"
                     )));
                 }
-                let n = stream.read_buf(&mut answer).await.map_err(|e| {
-                    failed(format!("failed while answering CONNECT {target}: {e}"))
-                })?;
+                let n = stream
+                    .read_buf(&mut answer)
+                    .await
+                    .map_err(|e| failed(format!("failed while answering CONNECT {target}: {e}")))?;
                 if n == 0 {
                     return Err(failed(format!(
                         "closed the connection without answering CONNECT {target}"
@@ -264,7 +265,10 @@ mod tests {
         }
         let (proxy, _seen) =
             fake_proxy(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 403 Forbidden\r\n\r\n").await;
-        let e = connect("h", 443, Some(&proxy), T).await.unwrap_err().to_string();
+        let e = connect("h", 443, Some(&proxy), T)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("refused CONNECT h:443: 403 Forbidden"), "{e}");
     }
 
