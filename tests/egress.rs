@@ -451,6 +451,13 @@ async fn proxy_credentials_work_and_wrong_or_missing_ones_get_a_clear_answer() {
         .local_addr()
         .unwrap()
         .port();
+    // An http:// token URL: forwarded in absolute form, refused by tinyproxy with a 401.
+    let refused_http = format!(
+        "[profiles.refused_http]\nkind = \"client_app\"\ntoken_url = \"http://127.0.0.1:{}/oauth2/token\"\n\
+         client_id = \"id\"\nclient_secret = \"secret\"\n{wrong}\n{}",
+        upstream.port(),
+        route("refused_http", "/refused-http", &up, "refused_http", "")
+    );
     let config = format!(
         "{HEAD}{}{}{}{}{}{}{}{}",
         tls_profile("portal", tokens.port(), &ca_file, &good),
@@ -472,13 +479,7 @@ async fn proxy_credentials_work_and_wrong_or_missing_ones_get_a_clear_answer() {
             &format!("egress_proxy = \"http://127.0.0.1:{closed}\"")
         ),
         route("refused", "/refused", &up, "refused", ""),
-        // An http:// token URL: forwarded in absolute form, refused by tinyproxy with a 401.
-        format!(
-            "[profiles.refused_http]\nkind = \"client_app\"\ntoken_url = \"http://127.0.0.1:{}/oauth2/token\"\n\
-             client_id = \"id\"\nclient_secret = \"secret\"\n{wrong}\n{}",
-            upstream.port(),
-            route("refused_http", "/refused-http", &up, "refused_http", "")
-        ),
+        refused_http,
     );
     let proxy = start(&config, &[("PROXY_PASS", PASSWORD.to_owned())]).await;
     let client = client();
