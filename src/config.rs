@@ -137,6 +137,9 @@ pub struct TokenCacheConfig {
     pub key: Secret32,
     /// The longest wait for one Redis operation.
     pub timeout: Duration,
+    /// PEM roots that a `rediss://` server's certificate must chain to, instead of the
+    /// system's (a private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The URL with the characters of its credentials (before the last `@`) that would end them

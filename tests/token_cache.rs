@@ -647,3 +647,67 @@ async fn a_slow_or_full_redis_means_fetching_alone_and_serving() {
     );
     assert!(scene.redis.dump(PREFIX).is_empty());
 }
+
+/// `rediss://` to a Redis whose certificate comes from a private CA: with `ca_file` the
+/// replicas share through TLS; without it the certificate is refused (nothing shared, every
+/// request still served); `#insecure`, which would skip the check, is refused by `check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_needs_its_ca_file() {
+    let ca = support::tls::TestCa::new();
+    let mut scene = Scene::new(3600).await;
+    scene.redis = RedisServer::start_tls(&ca);
+    let plain_url = scene.redis.url();
+    let base = scene
+        .config("\"knowledge.portalmgr.manage\"")
+        .replace(&scene.redis.url(), &scene.redis.tls_url());
+    let trusted = base.replace(
+        "[token_cache]\n",
+        &format!("[token_cache]\nca_file = \"{}\"\n", ca.ca_file()),
+    );
+    let client = client();
+
+    let replicas = [
+        TestProxy::start(&trusted).await,
+        TestProxy::start(&trusted).await,
+    ];
+    for p in &replicas {
+        p.ready().await;
+        assert_eq!(status(client.get(p.url("/x"))).await, 200);
+    }
+    assert_eq!(
+        scene.tokens.count(),
+        1,
+        "the replicas did not share over TLS"
+    );
+    assert_eq!(cache_status(&replicas[0]).await["state"], "up");
+    for p in replicas {
+        p.stop().await;
+    }
+
+    // The system's roots do not know the private CA: no sharing, still serving.
+    let untrusted = TestProxy::start(&base).await;
+    untrusted.ready().await;
+    assert_eq!(status(client.get(untrusted.url("/x"))).await, 200);
+    assert_eq!(scene.tokens.count(), 2);
+    let cache = cache_status(&untrusted).await;
+    assert_eq!(cache["state"], "down", "{cache}");
+    untrusted.stop().await;
+
+    let parse = |text: &str| {
+        egain_proxy::Config::parse(text, std::path::Path::new("."), &|_| None)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let insecure = base.replace(
+        &scene.redis.tls_url(),
+        &format!("{}#insecure", scene.redis.tls_url()),
+    );
+    let e = parse(&insecure).unwrap_err();
+    assert!(
+        e.contains("token_cache.redis") && e.contains("ca_file"),
+        "{e}"
+    );
+    let plain_with_ca = trusted.replace(&scene.redis.tls_url(), &plain_url);
+    let e = parse(&plain_with_ca).unwrap_err();
+    assert!(e.contains("token_cache.ca_file"), "{e}");
+}

@@ -30,6 +30,7 @@ struct RawTokenCache {
     key_prefix: Option<String>,
     encryption_key_file: PathBuf,
     timeout: Option<Dur>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +259,28 @@ fn resolve_token_cache(raw: RawTokenCache, base: &Path) -> Result<TokenCacheConf
         ));
     }
     let redis = crate::config::encode_userinfo(&raw.redis);
+    // redis-rs reads a `#insecure` fragment as "skip certificate checks"; this proxy never
+    // skips them (and its redis-rs is built without that switch).
+    if scheme == Some("rediss") && redis.contains("#insecure") {
+        return Err(ConfigError::at(
+            at("redis"),
+            "#insecure would turn certificate checks off, which egain-proxy never does; for a private CA set token_cache.ca_file",
+        ));
+    }
+    let ca_file = match &raw.ca_file {
+        None => None,
+        Some(_) if scheme != Some("rediss") => {
+            return Err(ConfigError::at(
+                at("ca_file"),
+                "applies to rediss:// (TLS) only",
+            ))
+        }
+        Some(path) => {
+            let path = in_dir(base, path);
+            crate::tls::read_pem_certs(&path).map_err(|m| ConfigError::at(at("ca_file"), m))?;
+            Some(path)
+        }
+    };
     // The client's own parser decides what it can connect to; its message never holds the URL.
     if let Err(e) = redis::Client::open(redis.as_str()) {
         return Err(ConfigError::at(
@@ -292,6 +315,7 @@ fn resolve_token_cache(raw: RawTokenCache, base: &Path) -> Result<TokenCacheConf
         encryption_key_file,
         key: Secret32(key),
         timeout,
+        ca_file,
     })
 }
 

@@ -215,11 +215,15 @@ pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], String> {
     if let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) {
         return Ok(key);
     }
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
     use base64::Engine;
     let text = String::from_utf8_lossy(&bytes);
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(text.trim())
-        .map_err(|_| {
+    let text = text.trim();
+    // Base64 as tools write it: padded or not, the standard alphabet or the URL-safe one.
+    let decoded = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(text).ok())
+        .ok_or_else(|| {
             format!(
                 "{} holds {} bytes: neither a raw 32-byte key nor base64 \
                  (make one with `head -c 32 /dev/urandom | base64`)",
@@ -227,6 +231,12 @@ pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], String> {
                 bytes.len()
             )
         })?;
+    if decoded.len() != 32 && text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{} holds 64 hex digits; the key file takes base64 (`openssl rand -base64 32`) or 32 raw bytes",
+            path.display()
+        ));
+    }
     <[u8; 32]>::try_from(decoded.as_slice()).map_err(|_| {
         format!(
             "{} decodes to {} bytes; the key must be 32 bytes \
@@ -276,6 +286,18 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
         std::fs::write(&path, format!("  {b64}\n")).unwrap();
         assert_eq!(read_key_file(&path).unwrap(), [9u8; 32]);
+        // Unpadded and URL-safe, as other tools write it.
+        let key: Vec<u8> = (0..32).map(|i| (i * 8 + 250) as u8).collect();
+        for engine in [
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+            base64::engine::general_purpose::URL_SAFE,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            std::fs::write(&path, engine.encode(&key)).unwrap();
+            assert_eq!(read_key_file(&path).unwrap().to_vec(), key);
+        }
+        std::fs::write(&path, "ab".repeat(32)).unwrap();
+        assert!(read_key_file(&path).unwrap_err().contains("64 hex digits"));
         std::fs::write(&path, "not base64 at all, and a secret-looking value").unwrap();
         let err = read_key_file(&path).unwrap_err();
         assert!(

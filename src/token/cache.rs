@@ -139,8 +139,21 @@ pub enum Coordination {
 
 impl TokenCache {
     pub fn new(config: TokenCacheConfig, metrics: Arc<Metrics>) -> Result<TokenCache, String> {
-        let client = redis::Client::open(config.redis.expose())
-            .map_err(|e| format!("token_cache.redis {}: {e}", config.redacted_url()))?;
+        let client = match &config.ca_file {
+            None => redis::Client::open(config.redis.expose()),
+            Some(ca_file) => {
+                let root_cert = std::fs::read(ca_file)
+                    .map_err(|e| format!("token_cache.ca_file {}: {e}", ca_file.display()))?;
+                redis::Client::build_with_tls(
+                    config.redis.expose(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+            }
+        }
+        .map_err(|e| format!("token_cache.redis {}: {e}", config.redacted_url()))?;
         let key = Keyed::new(config.key.0)?;
         let mut owner = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut owner);

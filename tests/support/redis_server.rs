@@ -7,6 +7,9 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// With TLS: its port (beside the plain one the test itself uses) and the certificate
+    /// and key files.
+    tls: Option<(u16, String, String, String)>,
 }
 
 fn binary() -> String {
@@ -15,6 +18,16 @@ fn binary() -> String {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// Also serving TLS (`tls_url`) with a certificate for `localhost` from `ca`.
+    pub fn start_tls(ca: &super::tls::TestCa) -> RedisServer {
+        let (cert, key) = ca.leaf_for("redis", &["localhost"]);
+        Self::start_with(Some((cert, key, ca.ca_file())))
+    }
+
+    fn start_with(tls: Option<(String, String, String)>) -> RedisServer {
         let mut dir = tempfile::tempdir().unwrap();
         for _ in 0..10 {
             let port = super::tools::free_port();
@@ -22,6 +35,9 @@ impl RedisServer {
                 port,
                 child: None,
                 dir,
+                tls: tls
+                    .clone()
+                    .map(|(c, k, ca)| (super::tools::free_port(), c, k, ca)),
             };
             if server.spawn() {
                 return server;
@@ -43,6 +59,21 @@ impl RedisServer {
             .args(["--save", "", "--appendonly", "no"])
             // For tests that make Redis slow (DEBUG SLEEP).
             .args(["--enable-debug-command", "local"])
+            .args(match &self.tls {
+                Some((port, cert, key, ca)) => vec![
+                    "--tls-port".to_owned(),
+                    port.to_string(),
+                    "--tls-cert-file".to_owned(),
+                    cert.clone(),
+                    "--tls-key-file".to_owned(),
+                    key.clone(),
+                    "--tls-ca-cert-file".to_owned(),
+                    ca.clone(),
+                    "--tls-auth-clients".to_owned(),
+                    "no".to_owned(),
+                ],
+                None => Vec::new(),
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -67,6 +98,12 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The TLS port's URL (`start_tls`), by the certificate's name.
+    pub fn tls_url(&self) -> String {
+        let (port, ..) = self.tls.as_ref().expect("started without TLS");
+        format!("rediss://localhost:{port}/0")
     }
 
     pub fn client(&self) -> redis::Client {
