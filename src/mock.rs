@@ -560,7 +560,8 @@ fn websocket(req: &mut Request<Incoming>, state: &State, issued: &Issued) -> Moc
         while let Some(Ok(message)) = ws.next().await {
             let echo = match message {
                 Message::Text(_) | Message::Binary(_) => message,
-                Message::Close(_) => break,
+                // tungstenite answers a Close (and a Ping) itself, on the next poll; the
+                // stream ends once the closing handshake is done.
                 _ => continue,
             };
             if ws.send(echo).await.is_err() {

@@ -385,6 +385,15 @@ async fn the_mock_egain_chat_socket_checks_the_bearer() {
     ws.send(Message::text("ping")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("ping"));
     assert_eq!(mock.upgrades(), 1);
+    // The closing handshake (RFC 6455 §5.5.1): the mock answers the client's Close.
+    ws.close(None).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("no answer to Close");
+    assert!(
+        matches!(reply, Some(Ok(Message::Close(_))) | None),
+        "{reply:?}"
+    );
     // Straight to the mock without a token: refused like any API call.
     let io = TcpStream::connect(mock.addr()).await.unwrap();
     let request = format!("ws://{}/knowledge/portalmgr/v4/chat", mock.addr())
