@@ -328,7 +328,18 @@ pub fn parse_response(
             .unwrap_or("none");
         let looks_html = content_type.contains("html")
             || body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'<');
-        let why = if looks_html {
+        let encoding = headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .filter(|e| !e.trim().eq_ignore_ascii_case("identity"));
+        let why = if let Some(encoding) = encoding {
+            // The request asked for no coding (no Accept-Encoding): a compressed answer is
+            // the endpoint's (or a middlebox's) mistake, and reads as noise here.
+            format!(
+                "a body with Content-Encoding {}, which the request did not accept",
+                sanitize(encoding, 30)
+            )
+        } else if looks_html {
             format!(
                 "an HTML page instead of JSON (content-type {})",
                 sanitize(content_type, 60)
@@ -558,6 +569,17 @@ mod tests {
         );
         let e = parse_response(503, &h, b"", TTL, now).unwrap_err();
         assert_eq!(e.retry_after(), Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_compressed_answer_is_named_as_such() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static("gzip"),
+        );
+        let e = parse_response(200, &h, b"\x1f\x8b\x08\x00", TTL, SystemTime::now()).unwrap_err();
+        assert!(e.to_string().contains("Content-Encoding gzip"), "{e}");
     }
 
     fn settings(auth: ClientAuth) -> TokenSettings {
