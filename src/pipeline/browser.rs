@@ -15,8 +15,8 @@
 //! So a browser request is refused (403 `forbidden`) when it comes from another site — an
 //! `Origin` that is neither listed in `server.allowed_origins` nor the proxy's own, or
 //! `Sec-Fetch-Site: cross-site`/`same-site` — and when it comes from a page of the proxy's
-//! own origin under a name that is not one: not an IP address, not `localhost`, and not a
-//! route's `host`. What a person opens in the address bar (`Sec-Fetch-Site: none`, no
+//! own origin under a name that is not one: not an IP address, not `localhost`, not a
+//! route's `host` nor a listed origin's. What a person opens in the address bar (`Sec-Fetch-Site: none`, no
 //! `Origin`) passes.
 
 use crate::error::ProxyError;
@@ -52,18 +52,22 @@ pub(crate) fn check(
 ) -> Result<(), ProxyError> {
     let refuse = |why: String| Err(ProxyError::BrowserRequest(why));
     let site = provenance.fetch_site.unwrap_or(b"");
+    // The origin a page of the proxy's own has under `host`.
+    let own = |origin: &str| {
+        host.is_some_and(|h| {
+            let h = h.to_ascii_lowercase();
+            origin == format!("http://{h}") || origin == format!("https://{h}")
+        })
+    };
     if let Some(origin) = provenance.origin {
         let origin = String::from_utf8_lossy(origin).to_ascii_lowercase();
         if allowed_origins.contains(&origin) {
             return Ok(());
         }
-        let own = host.is_some_and(|h| {
-            let h = h.to_ascii_lowercase();
-            origin == format!("http://{h}") || origin == format!("https://{h}")
-        });
-        if !own {
+        if !own(&origin) {
+            let shown: String = origin.chars().take(100).collect();
             return refuse(format!(
-                "a browser request from a page of {origin}; to let pages of that origin use this proxy, add it to server.allowed_origins"
+                "a browser request from a page of {shown}; to let pages of that origin use this proxy, add it to server.allowed_origins"
             ));
         }
     } else if provenance.fetch_site.is_none() || site.eq_ignore_ascii_case(b"none") {
@@ -76,8 +80,9 @@ pub(crate) fn check(
             String::from_utf8_lossy(site)
         ));
     }
-    // A page of the proxy's own origin: under a name that cannot be someone else's.
-    if host_routed || host.is_some_and(is_local_name) {
+    // A page of the proxy's own origin: under a name that cannot be someone else's, or one
+    // the config names (a route's host, a listed origin).
+    if host_routed || host.is_some_and(is_local_name) || allowed_origins.iter().any(|o| own(o)) {
         return Ok(());
     }
     refuse(format!(
@@ -188,7 +193,8 @@ mod tests {
             "localhost.evil.example",
             false
         ));
-        // …unless a route is for that name.
+        // …unless a route is for that name, or it is a listed origin's.
         assert!(verdict(None, Some("same-origin"), "portal.internal", true));
+        assert!(verdict(None, Some("same-origin"), "tool.corp", false));
     }
 }
