@@ -221,6 +221,15 @@ fn installed(
                 elapsed_ms = sent_at.elapsed().as_millis() as u64,
                 "token fetched"
             );
+            let missing = not_granted(&holder.settings.scopes, token.scope.as_deref());
+            if !missing.is_empty() {
+                tracing::warn!(
+                    profile = %profile,
+                    missing = %missing.join(" "),
+                    granted = token.scope.as_deref().unwrap_or(""),
+                    "the token endpoint granted fewer scopes than asked: calls that need the missing ones will be refused (eGain: 403 with code 403-197)"
+                );
+            }
             s.failures_in_a_row = 0;
             s.last_error = None;
             s.last_refresh = Some(SystemTime::now());
@@ -272,6 +281,25 @@ fn installed(
     }
 }
 
+/// The scopes asked for that a token response's `scope` (RFC 6749 §5.1: present when it
+/// differs from the request) does not list. A scope counts as granted under its full name
+/// or its last path segment (an endpoint may answer `knowledge.portalmgr.manage` to a
+/// request for `https://api.ai.egain.cloud/auth/knowledge.portalmgr.manage`).
+fn not_granted<'a>(asked: &'a [String], granted: Option<&str>) -> Vec<&'a str> {
+    let Some(granted) = granted else {
+        return Vec::new();
+    };
+    fn last(s: &str) -> &str {
+        s.rsplit('/').next().unwrap_or(s)
+    }
+    let granted: Vec<&str> = granted.split_whitespace().collect();
+    asked
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !granted.iter().any(|g| g == a || last(g) == last(a)))
+        .collect()
+}
+
 /// One token request in the status (`fetch_count`, `recent_fetches`).
 fn record_fetch(holder: &TokenHolder, sent_at: Instant, result: Result<(), &FetchError>) {
     let mut s = lock(&holder.status);
@@ -311,6 +339,21 @@ fn count_fetch(holder: &TokenHolder, outcome: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_not_granted() {
+        let asked = vec![
+            "https://api.ai.egain.cloud/auth/knowledge.portalmgr.manage".to_owned(),
+            "https://api.ai.egain.cloud/auth/core.user.read".to_owned(),
+        ];
+        assert!(not_granted(&asked, None).is_empty());
+        assert!(not_granted(&asked, Some(&asked.join(" "))).is_empty());
+        assert!(not_granted(&asked, Some("core.user.read knowledge.portalmgr.manage")).is_empty());
+        assert_eq!(
+            not_granted(&asked, Some("knowledge.portalmgr.manage")),
+            [asked[1].as_str()]
+        );
+    }
 
     #[test]
     fn backoff_doubles_caps_and_honours_retry_after() {
