@@ -820,3 +820,47 @@ async fn a_forwarding_proxys_own_401_to_a_token_request_is_named() {
     );
     assert!(!message.contains("Wr0ng"), "{message}");
 }
+
+/// An egress proxy that opens the tunnel and then closes it: the 502 names the proxy, not
+/// only "connection reset".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_the_egress_proxy_closes_is_named() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _closer = AbortOnDrop(tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await;
+            // Closed as the first request arrives through the tunnel.
+            let _ = s.read(&mut buf).await;
+        }
+    }));
+    let config = format!(
+        "{HEAD}{}",
+        route(
+            "r",
+            "/",
+            "http://127.0.0.1:9",
+            "none",
+            &format!("egress_proxy = \"http://127.0.0.1:{port}\"")
+        )
+    );
+    let proxy = start(&config, &[]).await;
+    let (code, body) = error_for(&client(), proxy.url("/x")).await;
+    let message = body["message"].as_str().unwrap();
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        message.contains(&format!("through the egress proxy http://127.0.0.1:{port}")),
+        "{message}"
+    );
+}

@@ -44,12 +44,30 @@ pub(crate) fn upstream_failed(
         },
         UpstreamFailure::Connect(cause) => ProxyError::UpstreamUnreachable {
             route: name.clone(),
-            detail: format!("cannot connect: {cause}"),
+            detail: format!("cannot connect: {}", via_egress(route, cause)),
         },
+        UpstreamFailure::Protocol(what) if what.starts_with("connection failed") => {
+            ProxyError::UpstreamUnreachable {
+                route: name.clone(),
+                detail: via_egress(route, what),
+            }
+        }
         UpstreamFailure::Protocol(what) => ProxyError::UpstreamUnreachable {
             route: name.clone(),
             detail: what,
         },
+    }
+}
+
+/// A connection failure on a route whose connections go through an egress proxy, with that
+/// proxy named (a tunnel that the proxy closed, or a TLS handshake through it that failed,
+/// otherwise reads as the upstream's doing), unless the message already names it.
+fn via_egress(route: &Route, what: String) -> String {
+    match &route.config.egress.proxy {
+        Some(proxy) if !what.contains("egress proxy") => {
+            format!("{what} (through the egress proxy {proxy})")
+        }
+        _ => what,
     }
 }
 
