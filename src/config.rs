@@ -556,11 +556,12 @@ profile = "portal"
             c.server.allowed_origins,
             ["https://tool.corp", "http://127.0.0.1:3000"]
         );
+        assert!(origins("[\"null\", \"app://desk-tool\"]").is_ok());
         for bad in [
             "tool.corp",
             "https://tool.corp/",
             "https://tool.corp/app",
-            "ftp://x",
+            "Null",
         ] {
             let e = origins(&format!("[\"{bad}\"]")).unwrap_err();
             assert_eq!(e.location, "server.allowed_origins[0]", "{bad}: {e}");

@@ -436,13 +436,17 @@ fn resolve_server(raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigErr
 }
 
 /// An origin as browsers send it in `Origin` (RFC 6454 §6.1): `scheme://host[:port]`, in
-/// lower case, with no path.
+/// lower case, with no path (an app's own scheme too, as Electron apps send), or `null`
+/// (what sandboxed frames and `file:` pages send: listing it admits every such page).
 fn origin(text: &str) -> Result<String, String> {
     let usage = || {
         format!("{text:?} is not an origin: write it as a browser sends it, scheme://host[:port] (e.g. https://tool.corp)")
     };
+    if text == "null" {
+        return Ok(text.to_owned());
+    }
     let uri: http::Uri = text.parse().map_err(|_| usage())?;
-    let plain = matches!(uri.scheme_str(), Some("http" | "https"))
+    let plain = uri.scheme_str().is_some()
         && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
         && !text.ends_with('/')
         && uri.path() == "/"
