@@ -482,7 +482,9 @@ async fn a_page_of_another_site_in_a_browser_cannot_use_the_proxy() {
                 })
                 .await
             };
-            let origin = format!("http://localhost:{}", page.port());
+            // A site of its own: a name the browser maps to this host (pages served from a
+            // loopback address or localhost are this host's own, and may use the proxy).
+            let origin = format!("http://site.example:{}", page.port());
             let head = if allowed {
                 HEAD.replace(
                     "[server]\n",
@@ -502,7 +504,13 @@ async fn a_page_of_another_site_in_a_browser_cannot_use_the_proxy() {
             let _ = proxy_port.set(proxy.addr.port());
             let url = format!("{origin}/page.html");
             let dom = tokio::task::spawn_blocking(move || {
-                support::browser::browse(&url, &["--dump-dom"])
+                support::browser::browse(
+                    &url,
+                    &[
+                        "--dump-dom",
+                        "--host-resolver-rules=MAP site.example 127.0.0.1",
+                    ],
+                )
             })
             .await
             .unwrap();

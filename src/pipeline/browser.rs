@@ -13,7 +13,8 @@
 //! send neither, and are not affected.
 //!
 //! So a browser request is refused (403 `forbidden`) when it comes from another site — an
-//! `Origin` that is neither listed in `server.allowed_origins` nor the proxy's own, or
+//! `Origin` that is neither listed in `server.allowed_origins`, nor the proxy's own, nor on
+//! this host (a loopback address, `localhost`: its server could call the proxy anyway), or
 //! `Sec-Fetch-Site: cross-site`/`same-site` — and when it comes from a page of the proxy's
 //! own origin under a name that is not one: not an IP address, not `localhost`, not a
 //! route's `host` nor a listed origin's. What a person opens in the address bar (`Sec-Fetch-Site: none`, no
@@ -61,7 +62,9 @@ pub(crate) fn check(
     };
     if let Some(origin) = provenance.origin {
         let origin = String::from_utf8_lossy(origin).to_ascii_lowercase();
-        if allowed_origins.contains(&origin) {
+        // Listed; or a page served from this host (a loopback address, `localhost`), whose
+        // server could call the proxy itself anyway.
+        if allowed_origins.contains(&origin) || is_loopback_origin(&origin) {
             return Ok(());
         }
         if !own(&origin) {
@@ -91,24 +94,46 @@ pub(crate) fn check(
     ))
 }
 
+/// `http(s)://` and a loopback address or `localhost` (or a name under it), with any port.
+fn is_loopback_origin(origin: &str) -> bool {
+    let Some(host) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let (name, _) = split_port(host);
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+        || name == "localhost"
+        || name.ends_with(".localhost")
+}
+
+/// `host[:port]` into the name (an IPv6 literal keeps its brackets) and the port, if any.
+fn split_port(host: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        return match rest.find(']') {
+            Some(end) => (&host[..end + 2], rest[end + 1..].strip_prefix(':')),
+            None => (host, None),
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (name, Some(port)),
+        _ => (host, None),
+    }
+}
+
 /// An IP address, `localhost` or a name under it (RFC 6761 §6.3: always this host), with
 /// any port: names no DNS answer can point here.
 fn is_local_name(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(v6) => {
-            return v6
-                .split(']')
-                .next()
-                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
-        }
-        None => host.rsplit_once(':').map_or(host, |(name, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                name
-            } else {
-                host
-            }
-        }),
-    };
+    let (name, _) = split_port(host);
+    if let Some(v6) = name.strip_prefix('[') {
+        return v6
+            .trim_end_matches(']')
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok();
+    }
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name == "localhost"
@@ -145,6 +170,44 @@ mod tests {
         assert!(!verdict(Some("null"), None, local, false));
         assert!(!verdict(None, Some("cross-site"), local, false));
         assert!(!verdict(None, Some("same-site"), local, false));
+        // Pages served from this host.
+        assert!(verdict(
+            Some("http://localhost:3000"),
+            Some("cross-site"),
+            local,
+            false
+        ));
+        assert!(verdict(
+            Some("http://127.0.0.2:3000"),
+            Some("cross-site"),
+            local,
+            false
+        ));
+        assert!(verdict(
+            Some("http://[::1]:3000"),
+            Some("cross-site"),
+            local,
+            false
+        ));
+        assert!(verdict(
+            Some("http://app.localhost"),
+            Some("cross-site"),
+            local,
+            false
+        ));
+        assert!(!verdict(
+            Some("http://10.0.0.1:3000"),
+            Some("cross-site"),
+            local,
+            false
+        ));
+        assert!(!verdict(
+            Some("http://localhost.evil.example"),
+            None,
+            local,
+            false
+        ));
+        assert!(!verdict(Some("file://localhost"), None, local, false));
         // Listed.
         assert!(verdict(
             Some("https://tool.corp"),
