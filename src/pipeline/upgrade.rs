@@ -37,8 +37,16 @@ pub fn requested(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
     if !listed {
         return None;
     }
-    // Several `Upgrade` lines are one list (RFC 9110 §5.3).
-    let mut upgrade = headers.get_all(UPGRADE).iter().filter(|v| !v.is_empty());
+    upgrade_list(headers)
+}
+
+/// Every `Upgrade` line as one list (RFC 9110 §5.3), empty lines left out; `None` without a
+/// protocol.
+fn upgrade_list(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut upgrade = headers
+        .get_all(UPGRADE)
+        .iter()
+        .filter(|v| crate::http::list_items(v.as_bytes()).any(|p| !p.is_empty()));
     let first = upgrade.next()?;
     let mut joined = first.as_bytes().to_vec();
     for more in upgrade {
@@ -170,7 +178,7 @@ pub(crate) async fn forward(
         let response = response.map(crate::upstream::UpstreamBody::hyper);
         return Ok(super::egain::inspect(shared, admitted, response).await);
     }
-    let protocol = response.headers().get(UPGRADE).cloned();
+    let protocol = upgrade_list(response.headers());
     if !switched_as_offered(protocol.as_ref(), &request.protocol) {
         // The connection is dropped with the answer: nothing is tunnelled.
         let what =
@@ -377,5 +385,16 @@ mod tests {
         assert!(!ok(""));
         assert!(!ok("websocket, h2c"));
         assert!(!switched_as_offered(None, &offered));
+        // A 101's lines are one list too: every protocol in it must have been offered.
+        let answer = headers(&[("upgrade", "websocket"), ("upgrade", "foo")]);
+        assert!(!switched_as_offered(
+            upgrade_list(&answer).as_ref(),
+            &offered
+        ));
+        let answer = headers(&[("upgrade", ""), ("upgrade", "websocket")]);
+        assert!(switched_as_offered(
+            upgrade_list(&answer).as_ref(),
+            &offered
+        ));
     }
 }

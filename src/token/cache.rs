@@ -384,8 +384,8 @@ impl TokenCache {
             return Ok(None);
         };
         match self.open(key, &value) {
-            Some(t) => Ok(Some(t)),
-            None => {
+            Ok(t) => Ok(t),
+            Err(()) => {
                 // Garbage, or a value sealed under another key (a replica with the previous
                 // key file, mid-rotation): a miss that the next store overwrites, counted so
                 // it does not go unseen. Redis itself answered.
@@ -538,10 +538,12 @@ impl TokenCache {
 
     /// Decrypts and checks a cached value; `None` for anything not sealed by this key for
     /// this Redis key, or no longer usable.
-    fn open(&self, key: &str, value: &[u8]) -> Option<SharedToken> {
-        let (&version, rest) = value.split_first()?;
+    /// The token in a stored value: `Err` when the value does not decrypt or parse (garbage,
+    /// another key's); `Ok(None)` when it does but the token is past use.
+    fn open(&self, key: &str, value: &[u8]) -> Result<Option<SharedToken>, ()> {
+        let (&version, rest) = value.split_first().ok_or(())?;
         if version != VERSION || rest.len() < NONCE_LEN {
-            return None;
+            return Err(());
         }
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let plain = self
@@ -555,21 +557,26 @@ impl TokenCache {
                     aad: key.as_bytes(),
                 },
             )
-            .ok()?;
-        let stored: Stored = serde_json::from_slice(&plain).ok()?;
+            .map_err(|_| ())?;
+        let stored: Stored = serde_json::from_slice(&plain).map_err(|_| ())?;
         let now_ms = unix_ms(SystemTime::now());
         let age = Duration::from_millis(now_ms.saturating_sub(stored.sent_at_ms));
         let lifetime = Duration::from_millis(stored.lifetime_ms);
-        let sent_at = Instant::now().checked_sub(age)?;
-        let token = AccessToken::new(&stored.access_token, lifetime, sent_at, stored.scope)?;
+        let Some(sent_at) = Instant::now().checked_sub(age) else {
+            return Ok(None);
+        };
+        let Some(token) = AccessToken::new(&stored.access_token, lifetime, sent_at, stored.scope)
+        else {
+            return Err(());
+        };
         if !token.is_usable(Instant::now()) {
-            return None;
+            return Ok(None);
         }
-        Some(SharedToken {
+        Ok(Some(SharedToken {
             refresh_due: Instant::now() >= token.refresh_at,
             token,
             value: value.into(),
-        })
+        }))
     }
 }
 
