@@ -58,6 +58,25 @@ pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // A page of another site in a browser on this host must not reload the config or read
+    // the status (the proxy listener's rule, `pipeline::browser`, without its Host check:
+    // the admin page is opened by name on management networks).
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(req.uri().authority().map(|a| a.as_str()));
+    let refused = crate::pipeline::browser::check(
+        &crate::pipeline::browser::Provenance::of(req.headers()),
+        &shared.load().config.server.allowed_origins,
+        host,
+        false,
+        crate::pipeline::browser::Scope::Admin,
+    );
+    if let Err(e) = refused {
+        let body = json!({ "error": e.code(), "message": e.to_string() });
+        return Ok(json_response(StatusCode::FORBIDDEN, &body));
+    }
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/") => page(),
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok"),

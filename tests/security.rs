@@ -594,7 +594,9 @@ async fn browser_requests_for_other_sites_are_refused(on: On) {
     let client = on.client();
     // Method, the browser's fields, a name (the path), the status.
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, u16);
-    let cases: [Case; 10] = [
+    let chrome = ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/156");
+    let language = ("accept-language", "en-US");
+    let cases: [Case; 14] = [
         ("GET", &[], "plain", 200),
         ("GET", &[("sec-fetch-site", "none")], "address-bar", 200),
         (
@@ -639,6 +641,41 @@ async fn browser_requests_for_other_sites_are_refused(on: On) {
             "localhost",
             200,
         ),
+        // Rebinding over plain http://, where Chromium sends no Fetch Metadata: a browser
+        // still, by its User-Agent and Accept-Language.
+        (
+            "GET",
+            &[("host", "rebind.example"), chrome, language],
+            "rebound-plain",
+            403,
+        ),
+        // A program with a browser's User-Agent (PowerShell) and a name of its own.
+        (
+            "GET",
+            &[
+                ("host", "gw.corp"),
+                ("user-agent", "Mozilla/5.0 WindowsPowerShell/5.1"),
+            ],
+            "powershell",
+            200,
+        ),
+        // The listed origin's page loading an image: no Origin, its Referer.
+        (
+            "GET",
+            &[
+                ("sec-fetch-site", "cross-site"),
+                ("referer", "https://tool.corp/app"),
+            ],
+            "listed-image",
+            200,
+        ),
+        // Another site's page over plain http://: its Referer gives it away.
+        (
+            "GET",
+            &[chrome, language, ("referer", "http://evil.example/page")],
+            "referred",
+            403,
+        ),
     ];
     for (method, fields, name, want) in cases {
         let mut request =
@@ -656,8 +693,33 @@ async fn browser_requests_for_other_sites_are_refused(on: On) {
     let seen: Vec<String> = upstream.seen().into_iter().map(|r| r.target).collect();
     assert_eq!(
         seen,
-        ["/plain", "/address-bar", "/listed", "/own", "/localhost"]
+        [
+            "/plain",
+            "/address-bar",
+            "/listed",
+            "/own",
+            "/localhost",
+            "/powershell",
+            "/listed-image"
+        ]
     );
+    // The admin listener: another site's page cannot reload the config.
+    let r = client
+        .post(proxy.admin_url("/reload"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Without it the request reaches the reload (which finds no file behind this test's
+    // config: 400).
+    let r = client
+        .post(proxy.admin_url("/reload"))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["reloaded"], false, "{body}");
 }
 
 /// On every transport, a client connection with no request under way is closed once

@@ -97,6 +97,7 @@ pub(crate) fn admit<'g>(
         &generation.config.server.allowed_origins,
         host,
         route.config.host.is_some(),
+        super::browser::Scope::Proxy,
     )?;
     let holder = match &route.config.profile {
         Some(profile) => match generation.tokens.get(profile) {

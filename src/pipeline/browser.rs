@@ -29,17 +29,56 @@ pub(crate) struct Provenance<'a> {
     pub origin: Option<&'a [u8]>,
     /// `Sec-Fetch-Site`.
     pub fetch_site: Option<&'a [u8]>,
+    /// `Referer`.
+    pub referer: Option<&'a [u8]>,
+    /// A `User-Agent` as browsers write it (`Mozilla/…`).
+    pub mozilla: bool,
+    /// An `Accept-Language`, which browsers send with every request.
+    pub language: bool,
 }
 
 impl<'a> Provenance<'a> {
-    /// Collects the two fields from a request's fields, given as (name, value).
+    /// Collects the fields from a request's fields, given as (name, value).
     pub fn note(&mut self, name: &[u8], value: &'a [u8]) {
         if name.eq_ignore_ascii_case(b"origin") {
             self.origin.get_or_insert(value);
         } else if name.eq_ignore_ascii_case(b"sec-fetch-site") {
             self.fetch_site.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case(b"referer") {
+            self.referer.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case(b"user-agent") {
+            self.mozilla |= value.starts_with(b"Mozilla/");
+        } else if name.eq_ignore_ascii_case(b"accept-language") {
+            self.language = true;
         }
     }
+
+    /// The same from a header map.
+    pub fn of(headers: &'a http::HeaderMap) -> Self {
+        let mut p = Provenance::default();
+        for (name, value) in headers {
+            p.note(name.as_str().as_bytes(), value.as_bytes());
+        }
+        p
+    }
+
+    /// A browser's request: `Origin` or `Sec-Fetch-Site`, or — as browsers leave both out
+    /// for same-origin GETs to plain `http://` URLs not on a loopback address (Fetch
+    /// Metadata goes to trustworthy URLs only) — a browser's `User-Agent` with the
+    /// `Accept-Language` every browser sends. Programs that write a browser's `User-Agent`
+    /// (PowerShell's `Invoke-WebRequest`) send no `Accept-Language`.
+    fn is_browser(&self) -> bool {
+        self.origin.is_some() || self.fetch_site.is_some() || (self.mozilla && self.language)
+    }
+}
+
+/// What is checked (`check`): on the proxy's listener, the request's `Host` too (DNS
+/// rebinding); the admin listener, reached by name on a management network, checks where a
+/// browser request comes from only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    Proxy,
+    Admin,
 }
 
 /// Refuses a browser's request made for another site's page (see the module doc). `host` is
@@ -50,7 +89,11 @@ pub(crate) fn check(
     allowed_origins: &[String],
     host: Option<&str>,
     host_routed: bool,
+    scope: Scope,
 ) -> Result<(), ProxyError> {
+    if !provenance.is_browser() {
+        return Ok(());
+    }
     let refuse = |why: String| Err(ProxyError::BrowserRequest(why));
     let site = provenance.fetch_site.unwrap_or(b"");
     // The origin a page of the proxy's own has under `host`.
@@ -60,11 +103,18 @@ pub(crate) fn check(
             origin == format!("http://{h}") || origin == format!("https://{h}")
         })
     };
+    // Listed; or a page served from this host (a loopback address, `localhost`), whose
+    // server could call the proxy itself anyway.
+    let trusted =
+        |origin: &str| allowed_origins.iter().any(|a| a == origin) || is_loopback_origin(origin);
+    // The page a request without `Origin` came from, as its `Referer` names it (a page can
+    // leave it out, never forge it).
+    let referrer = provenance
+        .referer
+        .map(|r| origin_of(&String::from_utf8_lossy(r)));
     if let Some(origin) = provenance.origin {
         let origin = String::from_utf8_lossy(origin).to_ascii_lowercase();
-        // Listed; or a page served from this host (a loopback address, `localhost`), whose
-        // server could call the proxy itself anyway.
-        if allowed_origins.contains(&origin) || is_loopback_origin(&origin) {
+        if trusted(&origin) {
             return Ok(());
         }
         if !own(&origin) {
@@ -73,25 +123,53 @@ pub(crate) fn check(
                 "a browser request from a page of {shown}; to let pages of that origin use this proxy, add it to server.allowed_origins"
             ));
         }
-    } else if provenance.fetch_site.is_none() || site.eq_ignore_ascii_case(b"none") {
-        // Not a browser's, or one a person made (the address bar, a bookmark).
+    } else if site.eq_ignore_ascii_case(b"none") {
+        // One a person made (the address bar, a bookmark).
         return Ok(());
-    }
-    if site.eq_ignore_ascii_case(b"cross-site") || site.eq_ignore_ascii_case(b"same-site") {
+    } else if site.eq_ignore_ascii_case(b"cross-site") || site.eq_ignore_ascii_case(b"same-site") {
+        // An image, a script, a link of another site's page: unless that page is one the
+        // proxy trusts.
+        if referrer.as_deref().is_some_and(&trusted) {
+            return Ok(());
+        }
         return refuse(format!(
             "a browser request made by a page of another site (Sec-Fetch-Site: {})",
             String::from_utf8_lossy(site)
         ));
+    } else if let Some(page) = referrer.as_deref().filter(|r| !r.is_empty()) {
+        // No marks at all (a plain http:// URL): the referring page says whose it is.
+        if !trusted(page) && !own(page) {
+            let shown: String = page.chars().take(100).collect();
+            return refuse(format!(
+                "a browser request from a page of {shown}; to let pages of that origin use this proxy, add it to server.allowed_origins"
+            ));
+        }
     }
-    // A page of the proxy's own origin: under a name that cannot be someone else's, or one
-    // the config names (a route's host, a listed origin).
+    if scope == Scope::Admin {
+        return Ok(());
+    }
+    // A page of the proxy's own origin, or a person at the address bar of a plain http://
+    // URL: under a name that cannot be someone else's, or one the config names (a route's
+    // host, a listed origin's).
     if host_routed || host.is_some_and(is_local_name) || allowed_origins.iter().any(|o| own(o)) {
         return Ok(());
     }
     refuse(format!(
-        "a browser request for {:?}, a name that is not this proxy's own (an IP address, localhost, or a route's host)",
+        "a browser request for {:?}, a name that is not this proxy's own (an IP address, localhost, a route's host or an origin in server.allowed_origins)",
         host.unwrap_or("")
     ))
+}
+
+/// `scheme://host[:port]` of a URL, in lower case.
+fn origin_of(url: &str) -> String {
+    let lower = url.to_ascii_lowercase();
+    match lower.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            format!("{scheme}://{authority}")
+        }
+        None => String::new(),
+    }
 }
 
 /// `http(s)://` and a loopback address or `localhost` (or a name under it), with any port.
@@ -144,120 +222,154 @@ fn is_local_name(host: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn verdict(origin: Option<&str>, site: Option<&str>, host: &str, routed: bool) -> bool {
-        let p = Provenance {
-            origin: origin.map(str::as_bytes),
-            fetch_site: site.map(str::as_bytes),
-        };
+    const CHROME: (&str, &str) = ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/156");
+    const LANGUAGE: (&str, &str) = ("accept-language", "en-US");
+
+    /// Whether a request with `fields` for `host` passes on the proxy's listener.
+    fn passes(fields: &[(&str, &str)], host: &str) -> bool {
+        passes_in(fields, host, false, Scope::Proxy)
+    }
+
+    fn passes_in(fields: &[(&str, &str)], host: &str, routed: bool, scope: Scope) -> bool {
+        let mut p = Provenance::default();
+        for (name, value) in fields {
+            p.note(name.as_bytes(), value.as_bytes());
+        }
         let allowed = vec!["https://tool.corp".to_owned()];
-        check(&p, &allowed, Some(host), routed).is_ok()
+        check(&p, &allowed, Some(host), routed, scope).is_ok()
     }
 
     #[test]
     fn who_may_use_the_proxy_from_a_browser() {
         let local = "127.0.0.1:8080";
-        // Not a browser, or a person at the address bar.
-        assert!(verdict(None, None, "anything.example", false));
-        assert!(verdict(None, Some("none"), "anything.example", false));
-        // Another site's page: a WebSocket, a form POST, an image.
-        assert!(!verdict(
-            Some("http://evil.example"),
-            Some("cross-site"),
-            local,
-            false
+        let site = |s| ("sec-fetch-site", s);
+        let origin = |o| ("origin", o);
+        // Programs: whatever their Host, even with a browser's User-Agent alone (PowerShell)
+        // or Fetch fields of their own (node's fetch sends Sec-Fetch-Mode).
+        assert!(passes(&[], "anything.example"));
+        assert!(passes(
+            &[("user-agent", "Mozilla/5.0 WindowsPowerShell/5.1")],
+            "gw.corp"
         ));
-        assert!(!verdict(Some("http://evil.example"), None, local, false));
-        assert!(!verdict(Some("null"), None, local, false));
-        assert!(!verdict(None, Some("cross-site"), local, false));
-        assert!(!verdict(None, Some("same-site"), local, false));
+        assert!(passes(
+            &[
+                ("sec-fetch-mode", "cors"),
+                ("accept-language", "*"),
+                ("user-agent", "node")
+            ],
+            "gw.corp"
+        ));
+        // A person at the address bar.
+        assert!(passes(
+            &[CHROME, LANGUAGE, site("none")],
+            "anything.example"
+        ));
+        assert!(passes(&[CHROME, LANGUAGE], local));
+        // Another site's page: a WebSocket, a form POST, a sandboxed frame, an image.
+        assert!(!passes(
+            &[origin("http://evil.example"), site("cross-site")],
+            local
+        ));
+        assert!(!passes(&[origin("http://evil.example")], local));
+        assert!(!passes(&[origin("null")], local));
+        assert!(!passes(&[site("cross-site")], local));
+        assert!(!passes(&[site("same-site")], local));
+        // …and over plain http:// to a name or address not on loopback, where browsers send
+        // no Fetch Metadata: its Referer gives it away.
+        assert!(!passes(
+            &[CHROME, LANGUAGE, ("referer", "http://evil.example/page")],
+            "10.1.2.3:8080"
+        ));
         // Pages served from this host.
-        assert!(verdict(
-            Some("http://localhost:3000"),
-            Some("cross-site"),
-            local,
-            false
+        assert!(passes(
+            &[origin("http://localhost:3000"), site("cross-site")],
+            local
         ));
-        assert!(verdict(
-            Some("http://127.0.0.2:3000"),
-            Some("cross-site"),
-            local,
-            false
+        assert!(passes(
+            &[origin("http://127.0.0.2:3000"), site("cross-site")],
+            local
         ));
-        assert!(verdict(
-            Some("http://[::1]:3000"),
-            Some("cross-site"),
-            local,
-            false
+        assert!(passes(
+            &[origin("http://[::1]:3000"), site("cross-site")],
+            local
         ));
-        assert!(verdict(
-            Some("http://app.localhost"),
-            Some("cross-site"),
-            local,
-            false
+        assert!(passes(
+            &[origin("http://app.localhost"), site("cross-site")],
+            local
         ));
-        assert!(!verdict(
-            Some("http://10.0.0.1:3000"),
-            Some("cross-site"),
-            local,
-            false
+        assert!(!passes(
+            &[origin("http://10.0.0.1:3000"), site("cross-site")],
+            local
         ));
-        assert!(!verdict(
-            Some("http://localhost.evil.example"),
-            None,
-            local,
-            false
+        assert!(!passes(&[origin("http://localhost.evil.example")], local));
+        assert!(!passes(&[origin("file://localhost")], local));
+        // Listed, and its page's images (no Origin, its Referer).
+        assert!(passes(
+            &[origin("https://tool.corp"), site("cross-site")],
+            local
         ));
-        assert!(!verdict(Some("file://localhost"), None, local, false));
-        // Listed.
-        assert!(verdict(
-            Some("https://tool.corp"),
-            Some("cross-site"),
-            local,
-            false
+        assert!(passes(
+            &[origin("HTTPS://TOOL.CORP"), site("cross-site")],
+            local
         ));
-        assert!(verdict(
-            Some("HTTPS://TOOL.CORP"),
-            Some("cross-site"),
-            local,
-            false
+        assert!(!passes(
+            &[origin("https://tool.corp:444"), site("cross-site")],
+            local
         ));
-        assert!(!verdict(
-            Some("https://tool.corp:444"),
-            Some("cross-site"),
-            local,
-            false
+        assert!(passes(
+            &[site("cross-site"), ("referer", "https://tool.corp/app?x")],
+            local
+        ));
+        assert!(!passes(
+            &[site("cross-site"), ("referer", "https://tool.corp.evil/")],
+            local
         ));
         // The proxy's own origin, under its own names.
-        assert!(verdict(
-            Some("http://127.0.0.1:8080"),
-            Some("same-origin"),
-            local,
-            false
+        assert!(passes(
+            &[origin("http://127.0.0.1:8080"), site("same-origin")],
+            local
         ));
-        assert!(verdict(None, Some("same-origin"), "localhost:8080", false));
-        assert!(verdict(None, Some("same-origin"), "api.localhost", false));
-        assert!(verdict(None, Some("same-origin"), "[::1]:8080", false));
-        // DNS rebinding: the attacker's name, same origin as far as the browser knows.
-        assert!(!verdict(
-            Some("http://rebind.example:8080"),
-            Some("same-origin"),
-            "rebind.example:8080",
-            false
+        assert!(passes(&[site("same-origin")], "localhost:8080"));
+        assert!(passes(&[site("same-origin")], "api.localhost"));
+        assert!(passes(&[site("same-origin")], "[::1]:8080"));
+        // DNS rebinding: the attacker's name, same origin as far as the browser knows, with
+        // Fetch Metadata (https, loopback) or without (Chromium over plain http).
+        let rebound = "rebind.example:8080";
+        assert!(!passes(
+            &[origin("http://rebind.example:8080"), site("same-origin")],
+            rebound
         ));
-        assert!(!verdict(
-            None,
-            Some("same-origin"),
-            "rebind.example:8080",
-            false
+        assert!(!passes(&[site("same-origin")], rebound));
+        assert!(!passes(&[CHROME, LANGUAGE], rebound));
+        assert!(!passes(
+            &[
+                CHROME,
+                LANGUAGE,
+                ("referer", "http://rebind.example:8080/a")
+            ],
+            rebound
         ));
-        assert!(!verdict(
-            None,
-            Some("same-origin"),
-            "localhost.evil.example",
-            false
-        ));
+        assert!(!passes(&[site("same-origin")], "localhost.evil.example"));
         // …unless a route is for that name, or it is a listed origin's.
-        assert!(verdict(None, Some("same-origin"), "portal.internal", true));
-        assert!(verdict(None, Some("same-origin"), "tool.corp", false));
+        assert!(passes_in(
+            &[site("same-origin")],
+            "portal.internal",
+            true,
+            Scope::Proxy
+        ));
+        assert!(passes(&[site("same-origin")], "tool.corp"));
+        // The admin listener: where a request comes from, not its Host.
+        assert!(passes_in(
+            &[CHROME, LANGUAGE],
+            "admin.corp:9901",
+            false,
+            Scope::Admin
+        ));
+        assert!(!passes_in(
+            &[origin("http://evil.example")],
+            "admin.corp:9901",
+            false,
+            Scope::Admin
+        ));
     }
 }

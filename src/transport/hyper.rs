@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST, ORIGIN};
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -83,10 +83,7 @@ async fn forward(
         api_key: key_header
             .and_then(|k| req.headers().get(k))
             .map(|v| v.as_bytes()),
-        provenance: pipeline::browser::Provenance {
-            origin: req.headers().get(ORIGIN).map(|v| v.as_bytes()),
-            fetch_site: req.headers().get("sec-fetch-site").map(|v| v.as_bytes()),
-        },
+        provenance: pipeline::browser::Provenance::of(req.headers()),
     };
     let admitted = pipeline::admit(generation, conn, &facts, log)?;
     let route = admitted.route;
