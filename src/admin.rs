@@ -59,8 +59,20 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     // A page of another site in a browser on this host must not reload the config or read
-    // the status (the proxy listener's rule, `pipeline::browser`, without its Host check:
-    // the admin page is opened by name on management networks).
+    // the status (the proxy listener's rule, `pipeline::browser`). On loopback the Host rule
+    // holds too (a DNS-rebinding page); elsewhere the admin page is opened by name on
+    // management networks, and only where a request comes from is checked.
+    let generation = shared.load();
+    let loopback = generation
+        .config
+        .admin
+        .as_ref()
+        .map_or(true, |a| a.listen.ip().is_loopback());
+    let scope = if loopback {
+        crate::pipeline::browser::Scope::Proxy
+    } else {
+        crate::pipeline::browser::Scope::Admin
+    };
     let host = req
         .headers()
         .get(http::header::HOST)
@@ -68,11 +80,12 @@ pub async fn handle(
         .or(req.uri().authority().map(|a| a.as_str()));
     let refused = crate::pipeline::browser::check(
         &crate::pipeline::browser::Provenance::of(req.headers()),
-        &shared.load().config.server.allowed_origins,
+        &generation.config.server.allowed_origins,
         host,
         false,
-        crate::pipeline::browser::Scope::Admin,
+        scope,
     );
+    drop(generation);
     if let Err(e) = refused {
         let body = json!({ "error": e.code(), "message": e.to_string() });
         return Ok(json_response(StatusCode::FORBIDDEN, &body));

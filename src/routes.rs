@@ -135,6 +135,17 @@ impl RouteTable {
     pub fn iter(&self) -> impl Iterator<Item = &Route> {
         self.routes.iter()
     }
+
+    /// Some route is for this `Host` (its `host`, port aside).
+    pub fn names_host(&self, host: &str) -> bool {
+        let name = strip_port(host);
+        self.routes.iter().any(|r| {
+            r.config
+                .host
+                .as_ref()
+                .is_some_and(|h| name.eq_ignore_ascii_case(h))
+        })
+    }
 }
 
 /// A one-route table for unit tests: profile `p`, every path to `upstream`, and `extra`

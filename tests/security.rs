@@ -583,10 +583,18 @@ async fn browser_requests_for_other_sites_are_refused(on: On) {
     let tokens = TokenServer::healthy(3600).await;
     let upstream = Upstream::start().await;
     let proxy = support::TestProxy::start(&format!(
-        "{}{}{}",
+        "{}{}{}{}",
         on.head_with("allowed_origins = [\"https://tool.corp\"]\n"),
         client_app_profile("portal", &tokens, ""),
-        route("r", "/", &upstream.url(), "portal", "")
+        route("r", "/", &upstream.url(), "portal", ""),
+        // Never taken (the route above takes every path), but its host is the proxy's name.
+        route(
+            "named",
+            "/",
+            &upstream.url(),
+            "portal",
+            "host = \"portal.test\""
+        )
     ))
     .await;
     proxy.ready().await;
@@ -596,7 +604,7 @@ async fn browser_requests_for_other_sites_are_refused(on: On) {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, u16);
     let chrome = ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/156");
     let language = ("accept-language", "en-US");
-    let cases: [Case; 14] = [
+    let cases: [Case; 16] = [
         ("GET", &[], "plain", 200),
         ("GET", &[("sec-fetch-site", "none")], "address-bar", 200),
         (
@@ -669,6 +677,20 @@ async fn browser_requests_for_other_sites_are_refused(on: On) {
             "listed-image",
             200,
         ),
+        // A program naming the proxy's own origin (Python's websocket-client does).
+        (
+            "GET",
+            &[("host", "gw.example"), ("origin", "http://gw.example")],
+            "own-origin-program",
+            200,
+        ),
+        // A browser under a name some route is for.
+        (
+            "GET",
+            &[("host", "portal.test"), chrome, language],
+            "route-host",
+            200,
+        ),
         // Another site's page over plain http://: its Referer gives it away.
         (
             "GET",
@@ -700,10 +722,35 @@ async fn browser_requests_for_other_sites_are_refused(on: On) {
             "/own",
             "/localhost",
             "/powershell",
-            "/listed-image"
+            "/listed-image",
+            "/own-origin-program",
+            "/route-host"
         ]
     );
-    // The admin listener: another site's page cannot reload the config.
+    // The admin listener (on loopback): a browser under a rebound name cannot read it, a
+    // program under any name can.
+    let status = |fields: &'static [(&'static str, &'static str)]| {
+        let mut request = client
+            .get(proxy.admin_url("/status"))
+            .header("host", "rebind.example");
+        for (field, value) in fields {
+            request = request.header(*field, *value);
+        }
+        request
+    };
+    assert_eq!(
+        status(&[
+            ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/156"),
+            ("accept-language", "en-US")
+        ])
+        .send()
+        .await
+        .unwrap()
+        .status(),
+        403
+    );
+    assert_eq!(status(&[]).send().await.unwrap().status(), 200);
+    // Another site's page cannot reload the config.
     let r = client
         .post(proxy.admin_url("/reload"))
         .header("origin", "http://evil.example")

@@ -96,7 +96,7 @@ pub(crate) fn admit<'g>(
         &head.provenance,
         &generation.config.server.allowed_origins,
         host,
-        route.config.host.is_some(),
+        route.config.host.is_some() || host.is_some_and(|h| generation.routes.names_host(h)),
         super::browser::Scope::Proxy,
     )?;
     let holder = match &route.config.profile {

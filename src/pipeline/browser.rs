@@ -117,6 +117,14 @@ pub(crate) fn check(
         if trusted(&origin) {
             return Ok(());
         }
+        // A program that names the proxy's own origin (Python's websocket-client does, by
+        // default): browsers send `Sec-Fetch-Site`, or their agent and languages, with it.
+        if own(&origin)
+            && provenance.fetch_site.is_none()
+            && !(provenance.mozilla && provenance.language)
+        {
+            return Ok(());
+        }
         if !own(&origin) {
             let shown: String = origin.chars().take(100).collect();
             return refuse(format!(
@@ -138,7 +146,10 @@ pub(crate) fn check(
         ));
     } else if let Some(page) = referrer.as_deref().filter(|r| !r.is_empty()) {
         // No marks at all (a plain http:// URL): the referring page says whose it is.
-        if !trusted(page) && !own(page) {
+        if trusted(page) {
+            return Ok(());
+        }
+        if !own(page) {
             let shown: String = page.chars().take(100).collect();
             return refuse(format!(
                 "a browser request from a page of {shown}; to let pages of that origin use this proxy, add it to server.allowed_origins"
@@ -358,6 +369,18 @@ mod tests {
             Scope::Proxy
         ));
         assert!(passes(&[site("same-origin")], "tool.corp"));
+        // A program naming the proxy's own origin (websocket-client); a browser doing so under
+        // a rebound name.
+        assert!(passes(&[origin("http://gw.corp:8080")], "gw.corp:8080"));
+        assert!(!passes(
+            &[origin("http://gw.corp:8080"), CHROME, LANGUAGE],
+            "gw.corp:8080"
+        ));
+        // A listed page's image, to the proxy by name over plain http (no Fetch Metadata).
+        assert!(passes(
+            &[CHROME, LANGUAGE, ("referer", "https://tool.corp/app")],
+            "gw.corp:8080"
+        ));
         // The admin listener: where a request comes from, not its Host.
         assert!(passes_in(
             &[CHROME, LANGUAGE],
