@@ -1,5 +1,5 @@
 //! Requests made by a web browser for a page of some other site (part of the first phase,
-//! `super::admit`).
+//! `super::admit`; the admin listener applies it too).
 //!
 //! The proxy adds eGain credentials to whatever reaches it, and a browser on the proxy's host
 //! reaches it on behalf of every site it has open. Same-origin rules keep those sites from
@@ -7,18 +7,21 @@
 //! site could open a socket through the proxy and read eGain's chat), a form POST or an
 //! image GET has its effect whether or not its answer can be read, and a name of the
 //! attacker's that resolves to 127.0.0.1 (DNS rebinding) makes the proxy the attacker's
-//! own origin, every answer readable. Browsers say where a request comes from: `Origin`
-//! (every WebSocket handshake, every cross-origin request but a simple GET, every POST) and
-//! `Sec-Fetch-Site` (every request, in current browsers). Programs that are not browsers
-//! send neither, and are not affected.
+//! own origin, every answer readable.
 //!
-//! So a browser request is refused (403 `forbidden`) when it comes from another site — an
-//! `Origin` that is neither listed in `server.allowed_origins`, nor the proxy's own, nor on
-//! this host (a loopback address, `localhost`: its server could call the proxy anyway), or
-//! `Sec-Fetch-Site: cross-site`/`same-site` — and when it comes from a page of the proxy's
-//! own origin under a name that is not one: not an IP address, not `localhost`, not a
-//! route's `host` nor a listed origin's. What a person opens in the address bar (`Sec-Fetch-Site: none`, no
-//! `Origin`) passes.
+//! Browsers say where a request comes from: `Origin` (every WebSocket handshake, every
+//! cross-origin request but a simple GET, every POST), `Sec-Fetch-Site` (every request to a
+//! trustworthy URL: https, loopback) and `Referer` (unless the page suppresses it); and they
+//! always send a `Mozilla/` agent with `Accept-Language`. Programs send none of these together
+//! and are not affected (`Provenance::is_browser`).
+//!
+//! A browser's request is refused (403 `forbidden`) when it comes from another site's page —
+//! an `Origin`, or failing that a `Referer`, that is neither the proxy's own, nor on this host
+//! (a loopback address, `localhost`: its server could call the proxy anyway), nor listed in
+//! `server.allowed_origins`; `Sec-Fetch-Site: cross-site`/`same-site` without such a
+//! `Referer` — and when it names the proxy by a name that is not the proxy's: not an IP
+//! address, not `localhost`, not a route's `host` nor a listed origin's (`Scope::Proxy`).
+//! What a person opens in the address bar (`Sec-Fetch-Site: none`) passes.
 
 use crate::error::ProxyError;
 
@@ -72,9 +75,9 @@ impl<'a> Provenance<'a> {
     }
 }
 
-/// What is checked (`check`): on the proxy's listener, the request's `Host` too (DNS
-/// rebinding); the admin listener, reached by name on a management network, checks where a
-/// browser request comes from only.
+/// What is checked (`check`): on the proxy's listener (and an admin listener on loopback),
+/// the request's `Host` too (DNS rebinding); an admin listener elsewhere, opened by name on
+/// a management network, checks where a browser request comes from only.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scope {
     Proxy,
@@ -82,8 +85,8 @@ pub(crate) enum Scope {
 }
 
 /// Refuses a browser's request made for another site's page (see the module doc). `host` is
-/// the request's `Host` (or h2's `:authority`); `host_routed` says whether the route that
-/// takes it matched on its `host`.
+/// the request's `Host` (or h2's `:authority`); `host_routed` says whether some route is for
+/// that host.
 pub(crate) fn check(
     provenance: &Provenance<'_>,
     allowed_origins: &[String],
