@@ -29,9 +29,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10));
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -43,7 +43,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         let shared = Arc::clone(&shared);
         let builder = builder.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(Arc::clone(&shared), req));
+            // A connection from this host (whatever address the listener is bound to: a
+            // wildcard one takes loopback connections too) may come from a browser here.
+            let local = peer.ip().is_loopback();
+            let service = service_fn(move |req| handle(Arc::clone(&shared), req, local));
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await
@@ -54,21 +57,18 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     }
 }
 
+/// One admin request; `local`: it came on a connection from this host.
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
+    local: bool,
 ) -> Result<Response<ProxyBody>, Infallible> {
     // A page of another site in a browser on this host must not reload the config or read
-    // the status (the proxy listener's rule, `pipeline::browser`). On loopback the Host rule
-    // holds too (a DNS-rebinding page); elsewhere the admin page is opened by name on
-    // management networks, and only where a request comes from is checked.
+    // the status (the proxy listener's rule, `pipeline::browser`). From this host the Host
+    // rule holds too (a DNS-rebinding page); from elsewhere the admin page is opened by name
+    // on management networks, and only where a request comes from is checked.
     let generation = shared.load();
-    let loopback = generation
-        .config
-        .admin
-        .as_ref()
-        .map_or(true, |a| a.listen.ip().is_loopback());
-    let scope = if loopback {
+    let scope = if local {
         crate::pipeline::browser::Scope::Proxy
     } else {
         crate::pipeline::browser::Scope::Admin

@@ -75,9 +75,10 @@ impl<'a> Provenance<'a> {
     }
 }
 
-/// What is checked (`check`): on the proxy's listener (and an admin listener on loopback),
-/// the request's `Host` too (DNS rebinding); an admin listener elsewhere, opened by name on
-/// a management network, checks where a browser request comes from only.
+/// What is checked (`check`): on the proxy's listener (and the admin listener, for
+/// connections from this host), the request's `Host` too (DNS rebinding); the admin
+/// listener, for connections from elsewhere (its page opened by name on a management
+/// network), checks where a browser request comes from only.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scope {
     Proxy,
