@@ -612,3 +612,49 @@ fn hex(bytes: &[u8]) -> String {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> TokenCache {
+        let config = TokenCacheConfig {
+            redis: crate::config::Secret::new("redis://127.0.0.1:1/0".to_owned()),
+            key_prefix: "t".into(),
+            encryption_key_file: "unused".into(),
+            key: crate::config::Secret32([7; 32]),
+            timeout: Duration::from_millis(250),
+            ca_file: None,
+        };
+        TokenCache::new(config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn stored(age: Duration, lifetime: Duration) -> Stored {
+        Stored {
+            access_token: "a-token".into(),
+            sent_at_ms: unix_ms(SystemTime::now()) - age.as_millis() as u64,
+            lifetime_ms: lifetime.as_millis() as u64,
+            scope: None,
+        }
+    }
+
+    /// A value that decrypts but whose token is past use is a plain miss; only one that does
+    /// not decrypt (garbage, another key's, another Redis key's) is an error, which `get`
+    /// counts as `op="decode"` for operators watching for mismatched keys.
+    #[test]
+    fn stale_tokens_are_misses_and_only_undecryptable_values_errors() {
+        let cache = cache();
+        let hour = Duration::from_secs(3600);
+        let live = cache.seal("k", &stored(Duration::ZERO, hour)).unwrap();
+        assert!(matches!(cache.open("k", &live), Ok(Some(_))));
+        let stale = cache
+            .seal(
+                "k",
+                &stored(Duration::from_secs(10), Duration::from_secs(5)),
+            )
+            .unwrap();
+        assert!(matches!(cache.open("k", &stale), Ok(None)));
+        assert!(cache.open("other", &live).is_err());
+        assert!(cache.open("k", b"garbage").is_err());
+    }
+}
