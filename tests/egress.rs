@@ -822,9 +822,8 @@ async fn a_forwarding_proxys_own_401_to_a_token_request_is_named() {
 }
 
 /// An egress proxy that opens the tunnel and then closes it: the 502 names the proxy, not
-/// only "connection reset".
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tunnel_the_egress_proxy_closes_is_named() {
+/// only "connection reset" (the wording is the pipeline's, for every transport).
+async fn a_tunnel_the_egress_proxy_closes_is_named(on: support::transport::On) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let _closer = AbortOnDrop(tokio::spawn(async move {
@@ -845,18 +844,16 @@ async fn a_tunnel_the_egress_proxy_closes_is_named() {
             let _ = s.read(&mut buf).await;
         }
     }));
-    let config = format!(
-        "{HEAD}{}",
-        route(
+    let proxy = on
+        .proxy(&route(
             "r",
             "/",
             "http://127.0.0.1:9",
             "none",
-            &format!("egress_proxy = \"http://127.0.0.1:{port}\"")
-        )
-    );
-    let proxy = start(&config, &[]).await;
-    let (code, body) = error_for(&client(), proxy.url("/x")).await;
+            &format!("egress_proxy = \"http://127.0.0.1:{port}\""),
+        ))
+        .await;
+    let (code, body) = error_for(&on.client(), on.url(&proxy, "/x")).await;
     let message = body["message"].as_str().unwrap();
     assert_eq!(code, 502, "{body}");
     assert!(
@@ -864,3 +861,5 @@ async fn a_tunnel_the_egress_proxy_closes_is_named() {
         "{message}"
     );
 }
+
+on_every_transport!(a_tunnel_the_egress_proxy_closes_is_named);
