@@ -67,11 +67,12 @@ pub async fn handle(
     // the status (the proxy listener's rule, `pipeline::browser`). From this host the Host
     // rule holds too (a DNS-rebinding page); from elsewhere the admin page is opened by name
     // on management networks, and only where a request comes from is checked.
+    use crate::pipeline::browser::HostRule;
     let generation = shared.load();
-    let scope = if local {
-        crate::pipeline::browser::Scope::Proxy
+    let names = if local {
+        HostRule::Own(&|_| false)
     } else {
-        crate::pipeline::browser::Scope::Admin
+        HostRule::Any
     };
     let host = req
         .headers()
@@ -82,8 +83,7 @@ pub async fn handle(
         &crate::pipeline::browser::Provenance::of(req.headers()),
         &generation.config.server.allowed_origins,
         host,
-        false,
-        scope,
+        names,
     );
     drop(generation);
     if let Err(e) = refused {

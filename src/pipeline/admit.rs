@@ -96,8 +96,7 @@ pub(crate) fn admit<'g>(
         &head.provenance,
         &generation.config.server.allowed_origins,
         host,
-        route.config.host.is_some() || host.is_some_and(|h| generation.routes.names_host(h)),
-        super::browser::Scope::Proxy,
+        super::browser::HostRule::Own(&|h| generation.routes.names_host(h)),
     )?;
     let holder = match &route.config.profile {
         Some(profile) => match generation.tokens.get(profile) {

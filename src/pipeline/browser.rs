@@ -20,7 +20,7 @@
 //! (a loopback address, `localhost`: its server could call the proxy anyway), nor listed in
 //! `server.allowed_origins`; `Sec-Fetch-Site: cross-site`/`same-site` without such a
 //! `Referer` — and when it names the proxy by a name that is not the proxy's: not an IP
-//! address, not `localhost`, not a route's `host` nor a listed origin's (`Scope::Proxy`).
+//! address, not `localhost`, not a route's `host` nor a listed origin's (`HostRule::Own`).
 //! What a person opens in the address bar (`Sec-Fetch-Site: none`) passes.
 
 use crate::error::ProxyError;
@@ -75,25 +75,24 @@ impl<'a> Provenance<'a> {
     }
 }
 
-/// What is checked (`check`): on the proxy's listener (and the admin listener, for
-/// connections from this host), the request's `Host` too (DNS rebinding); the admin
-/// listener, for connections from elsewhere (its page opened by name on a management
-/// network), checks where a browser request comes from only.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Scope {
-    Proxy,
-    Admin,
+/// The names a browser's request may give in `Host` (`check`; DNS rebinding).
+pub(crate) enum HostRule<'a> {
+    /// The proxy's own: an IP address, `localhost`, a listed origin's host, and those
+    /// `is_route_host` says a route is for (asked only of a browser's request). On the proxy's
+    /// listener, and the admin listener for connections from this host.
+    Own(&'a dyn Fn(&str) -> bool),
+    /// Any: the admin listener for connections from elsewhere, its page opened by name on a
+    /// management network.
+    Any,
 }
 
 /// Refuses a browser's request made for another site's page (see the module doc). `host` is
-/// the request's `Host` (or h2's `:authority`); `host_routed` says whether some route is for
-/// that host.
+/// the request's `Host` (or h2's `:authority`).
 pub(crate) fn check(
     provenance: &Provenance<'_>,
     allowed_origins: &[String],
     host: Option<&str>,
-    host_routed: bool,
-    scope: Scope,
+    names: HostRule<'_>,
 ) -> Result<(), ProxyError> {
     if !provenance.is_browser() {
         return Ok(());
@@ -121,19 +120,16 @@ pub(crate) fn check(
         if trusted(&origin) {
             return Ok(());
         }
-        // A program that names the proxy's own origin (Python's websocket-client does, by
-        // default): browsers send `Sec-Fetch-Site`, or their agent and languages, with it.
-        if own(&origin)
-            && provenance.fetch_site.is_none()
-            && !(provenance.mozilla && provenance.language)
-        {
-            return Ok(());
-        }
         if !own(&origin) {
             let shown: String = origin.chars().take(100).collect();
             return refuse(format!(
                 "a browser request from a page of {shown}; to let pages of that origin use this proxy, add it to server.allowed_origins"
             ));
+        }
+        // A program that names the proxy's own origin (Python's websocket-client does, by
+        // default): browsers send `Sec-Fetch-Site`, or their agent and languages, with it.
+        if provenance.fetch_site.is_none() && !(provenance.mozilla && provenance.language) {
+            return Ok(());
         }
     } else if site.eq_ignore_ascii_case(b"none") {
         // One a person made (the address bar, a bookmark).
@@ -160,13 +156,15 @@ pub(crate) fn check(
             ));
         }
     }
-    if scope == Scope::Admin {
+    let HostRule::Own(is_route_host) = names else {
         return Ok(());
-    }
+    };
     // A page of the proxy's own origin, or a person at the address bar of a plain http://
     // URL: under a name that cannot be someone else's, or one the config names (a route's
     // host, a listed origin's).
-    if host_routed || host.is_some_and(is_local_name) || allowed_origins.iter().any(|o| own(o)) {
+    if host.is_some_and(|h| is_local_name(h) || is_route_host(h))
+        || allowed_origins.iter().any(|o| own(o))
+    {
         return Ok(());
     }
     refuse(format!(
@@ -242,16 +240,16 @@ mod tests {
 
     /// Whether a request with `fields` for `host` passes on the proxy's listener.
     fn passes(fields: &[(&str, &str)], host: &str) -> bool {
-        passes_in(fields, host, false, Scope::Proxy)
+        passes_in(fields, host, HostRule::Own(&|h| h == "portal.internal"))
     }
 
-    fn passes_in(fields: &[(&str, &str)], host: &str, routed: bool, scope: Scope) -> bool {
+    fn passes_in(fields: &[(&str, &str)], host: &str, names: HostRule<'_>) -> bool {
         let mut p = Provenance::default();
         for (name, value) in fields {
             p.note(name.as_bytes(), value.as_bytes());
         }
         let allowed = vec!["https://tool.corp".to_owned()];
-        check(&p, &allowed, Some(host), routed, scope).is_ok()
+        check(&p, &allowed, Some(host), names).is_ok()
     }
 
     #[test]
@@ -366,12 +364,7 @@ mod tests {
         ));
         assert!(!passes(&[site("same-origin")], "localhost.evil.example"));
         // …unless a route is for that name, or it is a listed origin's.
-        assert!(passes_in(
-            &[site("same-origin")],
-            "portal.internal",
-            true,
-            Scope::Proxy
-        ));
+        assert!(passes(&[site("same-origin")], "portal.internal"));
         assert!(passes(&[site("same-origin")], "tool.corp"));
         // A program naming the proxy's own origin (websocket-client); a browser doing so under
         // a rebound name.
@@ -389,14 +382,12 @@ mod tests {
         assert!(passes_in(
             &[CHROME, LANGUAGE],
             "admin.corp:9901",
-            false,
-            Scope::Admin
+            HostRule::Any
         ));
         assert!(!passes_in(
             &[origin("http://evil.example")],
             "admin.corp:9901",
-            false,
-            Scope::Admin
+            HostRule::Any
         ));
     }
 }

@@ -123,9 +123,8 @@ pub struct CacheError {
 pub struct Sealed {
     key: String,
     pub value: Arc<[u8]>,
-    /// Its remaining life when sealed.
-    ttl: Duration,
-    at: Instant,
+    /// When the token expires (and the value with it).
+    expires: Instant,
 }
 
 /// The outcome of asking the cache before a token request.
@@ -335,8 +334,7 @@ impl TokenCache {
         Some(Sealed {
             key,
             value,
-            ttl: remaining,
-            at: Instant::now(),
+            expires: Instant::now() + remaining,
         })
     }
 
@@ -345,7 +343,7 @@ impl TokenCache {
         if !self.awake() {
             return;
         }
-        let ttl = sealed.ttl.saturating_sub(sealed.at.elapsed());
+        let ttl = sealed.expires.saturating_duration_since(Instant::now());
         if ttl < Duration::from_millis(10) {
             return;
         }
