@@ -770,29 +770,10 @@ async fn a_forwarding_proxys_own_401_to_a_token_request_is_named() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let _refuser = AbortOnDrop(tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         while let Ok((mut s, _)) = listener.accept().await {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 4096];
-            // The head, and the form body behind it (its length as the head says).
-            let whole = |seen: &[u8]| {
-                let text = String::from_utf8_lossy(seen).to_ascii_lowercase();
-                let Some((head, body)) = text.split_once("\r\n\r\n") else {
-                    return false;
-                };
-                let length = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                body.len() >= length
-            };
-            while !whole(&seen) {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => seen.extend_from_slice(&buf[..n]),
-                }
-            }
+            // The head, and the form body behind it.
+            let _ = support::raw::read_request(&mut s, &mut Vec::new()).await;
             let page = "<html><body><h1>Unauthorized</h1></body></html>";
             let answer = format!(
                 "HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"proxy\"\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\r\n{page}",
@@ -827,21 +808,15 @@ async fn a_tunnel_the_egress_proxy_closes_is_named(on: support::transport::On) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let _closer = AbortOnDrop(tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         while let Ok((mut s, _)) = listener.accept().await {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => seen.extend_from_slice(&buf[..n]),
-                }
-            }
+            let mut buf = Vec::new();
+            let _ = support::raw::read_request(&mut s, &mut buf).await;
             let _ = s
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .await;
             // Closed as the first request arrives through the tunnel.
-            let _ = s.read(&mut buf).await;
+            let _ = support::raw::fill(&mut s, &mut buf).await;
         }
     }));
     let proxy = on
