@@ -153,22 +153,30 @@ pub fn encode_userinfo(url: &str) -> String {
     let Some((userinfo, host_and_tail)) = rest.rsplit_once('@') else {
         return url.to_owned();
     };
-    let mut out = format!("{scheme}://");
-    for c in userinfo.chars() {
-        let keep = c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:%".contains(c);
-        if keep {
-            out.push(c);
-        } else {
-            let mut buf = [0u8; 4];
-            for b in c.encode_utf8(&mut buf).bytes() {
-                out.push_str(&format!("%{b:02X}"));
-            }
-        }
-    }
-    out.push('@');
-    out.push_str(host_and_tail);
-    out
+    let userinfo = percent_encoding::utf8_percent_encode(userinfo, USERINFO_ENDS);
+    format!("{scheme}://{userinfo}@{host_and_tail}")
 }
+
+/// What `encode_userinfo` encodes: all but RFC 3986's unreserved and sub-delims characters,
+/// `:` and `%`.
+const USERINFO_ENDS: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'%');
 
 /// A 32-byte key that never prints.
 #[derive(Clone, PartialEq, Eq)]

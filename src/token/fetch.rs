@@ -149,13 +149,6 @@ pub fn basic_authorization(s: &TokenSettings) -> HeaderValue {
     value
 }
 
-pub async fn fetch(
-    client: &reqwest::Client,
-    s: &TokenSettings,
-) -> Result<TokenResponse, FetchError> {
-    post(client, s).await
-}
-
 /// Words a connection failure through the egress proxy as the upstream path does. reqwest's
 /// tunnel error does not carry the proxy's answer, so one `CONNECT` of our own
 /// (`crate::upstream::egress`, the upstreams' handshake) asks the proxy again: its refusal,
@@ -186,7 +179,11 @@ async fn through_proxy(
     format!("{detail} (through the egress proxy {proxy})")
 }
 
-async fn post(client: &reqwest::Client, s: &TokenSettings) -> Result<TokenResponse, FetchError> {
+/// One token request to the endpoint; a failure through an egress proxy names the proxy.
+pub async fn fetch(
+    client: &reqwest::Client,
+    s: &TokenSettings,
+) -> Result<TokenResponse, FetchError> {
     let mut request = client
         .post(&s.token_url)
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
