@@ -54,13 +54,18 @@ impl Route {
                 return false;
             }
         }
-        if let Some(want) = &self.config.host {
-            match host {
-                Some(h) if strip_port(h).eq_ignore_ascii_case(want) => {}
-                _ => return false,
-            }
+        if self.config.host.is_some() && !host.is_some_and(|h| self.is_for_host(h)) {
+            return false;
         }
         self.matches_path(path)
+    }
+
+    /// The route names a `host` and this `Host` is it (port aside).
+    fn is_for_host(&self, host: &str) -> bool {
+        self.config
+            .host
+            .as_ref()
+            .is_some_and(|want| strip_port(host).eq_ignore_ascii_case(want))
     }
 
     /// The upstream path and query for `path` (already validated) and the raw `query`,
@@ -138,13 +143,7 @@ impl RouteTable {
 
     /// Some route is for this `Host` (its `host`, port aside).
     pub fn names_host(&self, host: &str) -> bool {
-        let name = strip_port(host);
-        self.routes.iter().any(|r| {
-            r.config
-                .host
-                .as_ref()
-                .is_some_and(|h| name.eq_ignore_ascii_case(h))
-        })
+        self.routes.iter().any(|r| r.is_for_host(host))
     }
 }
 
