@@ -150,15 +150,34 @@ async fn oauth_errors_are_named_in_the_503(on: On) {
 
 #[tokio::test]
 async fn malformed_answers_are_retried_and_never_forwarded() {
-    for (status, body, expect) in [
-        (200, "<html><body>Sign in</body></html>", "HTML"),
-        (200, "{\"access_token\": ", "invalid JSON"),
+    for (status, body, expect, outcome) in [
+        (
+            200,
+            "<html><body>Sign in</body></html>",
+            "HTML",
+            "bad_response",
+        ),
+        (200, "{\"access_token\": ", "invalid JSON", "bad_response"),
         (
             200,
             r#"{"token_type":"Bearer","expires_in":60}"#,
             "without access_token",
+            "bad_response",
         ),
-        (502, "bad gateway", "HTTP 502"),
+        (
+            200,
+            r#"{"access_token":"line\nbreak","expires_in":60}"#,
+            "cannot go in a header",
+            "bad_response",
+        ),
+        (502, "bad gateway", "HTTP 502", "http_error"),
+        // Throttling with an OAuth-style body is a failure to retry, not a refusal.
+        (
+            429,
+            r#"{"error":"slow_down","error_description":"too many"}"#,
+            "answered HTTP 429: slow_down (too many)",
+            "http_error",
+        ),
     ] {
         let tokens = TokenServer::start(move |_| raw(status, body)).await;
         let upstream = Upstream::start().await;
@@ -169,6 +188,22 @@ async fn malformed_answers_are_retried_and_never_forwarded() {
         let message = error_body(r).await["message"].as_str().unwrap().to_owned();
         assert!(message.contains(expect), "{expect}: {message}");
         assert!(upstream.seen().is_empty());
+        // /status and the metrics name the same outcome, once per token request.
+        let status = proxy.status_json().await;
+        let fetches = status["profiles"]["portal"]["recent_fetches"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert!(!fetches.is_empty(), "{status}");
+        assert!(
+            fetches.iter().all(|f| f["outcome"] == outcome),
+            "{expect}: {fetches:?}"
+        );
+        let metrics = proxy.metrics_text().await;
+        let line =
+            format!("egain_proxy_token_fetches_total{{profile=\"portal\",outcome=\"{outcome}\"}}");
+        assert!(metrics.contains(&line), "{expect}: {metrics}");
+        assert!(!metrics.contains("outcome=\"oauth_error\""), "{metrics}");
     }
 }
 

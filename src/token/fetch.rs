@@ -20,8 +20,12 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 pub enum FetchError {
     Connect(String),
     Timeout(Duration),
+    /// A non-2xx answer that is not a refusal: 429 or 5xx (whatever its body says, a
+    /// `temporarily_unavailable` or `server_error` included) or a status without an OAuth
+    /// error body. `detail` is the OAuth error the body named, if any.
     Http {
         status: u16,
+        detail: Option<String>,
         retry_after: Option<Duration>,
     },
     OAuth {
@@ -71,8 +75,12 @@ impl fmt::Display for FetchError {
                 "the token endpoint did not answer within {}",
                 humantime::format_duration(*d)
             ),
-            FetchError::Http { status, .. } => {
-                write!(f, "the token endpoint answered HTTP {status}")
+            FetchError::Http { status, detail, .. } => {
+                write!(f, "the token endpoint answered HTTP {status}")?;
+                if let Some(d) = detail {
+                    write!(f, ": {d}")?;
+                }
+                Ok(())
             }
             FetchError::OAuth {
                 status,
@@ -300,11 +308,15 @@ pub fn parse_response(
     let object = json.as_ref().and_then(Value::as_object);
 
     // RFC 6749 §5.2: an error response carries `error` (and maybe `error_description`).
-    if let Some(error) = object.and_then(|o| o.get("error")).and_then(Value::as_str) {
-        let description = object
-            .and_then(|o| o.get("error_description"))
-            .and_then(Value::as_str)
-            .map(|d| sanitize(d, 300));
+    let error = object.and_then(|o| o.get("error")).and_then(Value::as_str);
+    let description = object
+        .and_then(|o| o.get("error_description"))
+        .and_then(Value::as_str)
+        .map(|d| sanitize(d, 300));
+    // Throttled or failing (429, 5xx) is transient whatever the body calls it: retried
+    // with backoff and logged as a failure, not as a refusal of the credentials.
+    let transient = status == 429 || status >= 500;
+    if let (Some(error), false) = (error, transient) {
         return Err(FetchError::OAuth {
             status,
             error: sanitize(error, 80),
@@ -312,9 +324,14 @@ pub fn parse_response(
             retry_after,
         });
     }
-    if !(200..300).contains(&status) {
+    if transient || !(200..300).contains(&status) {
+        let detail = error.map(|e| match description {
+            Some(d) => format!("{} ({d})", sanitize(e, 80)),
+            None => sanitize(e, 80),
+        });
         return Err(FetchError::Http {
             status,
+            detail,
             retry_after,
         });
     }
@@ -537,9 +554,29 @@ mod tests {
             parse(502, "text/plain", "bad gateway").unwrap_err(),
             FetchError::Http {
                 status: 502,
+                detail: None,
                 retry_after: None
             }
         );
+        // Throttling is not a refusal, whatever the body calls it.
+        let e = parse(
+            429,
+            "application/json",
+            r#"{"error":"slow_down","error_description":"too many requests"}"#,
+        )
+        .unwrap_err();
+        assert_eq!((e.outcome(), e.oauth_error()), ("http_error", None));
+        assert_eq!(
+            e.to_string(),
+            "the token endpoint answered HTTP 429: slow_down (too many requests)"
+        );
+        let e = parse(
+            503,
+            "application/json",
+            r#"{"error":"temporarily_unavailable"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.outcome(), "http_error");
         let e = parse(
             401,
             "application/json",

@@ -145,7 +145,6 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
     if matches!(&result, Err(e) if e.oauth_error() == Some("invalid_client"))
         && holder.settings.client_secret.reread()
     {
-        count_fetch(holder, "oauth_error");
         if let Err(e) = &result {
             record_fetch(holder, sent_at, Err(e));
         }
@@ -156,11 +155,6 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
         sent_at = Instant::now();
         result = fetch::fetch(&holder.client, &holder.settings).await;
     }
-    let outcome = match &result {
-        Ok(_) => "success",
-        Err(e) => e.outcome(),
-    };
-    count_fetch(holder, outcome);
     let token = result.and_then(|r| {
         AccessToken::new(&r.access_token, r.lifetime, sent_at, r.scope.clone())
             .map(|t| (t, r.lifetime_source, r))
@@ -185,7 +179,7 @@ async fn attempt(holder: &TokenHolder) -> Result<(), Duration> {
         (Ok((t, source, _)), None) => (Ok((t, source)), None),
         (Err(e), _) => (Err(e), None),
     };
-    record_fetch(holder, sent_at, token.as_ref().map(|_| ()));
+    let outcome = record_fetch(holder, sent_at, token.as_ref().map(|_| ()));
     let result = installed(holder, &profile, outcome, sent_at, token);
     // Then shared, before the lock is released, so the replicas waiting on it find it.
     if let Some(cache) = cache {
@@ -300,8 +294,18 @@ fn not_granted<'a>(asked: &'a [String], granted: Option<&str>) -> Vec<&'a str> {
         .collect()
 }
 
-/// One token request in the status (`fetch_count`, `recent_fetches`).
-fn record_fetch(holder: &TokenHolder, sent_at: Instant, result: Result<(), &FetchError>) {
+/// One token request in the status (`fetch_count`, `recent_fetches`) and in
+/// `egain_proxy_token_fetches_total`, under one outcome, which it returns.
+fn record_fetch(
+    holder: &TokenHolder,
+    sent_at: Instant,
+    result: Result<(), &FetchError>,
+) -> &'static str {
+    let outcome = match result {
+        Ok(()) => "success",
+        Err(e) => e.outcome(),
+    };
+    count_fetch(holder, outcome);
     let mut s = lock(&holder.status);
     s.fetch_count += 1;
     if s.recent.len() == super::RECENT_FETCHES {
@@ -309,10 +313,7 @@ fn record_fetch(holder: &TokenHolder, sent_at: Instant, result: Result<(), &Fetc
     }
     s.recent.push_back(super::FetchRecord {
         at: SystemTime::now(),
-        outcome: match result {
-            Ok(()) => "success",
-            Err(e) => e.outcome(),
-        },
+        outcome,
         duration: sent_at.elapsed(),
         oauth_error: result
             .err()
@@ -320,6 +321,7 @@ fn record_fetch(holder: &TokenHolder, sent_at: Instant, result: Result<(), &Fetc
             .map(str::to_owned),
         error: result.err().map(|e| e.to_string()),
     });
+    outcome
 }
 
 /// One token request in `egain_proxy_token_fetches_total`, for every profile of the holder.
