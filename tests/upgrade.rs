@@ -623,3 +623,54 @@ async fn a_101_to_a_protocol_not_offered_is_a_502() {
         }
     }
 }
+
+/// h2c smuggling: an `Upgrade: h2c` would open an HTTP/2 tunnel to the upstream whose
+/// requests no route, path rule or access log sees. The proxy never offers h2c: the request
+/// reaches the upstream as the plain request it also is, without `Upgrade` or
+/// `HTTP2-Settings`, on both HTTP/1.1 transports.
+#[tokio::test]
+async fn h2c_is_never_offered_upstream() {
+    use support::raw::{Client, RawUpstream, INBOUND};
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = RawUpstream::start(|head| {
+        let answer = if head.to_ascii_lowercase().contains("upgrade: h2c") {
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        } else {
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
+        };
+        (answer.as_bytes().to_vec(), false)
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "{HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("all", "/", &upstream.url(), "portal", "")
+    ))
+    .await;
+    proxy.ready().await;
+    for inbound in INBOUND {
+        for (connection, upgrade) in [
+            ("Upgrade, HTTP2-Settings", "h2c"),
+            ("Upgrade", "H2C"),
+            ("upgrade", "h2c/1.0"),
+        ] {
+            let mut client = Client::on(&proxy, inbound).await;
+            client
+                .send(&format!(
+                    "GET /chat/x HTTP/1.1\r\nHost: app\r\nConnection: {connection}\r\nUpgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+                ))
+                .await;
+            let (head, body) = client.response(false).await;
+            assert!(
+                head.starts_with("HTTP/1.1 200"),
+                "{inbound:?} {upgrade}: {head}"
+            );
+            assert_eq!(body, b"plain");
+            let seen = upstream.seen().pop().unwrap();
+            assert_eq!(seen.header("upgrade"), None, "{inbound:?} {upgrade}");
+            if connection.contains("HTTP2-Settings") {
+                assert_eq!(seen.header("http2-settings"), None);
+            }
+        }
+    }
+}

@@ -40,18 +40,26 @@ pub fn requested(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
     upgrade_list(headers)
 }
 
-/// Every `Upgrade` line as one list (RFC 9110 §5.3), empty lines left out; `None` without a
-/// protocol.
+/// Every `Upgrade` line as one list (RFC 9110 §5.3), empty items left out; `None` without a
+/// protocol. `h2c` is never offered upstream: a tunnel of HTTP/2 would carry requests that no
+/// route, path rule or access log sees (h2c smuggling; RFC 9113 §3.1 deprecates the upgrade).
+/// A request offering only `h2c` is served as the plain request it also is.
 fn upgrade_list(headers: &HeaderMap) -> Option<HeaderValue> {
-    let mut upgrade = headers
-        .get_all(UPGRADE)
-        .iter()
-        .filter(|v| crate::http::list_items(v.as_bytes()).any(|p| !p.is_empty()));
-    let first = upgrade.next()?;
-    let mut joined = first.as_bytes().to_vec();
-    for more in upgrade {
-        joined.extend_from_slice(b", ");
-        joined.extend_from_slice(more.as_bytes());
+    let mut joined = Vec::new();
+    for value in headers.get_all(UPGRADE) {
+        for protocol in crate::http::list_items(value.as_bytes()) {
+            let name = protocol.split(|b| *b == b'/').next().unwrap_or(protocol);
+            if protocol.is_empty() || name.eq_ignore_ascii_case(b"h2c") {
+                continue;
+            }
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(protocol);
+        }
+    }
+    if joined.is_empty() {
+        return None;
     }
     HeaderValue::from_bytes(&joined).ok()
 }
@@ -367,9 +375,20 @@ mod tests {
         let two = headers(&[
             ("connection", "upgrade"),
             ("upgrade", "websocket"),
-            ("upgrade", "h2c"),
+            ("upgrade", "IRC/6.9"),
         ]);
-        assert_eq!(requested(Version::HTTP_11, &two).unwrap(), "websocket, h2c");
+        assert_eq!(
+            requested(Version::HTTP_11, &two).unwrap(),
+            "websocket, IRC/6.9"
+        );
+        // h2c is never tunnelled: the request is served as a plain one.
+        let h2c = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "H2C"),
+        ]);
+        assert!(requested(Version::HTTP_11, &h2c).is_none());
+        let both = headers(&[("connection", "upgrade"), ("upgrade", "h2c, websocket")]);
+        assert_eq!(requested(Version::HTTP_11, &both).unwrap(), "websocket");
     }
 
     #[test]
