@@ -42,7 +42,7 @@ pub enum ProxyError {
     BrowserRequest(String),
     #[error("no route matches {method} {path}")]
     NoRoute { method: String, path: String },
-    #[error("{0} is not supported: this is a reverse proxy that adds credentials; CONNECT would make it a forward proxy and TRACE would reflect its token")]
+    #[error("{0} is not supported: this is a reverse proxy that adds credentials; CONNECT would make it a forward proxy and TRACE (or TRACK) would reflect its token")]
     MethodNotAllowed(String),
     #[error("the upstream of route {route:?} could not be reached: {detail}")]
     UpstreamUnreachable { route: String, detail: String },

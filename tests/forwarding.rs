@@ -163,6 +163,12 @@ async fn hop_by_hop_and_forwarding_headers(on: On) {
         )
     );
     let proxy = TestProxy::start(&config).await;
+    // An h2 request names its host in `:authority`; a `Host` naming another is malformed
+    // (RFC 9113 §8.3.1, tests/security.rs).
+    let client_host = match on.version() {
+        http::Version::HTTP_2 => proxy.addr.to_string(),
+        _ => "app.internal:8080".to_owned(),
+    };
     let response = on
         .client()
         .get(on.url(&proxy, "/h"))
@@ -174,7 +180,7 @@ async fn hop_by_hop_and_forwarding_headers(on: On) {
         .header("x-request-id", "req-123")
         .header("cookie", "session=1")
         .header("accept-language", "fr")
-        .header("host", "app.internal:8080")
+        .header("host", &client_host)
         .send()
         .await
         .unwrap();
@@ -201,7 +207,7 @@ async fn hop_by_hop_and_forwarding_headers(on: On) {
         Some("203.0.113.9, 127.0.0.1")
     );
     assert_eq!(seen.header("x-forwarded-proto"), Some(on.proto()));
-    assert_eq!(seen.header("x-forwarded-host"), Some("app.internal:8080"));
+    assert_eq!(seen.header("x-forwarded-host"), Some(client_host.as_str()));
     assert_eq!(seen.header("x-request-id"), Some("req-123"));
     assert_eq!(seen.header("accept-language"), Some("en-US"));
 
@@ -211,6 +217,29 @@ async fn hop_by_hop_and_forwarding_headers(on: On) {
         upstream.last().header("x-request-id").map(str::len),
         Some(32)
     );
+}
+
+/// h2 clients send one `Cookie` field per cookie; an HTTP/1.1 upstream gets them as one,
+/// joined with "; " in order (RFC 9113 §8.2.3). HTTP/1.1 requests pass as they came.
+async fn cookie_fields_reach_the_upstream_as_http11_wants_them(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let proxy = on.proxy_for(&tokens, &upstream, "", "").await;
+    let r = on
+        .client()
+        .get(on.url(&proxy, "/c"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2; c=3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = upstream.last();
+    let cookies: Vec<_> = seen.headers.get_all("cookie").iter().collect();
+    match on.version() {
+        http::Version::HTTP_2 => assert_eq!(cookies, ["a=1; b=2; c=3"]),
+        _ => assert_eq!(cookies, ["a=1", "b=2; c=3"]),
+    }
 }
 
 async fn unmatched_request_gets_no_route_json(on: On) {
@@ -871,6 +900,7 @@ async fn the_proxys_own_errors_to_head_have_no_body(on: On) {
 }
 
 on_every_transport!(
+    cookie_fields_reach_the_upstream_as_http11_wants_them,
     the_proxys_own_errors_to_head_have_no_body,
     an_upload_goes_on_while_the_answer_waits_to_be_read,
     a_stalled_response_body_ends_at_the_route_timeout,

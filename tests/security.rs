@@ -253,6 +253,23 @@ async fn api_keys_and_allow_list(on: On) {
         upstream.last().headers.get("x-proxy-key").is_none(),
         "the key must be stripped"
     );
+    // The key field twice is no key, whichever order a good and a bad key come in.
+    for keys in [
+        [key, "wrong-0123456789abcdef"],
+        ["wrong-0123456789abcdef", key],
+        [key, key],
+    ] {
+        let r = on
+            .client()
+            .get(on.url(&proxy, "/twice"))
+            .header("x-proxy-key", keys[0])
+            .header("x-proxy-key", keys[1])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{keys:?}");
+    }
+    assert!(upstream.seen().iter().all(|s| s.target != "/twice"));
 
     let config = format!(
         "{head}[server.access]\napi_keys = [\"{key}\"]\nallow = [\"10.0.0.0/8\"]\n{}{}",
@@ -547,6 +564,92 @@ async fn keys_are_compared_whole() {
     );
 }
 
+/// Paths a lax server reads as dot segments, so as outside the route's base path: path
+/// parameters (`..;`, which Java servlet containers drop before normalising), trailing
+/// whitespace, IIS's `%u` escapes and overlong UTF-8. The same 400 on every transport; an
+/// ordinary path with a parameter passes.
+async fn paths_any_server_reads_as_dot_segments_are_refused(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let (upstream, rest) = (Upstream::start().await, Upstream::start().await);
+    let proxy = on
+        .proxy(&format!(
+            "{}{}{}",
+            client_app_profile("p", &tokens, ""),
+            route("api", "/api", &upstream.url(), "p", "strip_prefix = true"),
+            route("rest", "/", &rest.url(), "p", ""),
+        ))
+        .await;
+    proxy.ready().await;
+    let mut conn = on.connect(&proxy).await;
+    for path in [
+        "/api/..;/x",
+        "/api/.;/x",
+        "/api/%2e%2e;/x",
+        "/api/..%3b/x",
+        "/api/..;jsessionid=1/x",
+        "/api/..%20/x",
+        "/api/..%09/x",
+        "/api/%u002e%u002e/x",
+        "/api/%c0%ae%c0%ae/x",
+        "/api/%e0%80%ae%e0%80%ae/x",
+    ] {
+        assert_eq!(conn.get(path).await, 400, "{path}");
+    }
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    assert_eq!(conn.get("/api/a;v=1/b").await, 200);
+    assert_eq!(upstream.last().target, "/a;v=1/b");
+}
+
+/// h2: the request's host is its `:authority` (RFC 9113 §8.3.1), which must be a valid
+/// host[:port]; a `Host` naming another host is malformed. Otherwise the route, and so the
+/// token, would follow a field that other front ends do not read.
+#[tokio::test]
+async fn an_h2_request_is_routed_by_its_authority() {
+    let tokens = TokenServer::healthy(3600).await;
+    let (plain, special) = (Upstream::start().await, Upstream::start().await);
+    let on = On::new(support::transport::Transport::H2c);
+    let proxy = on
+        .proxy(&format!(
+            "{}[[routes]]\nname = \"special\"\nhost = \"special.example\"\npath_prefix = \"/\"\nupstream = \"{}\"\nprofile = \"p\"\n{}",
+            client_app_profile("p", &tokens, ""),
+            special.url(),
+            route("plain", "/", &plain.url(), "p", ""),
+        ))
+        .await;
+    proxy.ready().await;
+    let conn = on.connect(&proxy).await;
+    let support::transport::Conn::H2 { send, .. } = &conn else {
+        unreachable!()
+    };
+    let ask = |authority: &str, host: Option<&str>| {
+        let mut request = http::Request::get(format!("http://{authority}/x"));
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        let request = request.body(()).unwrap();
+        let send = send.clone();
+        async move {
+            let mut send = send.ready().await.unwrap();
+            let (response, _) = send.send_request(request, true).unwrap();
+            response.await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(ask("127.0.0.1", Some("special.example")).await, 400);
+    assert_eq!(ask("special.example", Some("127.0.0.1")).await, 400);
+    assert_eq!(ask("u@special.example", None).await, 400);
+    assert_eq!(ask("special.example:abc", None).await, 400);
+    assert!(special.seen().is_empty() && plain.seen().is_empty());
+    assert_eq!(ask("special.example", None).await, 200);
+    assert_eq!(ask("special.example", Some("SPECIAL.example")).await, 200);
+    assert_eq!(special.seen().len(), 2);
+    assert_eq!(ask("127.0.0.1", None).await, 200);
+    assert_eq!(plain.seen().len(), 1);
+    assert_eq!(
+        special.last().headers.get("x-forwarded-host").unwrap(),
+        "special.example"
+    );
+}
+
 /// TRACE would reflect the proxy's bearer token back to the client; a standard method in the
 /// wrong case might be the standard one to a lenient upstream.
 async fn trace_and_miscased_methods_are_refused(on: On) {
@@ -563,6 +666,14 @@ async fn trace_and_miscased_methods_are_refused(on: On) {
     assert_eq!(r.status(), 405);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "method_not_allowed");
+    let track = http::Method::from_bytes(b"TRACK").unwrap();
+    let r = on
+        .client()
+        .request(track, on.url(&proxy, "/t"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
     let head = http::Method::from_bytes(b"head").unwrap();
     let r = on
         .client()
@@ -1034,6 +1145,7 @@ async fn an_upload_after_its_answer_is_not_taken_for_idle(on: On) {
 on_every_transport!(
     browser_requests_for_other_sites_are_refused,
     trace_and_miscased_methods_are_refused,
+    paths_any_server_reads_as_dot_segments_are_refused,
     api_keys_and_allow_list,
     an_idle_client_connection_is_closed_after_header_read_timeout,
     an_upload_after_its_answer_is_not_taken_for_idle,

@@ -22,10 +22,12 @@ pub(crate) struct HeadFacts<'a> {
     /// The first `Host` field, and whether there was more than one.
     pub host: Option<&'a [u8]>,
     pub more_hosts: bool,
-    /// h2's `:authority`, used for routing when there is no `Host`.
+    /// h2's `:authority`: the request's host (RFC 9113 §8.3.1), before any `Host`.
     pub authority: Option<&'a str>,
     /// The value of the API key header, if `[server.access]` names one and it was sent.
     pub api_key: Option<&'a [u8]>,
+    /// The API key header came more than once: no key is taken (which one would count?).
+    pub more_api_keys: bool,
     /// Where a browser says the request comes from.
     pub provenance: super::browser::Provenance<'a>,
 }
@@ -51,8 +53,11 @@ pub(crate) fn admit<'g>(
     // No open proxy: CONNECT and absolute-form targets are refused (RFC 9112 §3.2.2 lets a
     // server accept absolute-form, but a reverse proxy that did could be aimed elsewhere).
     // TRACE reflects the request back, the proxy's bearer token included (RFC 9110 §9.3.8
-    // lets a proxy refuse it).
-    if *head.method == Method::CONNECT || *head.method == Method::TRACE {
+    // lets a proxy refuse it), and so does IIS's TRACK.
+    if *head.method == Method::CONNECT
+        || *head.method == Method::TRACE
+        || head.method.as_str().eq_ignore_ascii_case("TRACK")
+    {
         return Err(ProxyError::MethodNotAllowed(head.method.to_string()));
     }
     // A standard method in the wrong case is another method to this proxy (methods are
@@ -73,16 +78,38 @@ pub(crate) fn admit<'g>(
     if let Some(e) = crate::http::host_fields_error(head.http11, head.host, head.more_hosts) {
         return Err(ProxyError::BadRequest(e.into()));
     }
+    // h2: the host is `:authority`'s, which must be a valid host[:port] (no userinfo); a
+    // `Host` that names another is a malformed request (RFC 9113 §8.3.1), or the route (and
+    // so the token) would be chosen by a field other front ends do not read.
+    if let Some(authority) = head.authority {
+        if !crate::http::is_valid_host(authority.as_bytes()) {
+            return Err(ProxyError::BadRequest(
+                ":authority is not a valid host[:port]".into(),
+            ));
+        }
+        if head
+            .host
+            .is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_bytes()))
+        {
+            return Err(ProxyError::BadRequest(
+                "the Host field names another host than :authority".into(),
+            ));
+        }
+    }
     crate::http::path::validate(head.path)
         .map_err(|e| ProxyError::BadRequest(e.message().into()))?;
     if let Some(access) = &generation.access {
-        access.check_key(conn.peer.ip(), head.api_key)?;
+        let key = if head.more_api_keys {
+            None
+        } else {
+            head.api_key
+        };
+        access.check_key(conn.peer.ip(), key)?;
     }
     // Host values are checked above (visible ASCII), so this is the whole value.
     let host = head
-        .host
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .or(head.authority);
+        .authority
+        .or_else(|| head.host.and_then(|h| std::str::from_utf8(h).ok()));
     let (index, route) = generation
         .routes
         .find(head.method, host, head.path)

@@ -359,11 +359,12 @@ where
         let buf = &self.read;
         let key_header = generation.access.as_ref().map(|a| a.header());
         let mut api_key = None;
+        let mut more_api_keys = false;
         let mut provenance = pipeline::browser::Provenance::default();
         for s in &self.spans {
             let (name, value) = (&buf[s.name.clone()], &buf[s.value.clone()]);
             if key_header.is_some_and(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes())) {
-                api_key.get_or_insert(value);
+                more_api_keys |= api_key.replace(value).is_some();
             } else {
                 provenance.note(name, value);
             }
@@ -377,6 +378,7 @@ where
             more_hosts: false,
             authority: None,
             api_key,
+            more_api_keys,
             provenance,
         };
         let admitted = match pipeline::admit(generation, self.info, &facts, log) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, COOKIE, HOST};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -83,6 +83,7 @@ async fn forward(
         api_key: key_header
             .and_then(|k| req.headers().get(k))
             .map(|v| v.as_bytes()),
+        more_api_keys: key_header.is_some_and(|k| req.headers().get_all(k).iter().nth(1).is_some()),
         provenance: pipeline::browser::Provenance::of(req.headers()),
     };
     let admitted = pipeline::admit(generation, conn, &facts, log)?;
@@ -92,14 +93,17 @@ async fn forward(
     let upgrade = pipeline::upgrade::requested(req.version(), req.headers());
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, incoming) = req.into_parts();
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
     let uri = upstream_uri(route, &parts.uri)?;
-    // HTTP/2 clients name the host in `:authority` rather than `Host` (RFC 9113 §8.3.1).
-    let client_host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // HTTP/2 clients name the host in `:authority` (RFC 9113 §8.3.1; a `Host` with it names
+    // the same, as `admit` checked).
+    let client_host = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| parts.headers.get(HOST).cloned());
     let plan = Plan {
         route,
         conn,
@@ -215,4 +219,24 @@ fn upstream_uri(route: &crate::routes::Route, original: &Uri) -> Result<Uri, Pro
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
+}
+
+/// An h2 request's `Cookie` fields, one per cookie as h2 clients send them, become one field
+/// joined with "; " (RFC 9113 §8.2.3: it MUST be, before an HTTP/1.1 connection; an h2
+/// upstream may take it either way). HTTP/1.1 requests are left as they came, on both
+/// HTTP/1.1 transports.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(COOKIE).iter();
+    if cookies.nth(1).is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, value);
+    }
 }
