@@ -201,9 +201,22 @@ fn http_builder(
         // and its streams end, instead of holding an upstream stream until TCP gives up.
         .keep_alive_interval(Some(header_read_timeout))
         .keep_alive_timeout(header_read_timeout)
-        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        // Flow control: a request body the proxy is not taking yet (its token on the way, its
+        // upstream slow) holds at most its stream's window, and the connection's window
+        // covers every stream's, so a stalled upload never holds back the others on the
+        // connection (with hyper's 1 MiB for both, one stalled upload froze every other).
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_STREAM_WINDOW * H2_MAX_STREAMS);
     builder
 }
+
+/// Streams at once on an inbound h2 connection.
+const H2_MAX_STREAMS: u32 = 128;
+/// An inbound h2 stream's flow-control window: request body bytes the client may send ahead
+/// of the proxy taking them.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
 
 struct AcceptContext {
     shared: Arc<Shared>,

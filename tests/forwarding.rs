@@ -911,3 +911,74 @@ on_every_transport!(
     unmatched_request_gets_no_route_json,
     upstream_failures_map_to_502_and_504,
 );
+
+/// Sends `len` bytes on an h2 request stream as its windows allow, then ends it.
+async fn send_h2_body(mut stream: h2::SendStream<Bytes>, len: usize) {
+    let mut left = len;
+    while left > 0 {
+        stream.reserve_capacity(left.min(64 * 1024));
+        let granted = match futures_util::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            _ => return,
+        };
+        let n = granted.min(left);
+        if stream.send_data(Bytes::from(vec![b'x'; n]), false).is_err() {
+            return;
+        }
+        left -= n;
+    }
+    let _ = stream.send_data(Bytes::new(), true);
+}
+
+/// h2 flow control: an upload the proxy is not taking yet (its token is on the way) holds
+/// its stream's window, never the connection's: another upload on the same connection goes
+/// through whole while the first still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_h2_upload_does_not_hold_back_the_others() {
+    let slow = TokenServer::start(|_| Reply::Slow(Duration::from_secs(4))).await;
+    let fast = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let on = On::new(support::transport::Transport::H2c);
+    // Without the fix the second upload stalls: 408 after body_read_timeout.
+    let proxy = TestProxy::start(&format!(
+        "{}{}{}{}{}",
+        on.head_with("body_read_timeout = \"2s\"\n"),
+        client_app_profile("slow", &slow, ""),
+        client_app_profile("fast", &fast, ""),
+        route("waits", "/waits", &upstream.url(), "slow", ""),
+        route("goes", "/goes", &upstream.url(), "fast", ""),
+    ))
+    .await;
+    eventually(Duration::from_secs(5), || {
+        fast.count() == 1 && slow.count() == 1
+    })
+    .await;
+    let conn = on.connect(&proxy).await;
+    let support::transport::Conn::H2 { send, .. } = &conn else {
+        unreachable!()
+    };
+    let post = |path: &str| {
+        http::Request::post(format!("http://app{path}"))
+            .body(())
+            .unwrap()
+    };
+    let mut send = send.clone().ready().await.unwrap();
+    // 4 MiB: more than any window the proxy gives one stream.
+    let (waiting, body) = send.send_request(post("/waits/a"), false).unwrap();
+    let _waiting_body = tokio::spawn(send_h2_body(body, 4 << 20));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut send = send.ready().await.unwrap();
+    let (goes, body) = send.send_request(post("/goes/b"), false).unwrap();
+    tokio::spawn(send_h2_body(body, 300_000));
+    let goes = goes.await.unwrap();
+    assert_eq!(goes.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(
+        (seen.target.as_str(), seen.body.len()),
+        ("/goes/b", 300_000)
+    );
+    // The first was still waiting for its token all along.
+    assert_eq!(slow.count(), 1);
+    assert!(upstream.seen().iter().all(|s| s.target != "/waits/a"));
+    drop(waiting);
+}
