@@ -408,3 +408,57 @@ async fn the_proxys_own_error_to_head_has_no_body_on_the_wire() {
         assert_eq!(body, b"ok");
     }
 }
+
+/// An HTTP/1.0 client cannot be sent chunks: an answer of unknown length reaches it
+/// close-delimited, with `Connection: close` (never `keep-alive`, which would leave it waiting
+/// for a next answer on a connection that ends). One with a length keeps the connection.
+#[tokio::test]
+async fn an_http10_client_gets_close_delimited_answers_it_can_read() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = RawUpstream::start(|head| {
+        if head.contains("/chunked") {
+            reply("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        } else if head.contains("/close") {
+            ("HTTP/1.1 200 OK\r\n\r\nuntil the end".into(), true)
+        } else {
+            reply("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nlength")
+        }
+    })
+    .await;
+    let proxy = proxy_to(&upstream, &tokens).await;
+    let mut client = Client::connect(&proxy).await;
+    client
+        .send("GET /length HTTP/1.0\r\nHost: app\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let (head, body) = client.response(false).await;
+    assert!(
+        head.to_ascii_lowercase().contains("connection: keep-alive"),
+        "{head}"
+    );
+    assert_eq!(body, b"length");
+    for path in ["/chunked", "/close"] {
+        let mut client = Client::connect(&proxy).await;
+        client
+            .send(&format!(
+                "GET {path} HTTP/1.0\r\nHost: app\r\nConnection: keep-alive\r\n\r\n"
+            ))
+            .await;
+        let mut all = Vec::new();
+        client.stream.read_to_end(&mut all).await.unwrap();
+        let all = String::from_utf8_lossy(&all).to_ascii_lowercase();
+        let (head, body) = all.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("connection: close"), "{path}: {head}");
+        assert!(
+            !head.contains("keep-alive") && !head.contains("chunked"),
+            "{path}: {head}"
+        );
+        assert_eq!(
+            body,
+            if path == "/close" {
+                "until the end"
+            } else {
+                "hello"
+            }
+        );
+    }
+}

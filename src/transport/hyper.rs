@@ -33,6 +33,7 @@ pub async fn handle(
     let request_id = crate::http::request_id(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let version = req.version();
     let mut log = RequestLog::default();
 
     let response = match forward(&shared, &generation, conn, req, &request_id, &mut log).await {
@@ -49,6 +50,7 @@ pub async fn handle(
             }
         }
     };
+    let response = close_if_unframed(version, &method, response);
     pipeline::record(
         &shared,
         conn,
@@ -197,6 +199,33 @@ async fn forward(
     .await?;
     let response = pipeline::egain::inspect(shared, &admitted, again).await;
     Ok(bodiless(response, framing))
+}
+
+/// An HTTP/1.0 client cannot be sent chunks: an answer of unknown length reaches it
+/// close-delimited, so it says `Connection: close` (RFC 9112 §9.3). hyper would otherwise
+/// confirm the client's `keep-alive` and close after the body anyway; it adds its
+/// `keep-alive` to a `close` too, unless the response is marked HTTP/1.0, as it goes out.
+fn close_if_unframed(
+    version: Version,
+    method: &http::Method,
+    mut response: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    use http_body::Body;
+    let status = response.status();
+    let has_body = *method != http::Method::HEAD
+        && status != http::StatusCode::NO_CONTENT
+        && status != http::StatusCode::NOT_MODIFIED;
+    let framed = response.body().size_hint().exact().is_some()
+        || response
+            .headers()
+            .contains_key(http::header::CONTENT_LENGTH);
+    if version == Version::HTTP_10 && has_body && !framed {
+        *response.version_mut() = Version::HTTP_10;
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// A response that has no body by its status or method (204, 304, HEAD: `Framing::Empty`)
