@@ -462,3 +462,36 @@ async fn an_http10_client_gets_close_delimited_answers_it_can_read() {
         );
     }
 }
+
+/// A request refused before its body is read says `Connection: close`, on both HTTP/1.1
+/// transports: the fast path's (a small body), hyper's (chunked, a large body, `Expect`).
+#[tokio::test]
+async fn a_request_refused_before_its_body_is_read_says_close() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream =
+        RawUpstream::start(|_| reply("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")).await;
+    let config = format!(
+        "{HEAD}{}{}",
+        client_app_profile("p", &tokens, ""),
+        route("r", "/api", &upstream.url(), "p", "")
+    );
+    let proxy = TestProxy::start(&config).await;
+    proxy.ready().await;
+    for head in [
+        "POST /nothere HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\n".to_owned(),
+        "POST /nothere HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+        "POST /nothere HTTP/1.1\r\nHost: app\r\nContent-Length: 100000\r\n\r\n".to_owned(),
+        "POST /nothere HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+            .to_owned(),
+        "POST /api/../x HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+    ] {
+        let mut client = Client::connect(&proxy).await;
+        client.send(&head).await;
+        let (answer, _) = client.response(false).await;
+        let answer = answer.to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 4"), "{head}: {answer}");
+        assert!(answer.contains("connection: close"), "{head}: {answer}");
+        assert!(client.closed().await, "{head}");
+    }
+    assert!(upstream.seen().is_empty());
+}

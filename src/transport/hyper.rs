@@ -34,13 +34,40 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let version = req.version();
+    // An HTTP/1.x request whose body may be left unread if the proxy refuses it (until it
+    // has been read whole).
+    let mut may_leave_body = version < Version::HTTP_2
+        && (req.headers().contains_key(http::header::TRANSFER_ENCODING)
+            || req
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| crate::http::parse_length(v.as_bytes()))
+                .is_some_and(|n| n > 0));
     let mut log = RequestLog::default();
 
-    let response = match forward(&shared, &generation, conn, req, &request_id, &mut log).await {
+    let forwarded = forward(
+        &shared,
+        &generation,
+        conn,
+        req,
+        &request_id,
+        &mut log,
+        &mut may_leave_body,
+    )
+    .await;
+    let response = match forwarded {
         Ok(response) => response,
         Err(e) => {
             log.error = Some(e.to_string());
-            let response = e.into_response(&request_id);
+            let mut response = e.into_response(&request_id);
+            // hyper closes a connection whose request body was not read to the end; the
+            // answer says so (as the fast path's do), so the client sends no more of it and
+            // does not reuse the connection.
+            if may_leave_body {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
             // An answer to HEAD has no body (RFC 9110 §9.3.2): hyper's h2 server would send
             // it, hyper's HTTP/1.1 server would not.
             if method == http::Method::HEAD {
@@ -71,6 +98,7 @@ async fn forward(
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
     log: &mut RequestLog,
+    body_unread: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let mut hosts = req.headers().get_all(HOST).iter();
     let key_header = generation.access.as_ref().map(|a| a.header());
@@ -146,7 +174,11 @@ async fn forward(
     // request, or of one an h2 upstream did not process, can send them again.
     let prepared = body::prepare(incoming, declared).await?;
     let (mut stream, copy) = match prepared {
-        Prepared::Replayable(bytes) => (None, Some(bytes)),
+        Prepared::Replayable(bytes) => {
+            // Read to its end: the connection can go on whatever the answer.
+            *body_unread = false;
+            (None, Some(bytes))
+        }
         Prepared::Stream(body) => (Some(body), None),
     };
     let build = |token: Option<&crate::token::AccessToken>, body: ProxyBody| {
