@@ -101,9 +101,14 @@ pub fn init_logging(format: config::LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     use std::io::IsTerminal;
     // Colours only for a person at a terminal; log files and journald get plain text.
+    // A log line that cannot be written (stderr's reader gone: a log shipper or journald
+    // restarting, `| head`) is dropped. tracing-subscriber would report it with `eprintln!`,
+    // which panics on that same broken stderr, in whatever task was logging: a token
+    // refresh never installed its token.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         config::LogFormat::Text => builder.try_init(),

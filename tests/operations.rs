@@ -566,3 +566,70 @@ async fn trace_logs_carry_no_secret_or_token_and_json_is_one_object_per_line() {
         .any(|l| l.contains("invalid_scope") && l.contains("error_description")));
     assert!(logs.iter().any(|l| l.contains("\"replayed\":true")));
 }
+
+/// Logs go to stderr; when its reader goes away (a log shipper or journald restarting,
+/// `| head`), lines are dropped and the proxy goes on: tokens are fetched and installed,
+/// requests served on HTTP/1.1 and h2c. (A failed write used to panic the logging task:
+/// tokens were fetched but never installed, while /healthz said 200.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_does_not_stop_the_proxy() {
+    use std::io::{BufRead, BufReader};
+    // The endpoint refuses until stderr is closed: the token comes after.
+    let tokens = TokenServer::start(|_| Reply::Raw {
+        status: 503,
+        headers: vec![],
+        body: "down".into(),
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{JSON_HEAD}{}{}",
+            client_app_profile("portal", &tokens, ""),
+            route("r", "/", &upstream.url(), "portal", "")
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_egain-proxy"));
+    cmd.args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for var in support::binary::PROXY_VARS {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listen line");
+        if line.contains("proxy listening") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break v["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    drop(stderr);
+    tokens.set_behaviour(|_| Reply::Token { ttl: Some(3600) });
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut ok = false;
+    for _ in 0..100 {
+        let h1 = status(client().get(format!("http://{addr}/a"))).await;
+        let h2 = status(h2.get(format!("http://{addr}/b"))).await;
+        if (h1, h2) == (200, 200) {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "requests did not succeed after stderr closed");
+    assert!(upstream.seen().len() >= 2);
+}
