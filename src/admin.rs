@@ -290,6 +290,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             "generation": r.generation,
             "error": r.error,
         })),
+        "restart_needed": shared.restart_needed(),
         "profiles": profiles,
         "routes": routes,
         "egress_proxy": egress_summary(&generation.config),

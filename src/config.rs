@@ -324,6 +324,7 @@ impl Config {
     /// `$EGAIN_PROXY_CONFIG`, then `./proxy.toml`.
     pub fn default_path() -> PathBuf {
         std::env::var_os("EGAIN_PROXY_CONFIG")
+            .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("proxy.toml"))
     }
@@ -354,10 +355,9 @@ impl Config {
                     .span()
                     .map(|span| line_col(text, span.start))
                     .unwrap_or_default();
-                ConfigError::at(
-                    location,
-                    format!("TOML syntax error: {}", e.message().trim()),
-                )
+                // One line, as every error is: toml puts what it expected on a second one.
+                let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+                ConfigError::at(location, format!("TOML syntax error: {message}"))
             })?;
         interpolate_tree(&mut value, &mut String::new(), env)?;
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
@@ -508,6 +508,8 @@ profile = "portal"
 
         let e = parse("[server]\nlisten = \n").unwrap_err();
         assert_eq!(e.location, "2:10");
+        let e = parse("[server]\nlisten = [\"a\"\n").unwrap_err();
+        assert!(!e.to_string().contains('\n'), "{e}");
         let e = parse("[server]\nshutdown_grace = \"900000000y\"\n").unwrap_err();
         assert_eq!(e.location, "server.shutdown_grace");
         assert!(e.message.contains("longer than a year"), "{e}");
@@ -573,6 +575,105 @@ profile = "portal"
         ] {
             let e = origins(&format!("[\"{bad}\"]")).unwrap_err();
             assert_eq!(e.location, "server.allowed_origins[0]", "{bad}: {e}");
+        }
+    }
+
+    /// Settings `check` must refuse because the proxy could never work with them.
+    #[test]
+    fn refuses_settings_that_cannot_work() {
+        let listen = "listen = \"127.0.0.1:8080\"";
+        let route = "profile = \"portal\"";
+        for (from, to, location) in [
+            (
+                listen,
+                "listen = [\"127.0.0.1:8080\", \"127.0.0.1:8080\"]",
+                "server.listen",
+            ),
+            (
+                listen,
+                "listen = \"127.0.0.1:8080\"\n[admin]\nlisten = \"127.0.0.1:8080\"",
+                "admin.listen",
+            ),
+            (
+                listen,
+                "listen = \"127.0.0.1:8080\"\nheader_read_timeout = \"0s\"",
+                "server.header_read_timeout",
+            ),
+            (
+                listen,
+                "listen = \"127.0.0.1:8080\"\nbody_read_timeout = \"0s\"",
+                "server.body_read_timeout",
+            ),
+            (
+                listen,
+                "listen = \"127.0.0.1:8080\"\nmax_header_bytes = 100",
+                "server.max_header_bytes",
+            ),
+            (
+                listen,
+                "listen = \"127.0.0.1:8080\"\nmax_connections = 0",
+                "server.max_connections",
+            ),
+            (
+                route,
+                "profile = \"portal\"\ntimeout = \"0s\"",
+                "routes[0].timeout",
+            ),
+            (
+                route,
+                "profile = \"portal\"\nconnect_timeout = \"0ms\"",
+                "routes[0].connect_timeout",
+            ),
+            (
+                route,
+                "profile = \"portal\"\nhost = \"api.example:443\"",
+                "routes[0].host",
+            ),
+            (
+                route,
+                "profile = \"portal\"\nhost = \"[::1]:443\"",
+                "routes[0].host",
+            ),
+            (
+                route,
+                "profile = \"portal\"\nhost = \"a b/c\"",
+                "routes[0].host",
+            ),
+            (
+                route,
+                "profile = \"portal\"\nname = \"cu\\\"st\"",
+                "routes[0].name",
+            ),
+            (
+                route,
+                "profile = \"portal\"\nname = \"a\\nb\"",
+                "routes[0].name",
+            ),
+            (
+                "[profiles.portal]",
+                "[profiles.\"po\\\\rtal\"]",
+                "profiles.\"po\\\\rtal\"",
+            ),
+        ] {
+            let e = parse(&GOOD.replace(from, to)).unwrap_err();
+            assert_eq!(e.location, location, "{to}: {e}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        // Port 0 (any free port) may be given twice, and IP hosts in brackets are hosts.
+        let ok = GOOD.replace(
+            listen,
+            "listen = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"",
+        );
+        assert!(parse(&ok).is_ok());
+        for host in [
+            "api.example",
+            "API.example",
+            "[::1]",
+            "10.0.0.1",
+            "my-host.local",
+        ] {
+            let c = parse(&GOOD.replace(route, &format!("{route}\nhost = \"{host}\"")));
+            assert!(c.is_ok(), "{host}: {:?}", c.err());
         }
     }
 

@@ -303,6 +303,9 @@ async fn demo(port: u16) -> ExitCode {
         "{}",
         egain_proxy::demo::banner(addr, proxy.admin_addr(), &mock)
     );
+    // SIGHUP is a reload, which the demo (no config file) refuses with a log line rather
+    // than dying of the signal.
+    egain_proxy::spawn_sighup_reloader(proxy.shared());
     proxy.run(egain_proxy::shutdown_signal()).await;
     ExitCode::SUCCESS
 }

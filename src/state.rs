@@ -92,6 +92,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Where reloads read from; `None` for in-memory configs (demo, tests).
     pub config_path: Option<PathBuf>,
+    /// The config the process started with: listeners, limits and logging as they run
+    /// (they change only with a restart).
+    running: Arc<Config>,
     next_number: AtomicU64,
     reload_lock: Mutex<()>,
     /// Upstream connections (HTTP/1.1 keep-alive, and h2), shared by every transport and
@@ -123,6 +126,7 @@ impl Shared {
         generation.share_tokens();
         generation.tokens.start_all();
         Ok(Arc::new(Shared {
+            running: Arc::clone(&generation.config),
             current: ArcSwap::from_pointee(generation),
             metrics,
             config_path,
@@ -197,7 +201,13 @@ impl Shared {
     pub async fn install(&self, config: Config) -> Result<u64, ConfigError> {
         let _serial = self.reload_lock.lock().await;
         let old = self.load();
-        warn_restart_only_changes(&old.config, &config);
+        let pending = restart_only_changes(&self.running, &config);
+        if !pending.is_empty() {
+            tracing::warn!(
+                settings = %pending.join(", "),
+                "these settings differ from the ones running and need a restart to apply"
+            );
+        }
         let number = self.next_number.fetch_add(1, Ordering::Relaxed);
         let next = Generation::build(number, config, Some(&old), &self.metrics)?;
         next.share_tokens();
@@ -207,36 +217,49 @@ impl Shared {
         Ok(number)
     }
 
+    /// Settings of the current config that differ from those running (`/status`).
+    pub fn restart_needed(&self) -> Vec<&'static str> {
+        restart_only_changes(&self.running, &self.load().config)
+    }
+
     pub fn shutdown(&self) {
         self.load().tokens.stop_all();
     }
 }
 
-fn warn_restart_only_changes(old: &Config, new: &Config) {
-    if old.server.listen != new.server.listen {
-        tracing::warn!(old = ?old.server.listen, new = ?new.server.listen, "server.listen changed; restart to apply it");
-    }
-    let (o, n) = (&old.server, &new.server);
-    if (
-        o.shutdown_grace,
-        o.header_read_timeout,
-        o.max_header_bytes,
-        o.max_connections,
-    ) != (
-        n.shutdown_grace,
-        n.header_read_timeout,
-        n.max_header_bytes,
-        n.max_connections,
-    ) {
-        tracing::warn!("server limits (shutdown_grace, header_read_timeout, max_header_bytes, max_connections) changed; restart to apply them");
-    }
-    if old.server.tls != new.server.tls {
-        tracing::warn!("server.tls changed; restart to apply it");
-    }
-    if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
-        tracing::warn!("admin.listen changed; restart to apply it");
-    }
-    if old.log.level != new.log.level || old.log.format != new.log.format {
-        tracing::warn!("[log] changed; restart to apply it");
-    }
+/// The settings that take effect only at start-up (listeners, server limits, TLS, admin,
+/// logging) that differ between the running config and `new`.
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&running.server, &new.server);
+    [
+        ("server.listen", o.listen != n.listen),
+        ("server.tls", o.tls != n.tls),
+        (
+            "server.shutdown_grace",
+            o.shutdown_grace != n.shutdown_grace,
+        ),
+        (
+            "server.header_read_timeout",
+            o.header_read_timeout != n.header_read_timeout,
+        ),
+        (
+            "server.max_header_bytes",
+            o.max_header_bytes != n.max_header_bytes,
+        ),
+        (
+            "server.max_connections",
+            o.max_connections != n.max_connections,
+        ),
+        (
+            "admin.listen",
+            running.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen),
+        ),
+        (
+            "log",
+            running.log.level != new.log.level || running.log.format != new.log.format,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }

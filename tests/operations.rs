@@ -633,3 +633,42 @@ async fn a_closed_stderr_does_not_stop_the_proxy() {
     assert!(ok, "requests did not succeed after stderr closed");
     assert!(upstream.seen().len() >= 2);
 }
+
+/// Settings that need a restart are compared with the ones running, not with the last
+/// reload's: `/status` lists them while they differ, through later reloads, and not once
+/// the file is back to what runs.
+#[tokio::test]
+async fn restart_only_changes_are_listed_until_the_file_matches_what_runs() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = |limits: &str, extra_route: bool| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{limits}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}{}",
+            client_app_profile("portal", &tokens, ""),
+            route("one", "/one", &upstream.url(), "portal", ""),
+            if extra_route {
+                route("two", "/two", &upstream.url(), "portal", "")
+            } else {
+                String::new()
+            }
+        )
+    };
+    let (proxy, path, _dir) = file_backed_proxy(&config("", false)).await;
+    assert!(proxy.shared.restart_needed().is_empty());
+    std::fs::write(&path, config("max_connections = 5", false)).unwrap();
+    proxy.shared.reload().await.unwrap();
+    assert_eq!(proxy.shared.restart_needed(), ["server.max_connections"]);
+    // Another reload that changes only routes: still pending.
+    std::fs::write(&path, config("max_connections = 5", true)).unwrap();
+    proxy.shared.reload().await.unwrap();
+    assert_eq!(proxy.shared.restart_needed(), ["server.max_connections"]);
+    let status = proxy.status_json().await;
+    assert_eq!(
+        status["restart_needed"],
+        serde_json::json!(["server.max_connections"])
+    );
+    // Back to what runs: nothing pending.
+    std::fs::write(&path, config("", true)).unwrap();
+    proxy.shared.reload().await.unwrap();
+    assert!(proxy.shared.restart_needed().is_empty());
+}

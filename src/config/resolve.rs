@@ -171,9 +171,14 @@ pub(super) fn resolve(
         None => None,
         Some(a) => {
             let s = a.listen.as_deref().unwrap_or("127.0.0.1:9901");
-            Some(AdminConfig {
-                listen: parse_socket_addr(s).map_err(|m| ConfigError::at("admin.listen", m))?,
-            })
+            let listen = parse_socket_addr(s).map_err(|m| ConfigError::at("admin.listen", m))?;
+            if listen.port() != 0 && server.listen.contains(&listen) {
+                return Err(ConfigError::at(
+                    "admin.listen",
+                    format!("{listen} is also in server.listen: the admin endpoints need an address of their own"),
+                ));
+            }
+            Some(AdminConfig { listen })
         }
     };
 
@@ -342,9 +347,16 @@ fn resolve_server(raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigErr
             "needs at least one address",
         ));
     }
-    let mut listen = Vec::new();
+    let mut listen: Vec<SocketAddr> = Vec::new();
     for s in &listen_strings {
-        listen.push(parse_socket_addr(s).map_err(|m| ConfigError::at("server.listen", m))?);
+        let addr = parse_socket_addr(s).map_err(|m| ConfigError::at("server.listen", m))?;
+        if addr.port() != 0 && listen.contains(&addr) {
+            return Err(ConfigError::at(
+                "server.listen",
+                format!("{addr} is listed twice"),
+            ));
+        }
+        listen.push(addr);
     }
     let access = match raw.access {
         None => None,
@@ -424,15 +436,59 @@ fn resolve_server(raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigErr
         open: raw.open,
         tls,
         access,
-        header_read_timeout: raw
-            .header_read_timeout
-            .map_or(Duration::from_secs(10), |d| d.0),
-        body_read_timeout: raw
-            .body_read_timeout
-            .map_or(Duration::from_secs(30), |d| d.0),
-        max_header_bytes: raw.max_header_bytes.unwrap_or(64 * 1024).max(8192),
-        max_connections: raw.max_connections.unwrap_or(10_000).max(1),
+        header_read_timeout: positive(
+            "server.header_read_timeout",
+            raw.header_read_timeout,
+            Duration::from_secs(10),
+        )?,
+        body_read_timeout: positive(
+            "server.body_read_timeout",
+            raw.body_read_timeout,
+            Duration::from_secs(30),
+        )?,
+        max_header_bytes: match raw.max_header_bytes.unwrap_or(64 * 1024) {
+            n if n < 8192 => {
+                return Err(ConfigError::at(
+                    "server.max_header_bytes",
+                    format!("{n} is too small: at least 8192 (browsers alone send more)"),
+                ))
+            }
+            n => n,
+        },
+        max_connections: match raw.max_connections.unwrap_or(10_000) {
+            0 => {
+                return Err(ConfigError::at(
+                    "server.max_connections",
+                    "must be at least 1",
+                ))
+            }
+            n => n,
+        },
     })
+}
+
+/// A duration that must be more than zero (a zero timeout would end every wait at once).
+fn positive(key: &str, value: Option<Dur>, default: Duration) -> Result<Duration, ConfigError> {
+    match value.map_or(default, |d| d.0) {
+        d if d.is_zero() => Err(ConfigError::at(key, "must be more than zero")),
+        d => Ok(d),
+    }
+}
+
+/// A profile's or route's name: it becomes a metrics label value, a log field and part of
+/// error messages, so no quotes, backslashes or control characters.
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name
+            .chars()
+            .any(|c| c.is_control() || c == '"' || c == '\\')
+    {
+        return Err(ConfigError::at(
+            key,
+            format!("{name:?} is not a usable name: it appears in metrics, logs and errors, so no quotes, backslashes or control characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// An origin as browsers send it in `Origin` (RFC 6454 §6.1): `scheme://host[:port]`, in
@@ -467,6 +523,7 @@ fn resolve_profile(
 ) -> Result<ProfileConfig, ConfigError> {
     let file = |p: &Path| in_dir(base, p);
     let at = |key: &str| format!("profiles.{name}.{key}");
+    check_name(&format!("profiles.{name:?}"), &name)?;
     if name == "none" {
         return Err(ConfigError::at(
             format!("profiles.{name}"),
@@ -637,10 +694,11 @@ fn resolve_route(
     let file = |p: &Path| in_dir(base, p);
     let at = |key: &str| format!("routes[{i}].{key}");
     let name = r.name.unwrap_or_else(|| format!("route{i}"));
-    if name.is_empty() || earlier.iter().any(|x| x.name == name) {
+    check_name(&at("name"), &name)?;
+    if earlier.iter().any(|x| x.name == name) {
         return Err(ConfigError::at(
             at("name"),
-            format!("{name:?} is empty or used by another route"),
+            format!("{name:?} is used by another route"),
         ));
     }
     if !r.path_prefix.starts_with('/') {
@@ -740,6 +798,21 @@ fn resolve_route(
         crate::tls::read_pem_certs(&file(ca)).map_err(|m| ConfigError::at(at("ca_file"), m))?;
     }
     let host = r.host.map(|h| h.to_ascii_lowercase());
+    if let Some(h) = &host {
+        // Matched against the request's host without its port, so a port here never matches.
+        let port = match h.strip_prefix('[') {
+            Some(rest) => rest
+                .split_once(']')
+                .is_some_and(|(_, after)| !after.is_empty()),
+            None => h.contains(':'),
+        };
+        if h.is_empty() || port || !crate::http::is_valid_host(h.as_bytes()) {
+            return Err(ConfigError::at(
+                at("host"),
+                format!("{h:?} is not a host name or IP address without a port (requests are matched on their host, whatever the port)"),
+            ));
+        }
+    }
     Ok(RouteConfig {
         name,
         path_prefix: r.path_prefix,
@@ -750,8 +823,12 @@ fn resolve_route(
         strip_prefix: r.strip_prefix,
         set_headers,
         remove_headers,
-        timeout: r.timeout.map_or(Duration::from_secs(60), |d| d.0),
-        connect_timeout: r.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
+        timeout: positive(&at("timeout"), r.timeout, Duration::from_secs(60))?,
+        connect_timeout: positive(
+            &at("connect_timeout"),
+            r.connect_timeout,
+            Duration::from_secs(5),
+        )?,
         retry_on_401: r.retry_on_401.unwrap_or(true),
         ca_file: r.ca_file.map(|c| file(&c)),
         egress,
