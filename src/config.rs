@@ -283,6 +283,16 @@ pub struct TokenSettings {
     pub egress: Option<std::sync::Arc<EgressProxy>>,
 }
 
+impl TokenSettings {
+    /// The same client at the same endpoint (a token of one stands for the other), whatever
+    /// else differs: scopes, secret, timeouts, egress.
+    pub fn same_client(&self, other: &TokenSettings) -> bool {
+        self.kind == other.kind
+            && self.token_url == other.token_url
+            && self.client_id == other.client_id
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ProfileConfig {
     pub name: String,

@@ -443,7 +443,27 @@ impl Tokens {
                     h.profiles.store(Arc::new(names.clone()));
                     Arc::clone(h)
                 }
-                None => TokenHolder::new(settings.clone(), names.clone(), Arc::clone(metrics))?,
+                None => {
+                    let holder =
+                        TokenHolder::new(settings.clone(), names.clone(), Arc::clone(metrics))?;
+                    // Changed settings of the same client (a scope added, a secret rotated):
+                    // its current token serves, while it is valid, until the new settings'
+                    // token is in (the refresher asks for one at once), so a reload is never
+                    // an outage, whatever the endpoint is doing.
+                    let carried = previous
+                        .and_then(|p| names.iter().find_map(|n| p.by_profile.get(n)))
+                        .filter(|old| old.settings.same_client(settings))
+                        .and_then(|old| old.usable());
+                    if let Some(token) = carried {
+                        tracing::info!(
+                            profile = %names.join(","),
+                            fingerprint = %token.fingerprint,
+                            "profile settings changed: its current token serves until the new settings' token arrives"
+                        );
+                        holder.current.store(Some(token));
+                    }
+                    holder
+                }
             };
             for name in names {
                 by_profile.insert(name, Arc::clone(&holder));

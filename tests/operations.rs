@@ -672,3 +672,75 @@ async fn restart_only_changes_are_listed_until_the_file_matches_what_runs() {
     proxy.shared.reload().await.unwrap();
     assert!(proxy.shared.restart_needed().is_empty());
 }
+
+/// A reload that changes a profile's settings but not its client (a scope added) keeps the
+/// current token serving until the new settings' token is in: with the endpoint down, no
+/// request fails. Another client (a new client_id) never gets the old client's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_profile_keeps_serving_its_token_until_the_new_one_is_in() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = |extra: &str| {
+        format!(
+            "{HEAD}{}{}",
+            client_app_profile("portal", &tokens, "")
+                .replace("scopes = [\"knowledge.portalmgr.manage\"]", extra),
+            route("r", "/", &upstream.url(), "portal", "")
+        )
+    };
+    let (proxy, path, _dir) =
+        file_backed_proxy(&config("scopes = [\"knowledge.portalmgr.manage\"]")).await;
+    proxy.ready().await;
+    assert_eq!(status(client().get(proxy.url("/before"))).await, 200);
+    let first = upstream.last().header("authorization").unwrap().to_owned();
+    tokens.set_behaviour(|_| Reply::Raw {
+        status: 503,
+        headers: vec![],
+        body: "down".into(),
+    });
+    std::fs::write(
+        &path,
+        config("scopes = [\"knowledge.portalmgr.manage\", \"core.aiservices.read\"]"),
+    )
+    .unwrap();
+    proxy.shared.reload().await.unwrap();
+    for i in 0..5 {
+        assert_eq!(
+            status(client().get(proxy.url(&format!("/during{i}")))).await,
+            200
+        );
+        assert_eq!(
+            upstream.last().header("authorization"),
+            Some(first.as_str())
+        );
+    }
+    // The new settings' token replaces it as soon as the endpoint answers.
+    tokens.set_behaviour(|_| Reply::Token { ttl: Some(3600) });
+    eventually(Duration::from_secs(10), || {
+        proxy
+            .shared
+            .load()
+            .tokens
+            .get("portal")
+            .unwrap()
+            .current()
+            .is_some_and(|t| t.header.to_str().unwrap() != first)
+    })
+    .await;
+    let asked = tokens.requests().last().unwrap().form()["scope"].clone();
+    assert!(asked.contains("core.aiservices.read"), "{asked}");
+
+    // Another client: its requests wait for its own token.
+    tokens.set_behaviour(|_| Reply::Raw {
+        status: 503,
+        headers: vec![],
+        body: "down".into(),
+    });
+    std::fs::write(
+        &path,
+        config("scopes = [\"knowledge.portalmgr.manage\"]").replace("id-portal", "id-other"),
+    )
+    .unwrap();
+    proxy.shared.reload().await.unwrap();
+    assert_eq!(status(client().get(proxy.url("/other"))).await, 503);
+}
