@@ -52,6 +52,9 @@ pub enum ProxyError {
     UpstreamTimeout { route: String, timeout: Duration },
     #[error("the request body stalled: no bytes for {}", humantime::format_duration(*.0))]
     RequestTimeout(Duration),
+    /// A request head over `max_header_bytes` or with more than `http::MAX_FIELDS` fields.
+    #[error("{0}")]
+    HeadTooLarge(String),
 }
 
 impl ProxyError {
@@ -66,6 +69,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -80,6 +84,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::RequestTimeout(_) => "request_timeout",
+            ProxyError::HeadTooLarge(_) => "header_too_large",
         }
     }
 

@@ -240,6 +240,10 @@ pub fn trim(mut s: &[u8]) -> &[u8] {
     s
 }
 
+/// The most header fields a request may carry, on every transport (hyper's HTTP/1.1
+/// default); more is `431 header_too_large`.
+pub const MAX_FIELDS: usize = 100;
+
 /// The request id field, passed on or generated.
 pub static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 

@@ -191,6 +191,8 @@ fn http_builder(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
+        // Room above the pipeline's limit, so that the answer is its JSON 431, not hyper's.
+        .max_headers(2 * crate::http::MAX_FIELDS)
         // The read buffer bounds the request head: larger heads get 431.
         .max_buf_size(max_header_bytes.max(8192));
     builder

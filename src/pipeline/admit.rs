@@ -30,6 +30,8 @@ pub(crate) struct HeadFacts<'a> {
     pub more_api_keys: bool,
     /// Where a browser says the request comes from.
     pub provenance: super::browser::Provenance<'a>,
+    /// How many header fields the request carries.
+    pub fields: usize,
 }
 
 /// A request admitted to a route.
@@ -54,6 +56,13 @@ pub(crate) fn admit<'g>(
     // server accept absolute-form, but a reverse proxy that did could be aimed elsewhere).
     // TRACE reflects the request back, the proxy's bearer token included (RFC 9110 §9.3.8
     // lets a proxy refuse it), and so does IIS's TRACK.
+    // The fast path's parser and hyper's HTTP/1.1 stop at this many; h2 does not count.
+    if head.fields > crate::http::MAX_FIELDS {
+        return Err(ProxyError::HeadTooLarge(format!(
+            "the request has more than {} header fields",
+            crate::http::MAX_FIELDS
+        )));
+    }
     if *head.method == Method::CONNECT
         || *head.method == Method::TRACE
         || head.method.as_str().eq_ignore_ascii_case("TRACK")

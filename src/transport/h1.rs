@@ -57,8 +57,8 @@ pub use request::rewrite_head;
 use request::{parse_request, request_id, text, Head, Parsed, Span};
 use response::{read_response_head, write_error};
 
-/// As hyper's default: more header fields than this, and the request goes to hyper (431).
-const MAX_HEADERS: usize = 100;
+/// More header fields than this is a 431, as on every transport.
+const MAX_HEADERS: usize = crate::http::MAX_FIELDS;
 /// Response heads larger than this are a protocol error (502).
 const MAX_RESPONSE_HEAD: usize = 256 * 1024;
 /// Read-buffer size for either side.
@@ -98,13 +98,15 @@ where
             prefix: Bytes::from(connection.read),
             io: connection.io,
         }),
-        End::Close => None,
+        End::Close | End::Refused(_) => None,
     }
 }
 
 enum End {
     Close,
     HandOver,
+    /// A head the proxy will not read on (malformed, too large): answered, then closed.
+    Refused(ProxyError),
 }
 
 struct Connection<IO> {
@@ -152,6 +154,7 @@ where
             }
             let head = match self.read_head(stop).await {
                 Ok(head) => head,
+                Err(End::Refused(e)) => return self.refuse(e).await,
                 Err(end) => return end,
             };
             // Loaded once the request is here: an idle connection picks up a reload.
@@ -176,6 +179,17 @@ where
         }
     }
 
+    /// Answers a head the proxy does not read on (the proxy's JSON error, where hyper would
+    /// answer with an empty body) and closes: nothing after it on the connection can be
+    /// trusted to start where the client meant.
+    async fn refuse(&mut self, e: ProxyError) -> End {
+        tracing::debug!(peer = %self.info.peer, error = %e, "request head refused");
+        let request_id = crate::http::new_request_id();
+        write_error(&mut self.out, e, &request_id, true, false);
+        let _ = self.io.write_all(&self.out).await;
+        self.close().await
+    }
+
     async fn close(&mut self) -> End {
         let _ = self.io.shutdown().await;
         End::Close
@@ -193,16 +207,21 @@ where
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if !self.read.is_empty() {
+                let too_large = || {
+                    End::Refused(ProxyError::HeadTooLarge(format!(
+                        "the request head is larger than server.max_header_bytes ({max_header_bytes} bytes)"
+                    )))
+                };
                 match parse_request(&self.read, &mut self.spans) {
-                    // Over the limit even though complete (one large read): hyper answers 431.
+                    // Over the limit even though complete (one large read).
                     Parsed::Complete(head) if head.head_len > max_header_bytes => {
-                        return Err(End::HandOver)
+                        return Err(too_large())
                     }
                     Parsed::Complete(head) => return Ok(head),
                     Parsed::HandOver => return Err(End::HandOver),
+                    Parsed::Refused(e) => return Err(End::Refused(e)),
                     Parsed::Partial if self.read.len() >= max_header_bytes => {
-                        // hyper answers 431.
-                        return Err(End::HandOver);
+                        return Err(too_large());
                     }
                     Parsed::Partial => {}
                 }
@@ -380,6 +399,7 @@ where
             api_key,
             more_api_keys,
             provenance,
+            fields: self.spans.len(),
         };
         let admitted = match pipeline::admit(generation, self.info, &facts, log) {
             Ok(admitted) => admitted,

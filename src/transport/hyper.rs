@@ -115,6 +115,9 @@ async fn forward(
             .map(|v| v.as_bytes()),
         more_api_keys: key_header.is_some_and(|k| req.headers().get_all(k).iter().nth(1).is_some()),
         provenance: pipeline::browser::Provenance::of(req.headers()),
+        // h2's `:authority` stands for the `Host` line HTTP/1.1 counts.
+        fields: req.headers().len()
+            + usize::from(!req.headers().contains_key(HOST) && req.uri().authority().is_some()),
     };
     let admitted = pipeline::admit(generation, conn, &facts, log)?;
     let route = admitted.route;

@@ -210,8 +210,23 @@ impl On {
     }
 
     pub fn client(&self) -> reqwest::Client {
+        self.client_builder().build().unwrap()
+    }
+
+    /// A client whose requests to `http(s)://{name}/…` (no port) reach `proxy`: h2 names the host
+    /// in `:authority`, which only the URL sets (certificates are not checked: the proxy's
+    /// is for localhost).
+    pub fn client_naming(&self, name: &str, proxy: &TestProxy) -> reqwest::Client {
+        self.client_builder()
+            .resolve(name, proxy.addr)
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap()
+    }
+
+    fn client_builder(&self) -> reqwest::ClientBuilder {
         let builder = reqwest::Client::builder().no_proxy();
-        let builder = match self.transport {
+        match self.transport {
             Transport::FastH1 => builder.http1_only(),
             Transport::HyperH1 => {
                 let mut headers = http::HeaderMap::new();
@@ -223,8 +238,7 @@ impl On {
                 let ca = reqwest::Certificate::from_pem(self.ca.ca.pem().as_bytes()).unwrap();
                 builder.add_root_certificate(ca)
             }
-        };
-        builder.build().unwrap()
+        }
     }
 
     pub fn url(&self, proxy: &TestProxy, path: &str) -> String {

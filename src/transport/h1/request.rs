@@ -8,6 +8,7 @@ use http::header::HeaderValue;
 use http::Method;
 
 use super::{body, MAX_HEADERS};
+use crate::error::ProxyError;
 use crate::http::{is_sane_request_id, new_request_id};
 use crate::pipeline::plan::{is_connection_option, Plan, RawHead};
 use crate::pipeline::{ConnInfo, REPLAY_LIMIT};
@@ -95,6 +96,8 @@ pub(super) enum Parsed {
     Complete(Head),
     Partial,
     HandOver,
+    /// Not HTTP/1.x as httparse (and so hyper) reads it, or too many fields.
+    Refused(ProxyError),
 }
 
 /// The client's `x-request-id` when it is sane, else a new one.
@@ -128,7 +131,19 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
     let head_len = match request.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::HandOver,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Refused(ProxyError::HeadTooLarge(format!(
+                "the request has more than {MAX_HEADERS} header fields"
+            )))
+        }
+        // h2's preface (`PRI * HTTP/2.0`) and other versions: hyper's to serve or refuse.
+        Err(httparse::Error::Version) => return Parsed::HandOver,
+        // What hyper would refuse too (it parses with httparse), with the proxy's JSON.
+        Err(e) => {
+            return Parsed::Refused(ProxyError::BadRequest(format!(
+                "the request head is not valid HTTP/1.1: {e}"
+            )))
+        }
     };
     if request.version != Some(1) {
         return Parsed::HandOver;
