@@ -98,7 +98,13 @@ pub fn spawn_file_watcher(shared: std::sync::Arc<state::Shared>, every: std::tim
 /// the configured level.
 pub fn init_logging(format: config::LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let from_env = EnvFilter::try_from_default_env();
+    // Set but unusable: said once logging is up, rather than silently ignored.
+    let bad_env = match (&from_env, std::env::var("RUST_LOG")) {
+        (Err(e), Ok(value)) if !value.trim().is_empty() => Some((value, e.to_string())),
+        _ => None,
+    };
+    let filter = from_env.unwrap_or_else(|_| EnvFilter::new(level));
     use std::io::IsTerminal;
     // Colours only for a person at a terminal; log files and journald get plain text.
     // A log line that cannot be written (stderr's reader gone: a log shipper or journald
@@ -118,4 +124,7 @@ pub fn init_logging(format: config::LogFormat, level: &str) {
             .with_current_span(false)
             .try_init(),
     };
+    if let Some((value, error)) = bad_env {
+        tracing::warn!(rust_log = %value, %error, level, "RUST_LOG is not a valid filter: using [log] level");
+    }
 }

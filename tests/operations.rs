@@ -744,3 +744,19 @@ async fn a_changed_profile_keeps_serving_its_token_until_the_new_one_is_in() {
     proxy.shared.reload().await.unwrap();
     assert_eq!(status(client().get(proxy.url("/other"))).await, 503);
 }
+
+/// A RUST_LOG that is not a valid filter is said, not silently ignored.
+#[tokio::test]
+async fn an_invalid_rust_log_is_reported() {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "{JSON_HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("r", "/", &upstream.url(), "portal", "")
+    );
+    let proc = Running::start(&config, &[("RUST_LOG", "bogus[[")]);
+    let line = proc.wait_for_log("RUST_LOG is not a valid filter").await;
+    assert!(line.contains("bogus[["), "{line}");
+    proc.addr("proxy listening").await;
+}
