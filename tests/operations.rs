@@ -760,3 +760,43 @@ async fn an_invalid_rust_log_is_reported() {
     assert!(line.contains("bogus[["), "{line}");
     proc.addr("proxy listening").await;
 }
+
+/// An h2 client that resets its stream before the answer (it gave up) leaves the request
+/// counted and logged as 499, not lost from the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_gave_up_on_is_counted_as_499() {
+    let tokens = TokenServer::healthy(3600).await;
+    let (slow, _guard) = serve(|_| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        json_response(200, "{}", &[])
+    })
+    .await;
+    let on = support::transport::On::new(support::transport::Transport::H2c);
+    let proxy = on
+        .proxy(&format!(
+            "{}{}",
+            client_app_profile("portal", &tokens, ""),
+            route("slow", "/", &format!("http://{slow}"), "portal", "")
+        ))
+        .await;
+    proxy.ready().await;
+    let conn = on.connect(&proxy).await;
+    let support::transport::Conn::H2 { send, .. } = &conn else {
+        unreachable!()
+    };
+    let mut send = send.clone().ready().await.unwrap();
+    let request = http::Request::get("http://app/gave-up").body(()).unwrap();
+    let (response, _) = send.send_request(request, true).unwrap();
+    // Gone before the answer: the h2 client resets the stream (CANCEL).
+    let _ = tokio::time::timeout(Duration::from_millis(300), response).await;
+    let line = "egain_proxy_requests_total{route=\"slow\",method=\"GET\",status=\"499\"} 1";
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = proxy.metrics_text().await;
+        if metrics.contains(line) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(metrics.contains(line), "{metrics}");
+}

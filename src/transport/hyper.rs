@@ -43,7 +43,16 @@ pub async fn handle(
                 .get(CONTENT_LENGTH)
                 .and_then(|v| crate::http::parse_length(v.as_bytes()))
                 .is_some_and(|n| n > 0));
-    let mut log = RequestLog::default();
+    let mut pending = Unanswered {
+        shared: &shared,
+        conn,
+        request_id: &request_id,
+        method: &method,
+        path: &path,
+        started,
+        log: RequestLog::default(),
+        answered: false,
+    };
 
     let forwarded = forward(
         &shared,
@@ -51,14 +60,14 @@ pub async fn handle(
         conn,
         req,
         &request_id,
-        &mut log,
+        &mut pending.log,
         &mut may_leave_body,
     )
     .await;
     let response = match forwarded {
         Ok(response) => response,
         Err(e) => {
-            log.error = Some(e.to_string());
+            pending.log.error = Some(e.to_string());
             let mut response = e.into_response(&request_id);
             // hyper closes a connection whose request body was not read to the end; the
             // answer says so (as the fast path's do), so the client sends no more of it and
@@ -78,6 +87,7 @@ pub async fn handle(
         }
     };
     let response = close_if_unframed(version, &method, response);
+    pending.answered = true;
     pipeline::record(
         &shared,
         conn,
@@ -86,9 +96,47 @@ pub async fn handle(
         &path,
         response.status().as_u16(),
         started,
-        &log,
+        &pending.log,
     );
     Ok(response)
+}
+
+/// A request whose answer is not ready yet. hyper drops the service future when the client
+/// goes away first (an h2 stream reset, a closed connection): the request is then counted
+/// and logged with status 499, as nginx does, rather than not at all.
+struct Unanswered<'a> {
+    shared: &'a Shared,
+    conn: ConnInfo,
+    request_id: &'a HeaderValue,
+    method: &'a http::Method,
+    path: &'a str,
+    started: Instant,
+    log: RequestLog,
+    answered: bool,
+}
+
+/// nginx's "client closed request".
+const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.log
+            .error
+            .get_or_insert_with(|| "the client went away before the answer".to_owned());
+        pipeline::record(
+            self.shared,
+            self.conn,
+            self.request_id,
+            self.method,
+            self.path,
+            CLIENT_CLOSED,
+            self.started,
+            &self.log,
+        );
+    }
 }
 
 async fn forward(
