@@ -29,6 +29,12 @@ pub enum FieldClass {
     ForwardedFor,
     /// `Expect`: answered on the hop it arrives on (RFC 9110 §10.1.1).
     Expect,
+    /// `X-Original-URL`, `X-Rewrite-URL`: a path that IIS, Symfony and others serve instead
+    /// of the request's, past the route's prefix. Never forwarded.
+    PathOverride,
+    /// `X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`: a method frameworks
+    /// serve instead of the request's. Not forwarded on routes that restrict `methods`.
+    MethodOverride,
     Other,
 }
 
@@ -44,14 +50,19 @@ pub fn classify(name: &[u8]) -> FieldClass {
         10 if is(b"connection") || is(b"keep-alive") => HopByHop,
         12 if is(b"x-request-id") => Managed,
         13 if is(b"authorization") => Managed,
+        13 if is(b"x-rewrite-url") => PathOverride,
+        13 if is(b"x-http-method") => MethodOverride,
         14 if is(b"content-length") => Managed,
+        14 if is(b"x-original-url") => PathOverride,
         15 if is(b"x-forwarded-for") => ForwardedFor,
         16 if is(b"x-forwarded-host") => Managed,
         16 if is(b"proxy-connection") => HopByHop,
         17 if is(b"x-forwarded-proto") => Managed,
         17 if is(b"transfer-encoding") => TransferEncoding,
+        17 if is(b"x-method-override") => MethodOverride,
         18 if is(b"proxy-authenticate") => HopByHop,
         19 if is(b"proxy-authorization") => HopByHop,
+        22 if is(b"x-http-method-override") => MethodOverride,
         _ => Other,
     }
 }

@@ -242,6 +242,41 @@ async fn cookie_fields_reach_the_upstream_as_http11_wants_them(on: On) {
     }
 }
 
+/// Fields that make frameworks serve another path (`X-Original-URL`, `X-Rewrite-URL`) never
+/// reach the upstream; method overrides do not on a route that restricts `methods` (a
+/// GET-only route would otherwise take a DELETE in disguise), and do on others.
+async fn path_and_method_overrides_cannot_get_past_a_route(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let proxy = on
+        .proxy(&format!(
+            "{}{}{}",
+            client_app_profile("p", &tokens, ""),
+            route("read", "/read", &upstream.url(), "p", "methods = [\"GET\"]"),
+            route("any", "/any", &upstream.url(), "p", ""),
+        ))
+        .await;
+    let overrides = [
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+    ];
+    for (path, methods_pass) in [("/read/x", false), ("/any/x", true)] {
+        let mut request = on.client().get(on.url(&proxy, path));
+        for (name, value) in overrides {
+            request = request.header(name, value);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 200);
+        let seen = upstream.last();
+        for (name, _) in overrides {
+            let passes = methods_pass && name.contains("method");
+            assert_eq!(seen.headers.contains_key(name), passes, "{path} {name}");
+        }
+    }
+}
+
 async fn unmatched_request_gets_no_route_json(on: On) {
     let head = on.head();
     let tokens = TokenServer::healthy(3600).await;
@@ -900,6 +935,7 @@ async fn the_proxys_own_errors_to_head_have_no_body(on: On) {
 }
 
 on_every_transport!(
+    path_and_method_overrides_cannot_get_past_a_route,
     cookie_fields_reach_the_upstream_as_http11_wants_them,
     the_proxys_own_errors_to_head_have_no_body,
     an_upload_goes_on_while_the_answer_waits_to_be_read,

@@ -67,8 +67,11 @@ impl Plan<'_> {
             FieldClass::Managed
             | FieldClass::HopByHop
             | FieldClass::TransferEncoding
-            | FieldClass::Expect => return Fate::Drop,
-            FieldClass::Other => {}
+            | FieldClass::Expect
+            | FieldClass::PathOverride => return Fate::Drop,
+            // A GET-only route would otherwise take a DELETE in disguise.
+            FieldClass::MethodOverride if self.route.config.methods.is_some() => return Fate::Drop,
+            FieldClass::MethodOverride | FieldClass::Other => {}
         }
         let route = &self.route.config;
         let named = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
