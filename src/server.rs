@@ -160,17 +160,25 @@ impl Proxy {
             let _ = connections.acquire_many(all).await;
             tunnels.drained().await;
         };
-        match tokio::time::timeout(grace, drained).await {
-            Ok(_) => tracing::info!("all connections closed"),
-            Err(_) => {
-                tracing::warn!(
-                    open = max_connections - connections.available_permits(),
-                    tunnels = tunnels.open(),
-                    "shutdown grace period over; closing remaining connections"
-                );
-                tunnels.close_all();
-                let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.drained()).await;
+        // A second SIGTERM or SIGINT (an impatient operator, Ctrl-C twice) ends the grace
+        // period at once.
+        let drained = tokio::select! {
+            drained = tokio::time::timeout(grace, drained) => drained.is_ok(),
+            () = crate::shutdown_signal() => {
+                tracing::warn!("second shutdown signal: not waiting out the grace period");
+                false
             }
+        };
+        if drained {
+            tracing::info!("all connections closed");
+        } else {
+            tracing::warn!(
+                open = max_connections - connections.available_permits(),
+                tunnels = tunnels.open(),
+                "closing remaining connections"
+            );
+            tunnels.close_all();
+            let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.drained()).await;
         }
         self.shared.shutdown();
     }

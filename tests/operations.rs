@@ -800,3 +800,47 @@ async fn a_request_the_client_gave_up_on_is_counted_as_499() {
     }
     assert!(metrics.contains(line), "{metrics}");
 }
+
+/// A second SIGTERM during the drain ends it at once (shutdown_grace here is 10 s; the
+/// request in flight would hold the process for 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_grace_period() {
+    let tokens = TokenServer::healthy(3600).await;
+    let arrived = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&arrived);
+    let (upstream, _g) = serve(move |_req: http::Request<hyper::body::Incoming>| {
+        let flag = Arc::clone(&flag);
+        async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            json_response(200, "{}", &[])
+        }
+    })
+    .await;
+    let config = format!(
+        "{JSON_HEAD}{}{}",
+        client_app_profile("portal", &tokens, ""),
+        route("r", "/", &format!("http://{upstream}"), "portal", "")
+    );
+    let mut proc = Running::start(&config, &[]);
+    let addr = proc.addr("proxy listening").await;
+    proc.wait_for_log("token fetched").await;
+    let _in_flight =
+        tokio::spawn(async move { client().get(format!("http://{addr}/slow")).send().await });
+    eventually(Duration::from_secs(10), || {
+        arrived.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    proc.signal("TERM");
+    proc.wait_for_log("draining in-flight requests").await;
+    let started = std::time::Instant::now();
+    proc.signal("TERM");
+    assert_eq!(proc.exit_code().await, Some(0));
+    // Well before the 10 s grace period would have ended.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    proc.wait_for_log("second shutdown signal").await;
+}
