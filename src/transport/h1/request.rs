@@ -336,9 +336,22 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
-            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
         ] {
             assert!(handed_over(raw, &mut spans), "{raw:?}");
+        }
+        // What no HTTP/1.1 server reads: the proxy's own 400 or 431.
+        for (raw, status) in [
+            ("GET / HTTP/1.1\r\nBad Header: x\r\n\r\n".to_owned(), 400),
+            ("GARBAGE\r\n\r\n".to_owned(), 400),
+            (
+                format!("GET / HTTP/1.1\r\n{}\r\n", "X: 1\r\n".repeat(MAX_HEADERS + 1)),
+                431,
+            ),
+        ] {
+            match parse_request(raw.as_bytes(), &mut spans) {
+                Parsed::Refused(e) => assert_eq!(e.status().as_u16(), status, "{raw:?}"),
+                _ => panic!("{raw:?} was not refused"),
+            }
         }
         let raw = "POST /a/b?x=%20&y HTTP/1.1\r\nHost: app:8080\r\nContent-Length: 4\r\nConnection: keep-alive, X-Hop\r\n\r\nbody";
         let Parsed::Complete(head) = parse_request(raw.as_bytes(), &mut spans) else {
