@@ -42,6 +42,15 @@ pub enum FieldClass {
 pub fn classify(name: &[u8]) -> FieldClass {
     use FieldClass::*;
     let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    // CGI and PHP read `_` as `-` (`HTTP_X_ORIGINAL_URL`): the override fields are matched
+    // in either spelling.
+    let loose = |n: &[u8]| {
+        name.len() == n.len()
+            && name
+                .iter()
+                .zip(n)
+                .all(|(a, b)| a.eq_ignore_ascii_case(b) || (*a == b'_' && *b == b'-'))
+    };
     match name.len() {
         2 if is(b"te") => HopByHop,
         4 if is(b"host") => Managed,
@@ -50,19 +59,19 @@ pub fn classify(name: &[u8]) -> FieldClass {
         10 if is(b"connection") || is(b"keep-alive") => HopByHop,
         12 if is(b"x-request-id") => Managed,
         13 if is(b"authorization") => Managed,
-        13 if is(b"x-rewrite-url") => PathOverride,
-        13 if is(b"x-http-method") => MethodOverride,
+        13 if loose(b"x-rewrite-url") => PathOverride,
+        13 if loose(b"x-http-method") => MethodOverride,
         14 if is(b"content-length") => Managed,
-        14 if is(b"x-original-url") => PathOverride,
+        14 if loose(b"x-original-url") => PathOverride,
         15 if is(b"x-forwarded-for") => ForwardedFor,
         16 if is(b"x-forwarded-host") => Managed,
         16 if is(b"proxy-connection") => HopByHop,
         17 if is(b"x-forwarded-proto") => Managed,
         17 if is(b"transfer-encoding") => TransferEncoding,
-        17 if is(b"x-method-override") => MethodOverride,
+        17 if loose(b"x-method-override") => MethodOverride,
         18 if is(b"proxy-authenticate") => HopByHop,
         19 if is(b"proxy-authorization") => HopByHop,
-        22 if is(b"x-http-method-override") => MethodOverride,
+        22 if loose(b"x-http-method-override") => MethodOverride,
         _ => Other,
     }
 }

@@ -258,8 +258,10 @@ async fn path_and_method_overrides_cannot_get_past_a_route(on: On) {
         .await;
     let overrides = [
         ("x-original-url", "/admin"),
+        ("x_original_url", "/admin"),
         ("x-rewrite-url", "/admin"),
         ("x-http-method-override", "DELETE"),
+        ("x_http_method_override", "DELETE"),
         ("x-http-method", "DELETE"),
         ("x-method-override", "DELETE"),
     ];
@@ -733,13 +735,7 @@ async fn upstream_connections_are_pooled_and_retired_alike(on: On) {
         }
     })
     .await;
-    let proxy = on
-        .proxy(&format!(
-            "{}{}",
-            client_app_profile("portal", &tokens, ""),
-            route("r", "/", &upstream.url(), "portal", "")
-        ))
-        .await;
+    let proxy = on.proxy_to(&tokens, &upstream.url()).await;
     proxy.ready().await;
     let client = on.client();
     let steps = [

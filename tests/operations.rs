@@ -428,16 +428,25 @@ async fn sighup_adds_a_route_without_a_new_token_and_survives_a_bad_file() {
     assert_eq!(status(client.get(format!("http://{addr}/one"))).await, 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
+/// The binary in front of an upstream that holds each request for `hold`, with one request
+/// in flight through it (at the upstream) when this returns.
+struct InFlight {
+    proc: Running,
+    addr: std::net::SocketAddr,
+    response: tokio::task::JoinHandle<reqwest::Response>,
+    _tokens: TokenServer,
+    _upstream: AbortOnDrop,
+}
+
+async fn a_request_in_flight(hold: Duration) -> InFlight {
     let tokens = TokenServer::healthy(3600).await;
     let arrived = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = Arc::clone(&arrived);
-    let (upstream, _g) = serve(move |_req: http::Request<hyper::body::Incoming>| {
+    let (upstream, guard) = serve(move |_req: http::Request<hyper::body::Incoming>| {
         let flag = Arc::clone(&flag);
         async move {
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tokio::time::sleep(hold).await;
             json_response(200, r#"{"slow":true}"#, &[])
         }
     })
@@ -447,21 +456,38 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
         client_app_profile("portal", &tokens, ""),
         route("r", "/", &format!("http://{upstream}"), "portal", "")
     );
-    let mut proc = Running::start(&config, &[]);
+    let proc = Running::start(&config, &[]);
     let addr = proc.addr("proxy listening").await;
     proc.wait_for_log("token fetched").await;
-    let in_flight = tokio::spawn(async move {
+    let response = tokio::spawn(async move {
         client()
             .get(format!("http://{addr}/slow"))
             .send()
             .await
             .unwrap()
     });
-    // SIGTERM once the request is at the upstream, i.e. truly in flight through the proxy.
     eventually(Duration::from_secs(10), || {
         arrived.load(std::sync::atomic::Ordering::SeqCst)
     })
     .await;
+    InFlight {
+        proc,
+        addr,
+        response,
+        _tokens: tokens,
+        _upstream: guard,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
+    let InFlight {
+        mut proc,
+        addr,
+        response: in_flight,
+        ..
+    } = a_request_in_flight(Duration::from_millis(1500)).await;
+    // SIGTERM once the request is at the upstream, i.e. truly in flight through the proxy.
     proc.signal("TERM");
     let response = in_flight.await.unwrap();
     assert_eq!(response.status(), 200);
@@ -805,32 +831,7 @@ async fn a_request_the_client_gave_up_on_is_counted_as_499() {
 /// request in flight would hold the process for 60 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_ends_the_grace_period() {
-    let tokens = TokenServer::healthy(3600).await;
-    let arrived = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = Arc::clone(&arrived);
-    let (upstream, _g) = serve(move |_req: http::Request<hyper::body::Incoming>| {
-        let flag = Arc::clone(&flag);
-        async move {
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            json_response(200, "{}", &[])
-        }
-    })
-    .await;
-    let config = format!(
-        "{JSON_HEAD}{}{}",
-        client_app_profile("portal", &tokens, ""),
-        route("r", "/", &format!("http://{upstream}"), "portal", "")
-    );
-    let mut proc = Running::start(&config, &[]);
-    let addr = proc.addr("proxy listening").await;
-    proc.wait_for_log("token fetched").await;
-    let _in_flight =
-        tokio::spawn(async move { client().get(format!("http://{addr}/slow")).send().await });
-    eventually(Duration::from_secs(10), || {
-        arrived.load(std::sync::atomic::Ordering::SeqCst)
-    })
-    .await;
+    let InFlight { mut proc, .. } = a_request_in_flight(Duration::from_secs(60)).await;
     proc.signal("TERM");
     proc.wait_for_log("draining in-flight requests").await;
     let started = std::time::Instant::now();

@@ -79,13 +79,22 @@ pub fn validate(path: &str) -> Result<(), PathError> {
     Ok(())
 }
 
-/// True when a `/`- or `\\`-separated segment is `.` or `..`, read up to its first `;` and
-/// without trailing spaces and tabs.
+/// True when a `/`- or `\\`-separated segment is `.` or `..` as a lax server reads it: up to
+/// its first `;` (path parameters), `?` or `#` (a server that decodes, then splits), without
+/// whitespace or control characters around it (`trim()` in Java, Python, .NET), and with
+/// fullwidth dots (`．`, which NFKC and IIS's best-fit mapping make `.`) as dots.
 pub fn has_dot_segment(path: &str) -> bool {
     path.split(['/', '\\']).any(|segment| {
-        let name = segment.split(';').next().unwrap_or(segment);
-        let name = name.trim_end_matches([' ', '\t']);
-        name == "." || name == ".."
+        let name = segment.split([';', '?', '#']).next().unwrap_or(segment);
+        let name = name.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+        let mut dots = 0;
+        for c in name.chars() {
+            if c != '.' && c != '\u{FF0E}' {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
     })
 }
 
@@ -130,6 +139,14 @@ mod tests {
             "/a/..%20/b",
             "/a/..%09/b",
             "/a/.. ",
+            "/a/..%0a/b",
+            "/a/%20../b",
+            "/a/..%c2%a0/b",
+            "/a/..%e3%80%80/b",
+            "/a/%ef%bc%8e%ef%bc%8e/b",
+            "/a/.%ef%bc%8e/b",
+            "/a/..%3f/b",
+            "/a/..%23/b",
         ] {
             assert_eq!(validate(bad), Err(PathError::DotSegment), "{bad}");
         }

@@ -52,17 +52,18 @@ pub(crate) fn admit<'g>(
     head: &HeadFacts<'_>,
     log: &mut RequestLog,
 ) -> Result<Admitted<'g>, ProxyError> {
-    // No open proxy: CONNECT and absolute-form targets are refused (RFC 9112 §3.2.2 lets a
-    // server accept absolute-form, but a reverse proxy that did could be aimed elsewhere).
-    // TRACE reflects the request back, the proxy's bearer token included (RFC 9110 §9.3.8
-    // lets a proxy refuse it), and so does IIS's TRACK.
-    // The fast path's parser and hyper's HTTP/1.1 stop at this many; h2 does not count.
+    // One limit on header fields for every transport: the fast path's parser stops at it,
+    // and h2 has no count of its own.
     if head.fields > crate::http::MAX_FIELDS {
         return Err(ProxyError::HeadTooLarge(format!(
             "the request has more than {} header fields",
             crate::http::MAX_FIELDS
         )));
     }
+    // No open proxy: CONNECT and absolute-form targets are refused (RFC 9112 §3.2.2 lets a
+    // server accept absolute-form, but a reverse proxy that did could be aimed elsewhere).
+    // TRACE reflects the request back, the proxy's bearer token included (RFC 9110 §9.3.8
+    // lets a proxy refuse it), and so does IIS's TRACK.
     if *head.method == Method::CONNECT
         || *head.method == Method::TRACE
         || head.method.as_str().eq_ignore_ascii_case("TRACK")
@@ -96,9 +97,16 @@ pub(crate) fn admit<'g>(
                 ":authority is not a valid host[:port]".into(),
             ));
         }
+        // Compared after scheme-based normalization (RFC 3986 §6.2.3): `x` and `x:443`
+        // over TLS are one host.
+        let default_port: &[u8] = if conn.tls { b":443" } else { b":80" };
+        let normal = |h: &[u8]| -> Vec<u8> {
+            let h = h.strip_suffix(default_port).unwrap_or(h);
+            h.to_ascii_lowercase()
+        };
         if head
             .host
-            .is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_bytes()))
+            .is_some_and(|h| normal(h) != normal(authority.as_bytes()))
         {
             return Err(ProxyError::BadRequest(
                 "the Host field names another host than :authority".into(),

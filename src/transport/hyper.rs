@@ -163,9 +163,7 @@ async fn forward(
             .map(|v| v.as_bytes()),
         more_api_keys: key_header.is_some_and(|k| req.headers().get_all(k).iter().nth(1).is_some()),
         provenance: pipeline::browser::Provenance::of(req.headers()),
-        // h2's `:authority` stands for the `Host` line HTTP/1.1 counts.
-        fields: req.headers().len()
-            + usize::from(!req.headers().contains_key(HOST) && req.uri().authority().is_some()),
+        fields: field_count(&req),
     };
     let admitted = pipeline::admit(generation, conn, &facts, log)?;
     let route = admitted.route;
@@ -331,6 +329,19 @@ fn upstream_uri(route: &crate::routes::Route, original: &Uri) -> Result<Uri, Pro
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
+}
+
+/// The request's header fields as HTTP/1.1 would count them: h2's `:authority` stands for
+/// the `Host` line, and an h2 client's `Cookie` fields (one per cookie, as browsers send
+/// them) are the one line they become (RFC 9113 §8.2.3).
+fn field_count(req: &Request<Incoming>) -> usize {
+    let headers = req.headers();
+    if req.version() != Version::HTTP_2 {
+        return headers.len();
+    }
+    let cookies = headers.get_all(COOKIE).iter().count();
+    headers.len() - cookies.saturating_sub(1)
+        + usize::from(!headers.contains_key(HOST) && req.uri().authority().is_some())
 }
 
 /// An h2 request's `Cookie` fields, one per cookie as h2 clients send them, become one field

@@ -209,6 +209,16 @@ impl On {
         .await
     }
 
+    /// The common case for an upstream of another kind (raw, TLS): every path to `url`.
+    pub async fn proxy_to(&self, tokens: &TokenServer, url: &str) -> TestProxy {
+        self.proxy(&format!(
+            "{}{}",
+            client_app_profile("portal", tokens, ""),
+            route("r", "/", url, "portal", "")
+        ))
+        .await
+    }
+
     pub fn client(&self) -> reqwest::Client {
         self.client_builder().build().unwrap()
     }

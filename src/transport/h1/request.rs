@@ -136,8 +136,8 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
                 "the request has more than {MAX_HEADERS} header fields"
             )))
         }
-        // h2's preface (`PRI * HTTP/2.0`) and other versions: hyper's to serve or refuse.
-        Err(httparse::Error::Version) => return Parsed::HandOver,
+        // h2's preface (`PRI * HTTP/2.0`) is hyper's to serve.
+        Err(httparse::Error::Version) if buf.starts_with(b"PRI ") => return Parsed::HandOver,
         // What hyper would refuse too (it parses with httparse), with the proxy's JSON.
         Err(e) => {
             return Parsed::Refused(ProxyError::BadRequest(format!(
@@ -152,6 +152,13 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
         return Parsed::HandOver;
     };
     if method == "CONNECT" || !target.starts_with('/') || !target.bytes().all(is_target_byte) {
+        // A target hyper cannot parse either gets the proxy's 400; the rest (absolute-form,
+        // `*`, authority-form, unusual bytes) hyper parses and the pipeline decides.
+        if method != "CONNECT" && http::Uri::try_from(target).is_err() {
+            return Parsed::Refused(ProxyError::BadRequest(
+                "the request target is not a valid URI path".into(),
+            ));
+        }
         return Parsed::HandOver;
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
@@ -343,8 +350,14 @@ mod tests {
         for (raw, status) in [
             ("GET / HTTP/1.1\r\nBad Header: x\r\n\r\n".to_owned(), 400),
             ("GARBAGE\r\n\r\n".to_owned(), 400),
+            ("GET / HTTP/1.2\r\nHost: x\r\n\r\n".to_owned(), 400),
+            ("GET / http/1.1\r\nHost: x\r\n\r\n".to_owned(), 400),
+            ("GET api/x HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(), 400),
             (
-                format!("GET / HTTP/1.1\r\n{}\r\n", "X: 1\r\n".repeat(MAX_HEADERS + 1)),
+                format!(
+                    "GET / HTTP/1.1\r\n{}\r\n",
+                    "X: 1\r\n".repeat(MAX_HEADERS + 1)
+                ),
                 431,
             ),
         ] {
