@@ -606,6 +606,27 @@ profile = "portal"
             ),
             (
                 listen,
+                "listen = \"127.0.0.1:8080\"\n[admin]\nlisten = \"0.0.0.0:8080\"",
+                "admin.listen",
+            ),
+            (
+                listen,
+                "listen = [\"0.0.0.0:8080\", \"[::]:8080\"]\nopen = true",
+                "server.listen",
+            ),
+            (
+                route,
+                "profile = \"portal\"\nname = \"none\"",
+                "routes[0].name",
+            ),
+            (route, "profile = \"portal\"\nname = \"\"", "routes[0].name"),
+            (
+                route,
+                "profile = \"portal\"\nhost = \"*.example.com\"",
+                "routes[0].host",
+            ),
+            (
+                listen,
                 "listen = \"127.0.0.1:8080\"\nheader_read_timeout = \"0s\"",
                 "server.header_read_timeout",
             ),
@@ -679,6 +700,7 @@ profile = "portal"
             "api.example",
             "API.example",
             "[::1]",
+            "::1",
             "10.0.0.1",
             "my-host.local",
         ] {

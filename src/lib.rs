@@ -61,6 +61,11 @@ pub fn spawn_sighup_reloader(shared: std::sync::Arc<state::Shared>) {
             return;
         };
         while hup.recv().await.is_some() {
+            // The demo (an in-memory config) has nothing to reload: not a failed reload.
+            if shared.config_path.is_none() {
+                tracing::info!("SIGHUP received: this instance has no config file to reload");
+                continue;
+            }
             tracing::info!("SIGHUP received: reloading configuration");
             let _ = shared.reload().await;
         }
@@ -98,13 +103,20 @@ pub fn spawn_file_watcher(shared: std::sync::Arc<state::Shared>, every: std::tim
 /// the configured level.
 pub fn init_logging(format: config::LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
-    let from_env = EnvFilter::try_from_default_env();
+    // An empty RUST_LOG (`RUST_LOG=`, compose's `${RUST_LOG:-}`) is unset, not "log nothing".
+    let env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let from_env = env.as_deref().map(EnvFilter::try_new);
     // Set but unusable: said once logging is up, rather than silently ignored.
-    let bad_env = match (&from_env, std::env::var("RUST_LOG")) {
-        (Err(e), Ok(value)) if !value.trim().is_empty() => Some((value, e.to_string())),
+    let bad_env = match (&from_env, &env) {
+        (Some(Err(e)), Some(value)) => Some((value.clone(), e.to_string())),
         _ => None,
     };
-    let filter = from_env.unwrap_or_else(|_| EnvFilter::new(level));
+    let filter = match from_env {
+        Some(Ok(filter)) => filter,
+        _ => EnvFilter::new(level),
+    };
     use std::io::IsTerminal;
     // Colours only for a person at a terminal; log files and journald get plain text.
     // A log line that cannot be written (stderr's reader gone: a log shipper or journald

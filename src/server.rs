@@ -121,7 +121,7 @@ impl Proxy {
             }
             let ctx = AcceptContext {
                 shared: Arc::clone(&self.shared),
-                tls: self.tls.clone(),
+                tls: self.tls.is_some(),
                 builder: Arc::clone(&builder),
                 connections: Arc::clone(&connections),
                 stop: stop_rx.clone(),
@@ -230,7 +230,8 @@ const H2_STREAM_WINDOW: u32 = 256 * 1024;
 
 struct AcceptContext {
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
+    /// Whether the listeners speak TLS; the certificate is the current generation's.
+    tls: bool,
     builder: Arc<auto::Builder<TokioExecutor>>,
     connections: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
@@ -261,7 +262,15 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptContext) {
         let shared = Arc::clone(&ctx.shared);
         let builder = Arc::clone(&ctx.builder);
         let stop = ctx.stop.clone();
-        let tls = ctx.tls.clone();
+        // The current generation's certificate (renewed on reload), for this connection.
+        let tls = match ctx.tls {
+            true => match shared.load().tls.clone() {
+                Some(config) => Some(TlsAcceptor::from(config)),
+                // Never: a generation keeps the certificate while the listeners speak TLS.
+                None => continue,
+            },
+            false => None,
+        };
         let handshake_timeout = ctx.header_read_timeout;
         // Two separate tasks, so a plain connection's task is not sized for TLS state.
         match tls {

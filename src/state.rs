@@ -26,6 +26,9 @@ pub struct Generation {
     pub access: Option<Access>,
     /// `[token_cache]`: shared with every holder of this generation.
     pub token_cache: Option<Arc<TokenCache>>,
+    /// The inbound TLS certificate and key (`[server.tls]`), read again at each reload: a
+    /// certificate renewed in place is served from the next connection on.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Generation {
@@ -52,6 +55,15 @@ impl Generation {
         if token_cache.is_some() {
             metrics.prepare_token_cache();
         }
+        // A listener is TLS or not for the life of the process: a config that drops
+        // `[server.tls]` keeps the running certificate (and `restart_needed` says so).
+        let tls = match &config.server.tls {
+            Some(files) => Some(
+                crate::tls::server_config(&files.cert, &files.key)
+                    .map_err(|m| ConfigError::general(format!("server.tls: {m}")))?,
+            ),
+            None => previous.and_then(|p| p.tls.clone()),
+        };
         metrics.prepare(
             config
                 .routes
@@ -67,6 +79,7 @@ impl Generation {
             upstreams,
             tokens,
             token_cache,
+            tls,
         })
     }
 
@@ -233,7 +246,8 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&running.server, &new.server);
     [
         ("server.listen", o.listen != n.listen),
-        ("server.tls", o.tls != n.tls),
+        // Certificate files are read again at each reload; TLS on or off needs a restart.
+        ("server.tls", o.tls.is_some() != n.tls.is_some()),
         (
             "server.shutdown_grace",
             o.shutdown_grace != n.shutdown_grace,
@@ -256,7 +270,8 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ),
         (
             "log",
-            running.log.level != new.log.level || running.log.format != new.log.format,
+            !running.log.level.eq_ignore_ascii_case(&new.log.level)
+                || running.log.format != new.log.format,
         ),
     ]
     .into_iter()

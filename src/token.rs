@@ -461,6 +461,8 @@ impl Tokens {
                             "profile settings changed: its current token serves until the new settings' token arrives"
                         );
                         holder.current.store(Some(token));
+                        // `/status` and the admin page say so until the new settings' token.
+                        lock(&holder.status).source = Some("previous_settings");
                     }
                     holder
                 }

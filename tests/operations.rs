@@ -740,6 +740,10 @@ async fn a_changed_profile_keeps_serving_its_token_until_the_new_one_is_in() {
             Some(first.as_str())
         );
     }
+    assert_eq!(
+        proxy.status_json().await["profiles"]["portal"]["token_source"],
+        "previous_settings"
+    );
     // The new settings' token replaces it as soon as the endpoint answers.
     tokens.set_behaviour(|_| Reply::Token { ttl: Some(3600) });
     eventually(Duration::from_secs(10), || {
@@ -771,7 +775,7 @@ async fn a_changed_profile_keeps_serving_its_token_until_the_new_one_is_in() {
     assert_eq!(status(client().get(proxy.url("/other"))).await, 503);
 }
 
-/// A RUST_LOG that is not a valid filter is said, not silently ignored.
+/// A RUST_LOG that is not a valid filter is said, not silently ignored; an empty one is unset.
 #[tokio::test]
 async fn an_invalid_rust_log_is_reported() {
     let tokens = TokenServer::healthy(3600).await;
@@ -784,6 +788,9 @@ async fn an_invalid_rust_log_is_reported() {
     let proc = Running::start(&config, &[("RUST_LOG", "bogus[[")]);
     let line = proc.wait_for_log("RUST_LOG is not a valid filter").await;
     assert!(line.contains("bogus[["), "{line}");
+    proc.addr("proxy listening").await;
+    // An empty one is unset (it turned every line off, errors included).
+    let proc = Running::start(&config, &[("RUST_LOG", "")]);
     proc.addr("proxy listening").await;
 }
 

@@ -217,6 +217,68 @@ async fn https_listener_serves_h2_and_http1() {
     assert_eq!(r.status(), 200);
 }
 
+/// A certificate renewed in place (cert-manager, certbot: same paths, new files) is served
+/// from the first connection after a reload; a reload does not need a restart for it.
+#[tokio::test]
+async fn a_reload_serves_a_certificate_renewed_in_place() {
+    let ca = TestCa::new();
+    let (cert_a, key_a) = ca.leaf_for("a", &["127.0.0.1", "localhost", "cert-a.test"]);
+    let (cert_b, key_b) = ca.leaf_for("b", &["127.0.0.1", "localhost", "cert-b.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(&cert_a, &cert).unwrap();
+    std::fs::copy(&key_a, &key).unwrap();
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+            cert.display(),
+            key.display(),
+            client_app_profile("p", &tokens, ""),
+            route("r", "/", &upstream.url(), "p", "")
+        ),
+    )
+    .unwrap();
+    let config = egain_proxy::config::Config::load(&path).unwrap();
+    let proxy = TestProxy::start_config(config, Some(path)).await;
+    let served = || async {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(
+                ca.ca.der().to_vec(),
+            ))
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let der = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        String::from_utf8_lossy(&der).into_owned()
+    };
+    assert!(served().await.contains("cert-a.test"));
+    std::fs::copy(&cert_b, &cert).unwrap();
+    std::fs::copy(&key_b, &key).unwrap();
+    proxy.shared.reload().await.unwrap();
+    assert!(served().await.contains("cert-b.test"));
+    assert!(proxy.shared.restart_needed().is_empty());
+    // A broken renewal is a failed reload: the running certificate stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    assert!(proxy.shared.reload().await.is_err());
+    assert!(served().await.contains("cert-b.test"));
+}
+
 async fn api_keys_and_allow_list(on: On) {
     let head = on.head();
     let tokens = TokenServer::healthy(3600).await;

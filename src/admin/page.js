@@ -101,7 +101,7 @@
       h("td", {}, h("b", {}, name), h("div", { class: "muted" }, p.kind + " · " + (p.scopes || []).join(" ")),
         h("div", { class: "muted" }, p.token_url)),
       h("td", {}, badge(p.state), p.token_fingerprint ? h("div", { class: "muted" }, "token " + p.token_fingerprint) : null,
-        p.token_source ? h("div", { class: "muted" }, "from " + (p.token_source === "cache" ? "the shared cache" : "the endpoint")) : null),
+        p.token_source ? h("div", { class: "muted" }, "from " + ({ cache: "the shared cache", previous_settings: "the settings before the last reload: the new ones have no token yet" }[p.token_source] || "the endpoint")) : null),
       expiryCell(p),
       h("td", {}, ago(p.last_refresh)),
       h("td", { class: "num" }, p.fetch_count, p.failures_in_a_row ? h("div", { class: "err" }, p.failures_in_a_row + " failed in a row") : null),

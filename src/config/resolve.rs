@@ -172,10 +172,10 @@ pub(super) fn resolve(
         Some(a) => {
             let s = a.listen.as_deref().unwrap_or("127.0.0.1:9901");
             let listen = parse_socket_addr(s).map_err(|m| ConfigError::at("admin.listen", m))?;
-            if listen.port() != 0 && server.listen.contains(&listen) {
+            if let Some(other) = server.listen.iter().find(|a| overlaps(**a, listen)) {
                 return Err(ConfigError::at(
                     "admin.listen",
-                    format!("{listen} is also in server.listen: the admin endpoints need an address of their own"),
+                    format!("{listen} overlaps {other} in server.listen: the admin endpoints need an address of their own"),
                 ));
             }
             Some(AdminConfig { listen })
@@ -350,10 +350,10 @@ fn resolve_server(raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigErr
     let mut listen: Vec<SocketAddr> = Vec::new();
     for s in &listen_strings {
         let addr = parse_socket_addr(s).map_err(|m| ConfigError::at("server.listen", m))?;
-        if addr.port() != 0 && listen.contains(&addr) {
+        if let Some(other) = listen.iter().find(|a| overlaps(**a, addr)) {
             return Err(ConfigError::at(
                 "server.listen",
-                format!("{addr} is listed twice"),
+                format!("{addr} overlaps {other}: both cannot be bound (\"[::]:PORT\" alone takes IPv4 and IPv6)"),
             ));
         }
         listen.push(addr);
@@ -467,6 +467,15 @@ fn resolve_server(raw: RawServer, base: &Path) -> Result<ServerConfig, ConfigErr
     })
 }
 
+/// Two listen addresses the same port cannot both be bound to: equal, or one of them the
+/// unspecified address (`0.0.0.0`, `[::]`, which on Linux takes IPv4 too). Port 0 (any free
+/// port) never overlaps.
+pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// A duration that must be more than zero (a zero timeout would end every wait at once).
 fn positive(key: &str, value: Option<Dur>, default: Duration) -> Result<Duration, ConfigError> {
     match value.map_or(default, |d| d.0) {
@@ -478,10 +487,12 @@ fn positive(key: &str, value: Option<Dur>, default: Duration) -> Result<Duration
 /// A profile's or route's name: it becomes a metrics label value, a log field and part of
 /// error messages, so no quotes, backslashes or control characters.
 fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
-    if name.is_empty()
-        || name
-            .chars()
-            .any(|c| c.is_control() || c == '"' || c == '\\')
+    if name.is_empty() {
+        return Err(ConfigError::at(key, "must not be empty"));
+    }
+    if name
+        .chars()
+        .any(|c| c.is_control() || c == '"' || c == '\\')
     {
         return Err(ConfigError::at(
             key,
@@ -695,6 +706,12 @@ fn resolve_route(
     let at = |key: &str| format!("routes[{i}].{key}");
     let name = r.name.unwrap_or_else(|| format!("route{i}"));
     check_name(&at("name"), &name)?;
+    if name == "none" {
+        return Err(ConfigError::at(
+            at("name"),
+            "\"none\" is reserved (the route label of requests no route matched)",
+        ));
+    }
     if earlier.iter().any(|x| x.name == name) {
         return Err(ConfigError::at(
             at("name"),
@@ -797,8 +814,18 @@ fn resolve_route(
     if let Some(ca) = &r.ca_file {
         crate::tls::read_pem_certs(&file(ca)).map_err(|m| ConfigError::at(at("ca_file"), m))?;
     }
-    let host = r.host.map(|h| h.to_ascii_lowercase());
+    // A bare IPv6 address is written in brackets, as a request's Host carries it.
+    let host = r.host.map(|h| match h.parse::<std::net::Ipv6Addr>() {
+        Ok(ip) => format!("[{ip}]"),
+        Err(_) => h.to_ascii_lowercase(),
+    });
     if let Some(h) = &host {
+        if h.contains('*') {
+            return Err(ConfigError::at(
+                at("host"),
+                format!("{h:?}: hosts are matched exactly (no wildcards); write a route per host"),
+            ));
+        }
         // Matched against the request's host without its port, so a port here never matches.
         let port = match h.strip_prefix('[') {
             Some(rest) => rest
@@ -809,7 +836,7 @@ fn resolve_route(
         if h.is_empty() || port || !crate::http::is_valid_host(h.as_bytes()) {
             return Err(ConfigError::at(
                 at("host"),
-                format!("{h:?} is not a host name or IP address without a port (requests are matched on their host, whatever the port)"),
+                format!("{h:?} is not a host name or IP address without a port (requests are matched on their host, whatever the port; a name outside ASCII is written in its xn-- form)"),
             ));
         }
     }
