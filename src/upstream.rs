@@ -43,6 +43,9 @@ pub use pool::Pool;
 /// after 60-75 s), and a request that fails on a reused connection before any byte of the
 /// answer is retried once on a new one when `crate::pipeline::may_retry` allows.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+/// The largest response head taken from an upstream, HTTP/1.1 or h2 alike (h2: the decoded
+/// header list, RFC 9113 §6.5.2); a larger one is a 502.
+pub const MAX_RESPONSE_HEAD: usize = 256 * 1024;
 
 pub type HttpClient = Client<HttpsConnector<EgressConnector>, ProxyBody>;
 
@@ -113,6 +116,7 @@ fn new_client(key: &ClientKey) -> Result<HttpClient, String> {
         // longest patience: PINGed after 10 s without a frame while streams are open.
         .http2_keep_alive_interval(h2_pool::MAX_PATIENCE)
         .http2_keep_alive_timeout(h2_pool::MAX_PATIENCE)
+        .http2_max_header_list_size(MAX_RESPONSE_HEAD as u32)
         .build(https))
 }
 

@@ -562,6 +562,42 @@ async fn no_body_after_a_204_or_head_from_an_h2_upstream(on: On) {
 
 on_every_transport!(no_body_after_a_204_or_head_from_an_h2_upstream);
 
+/// On every transport, an h2 upstream's response head of 40 KiB passes as an HTTP/1.1
+/// upstream's does (both up to `upstream::MAX_RESPONSE_HEAD`); it was a 502 over h2 beyond
+/// 16 KiB, and the upstream connection with it. Through hyper's client (the first answer)
+/// and the proxy's own h2 connection.
+async fn a_large_response_head_passes_from_an_h2_upstream(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (cert, key) = ca.leaf("h2-upstream");
+    let (addr, _guard) = support::tls::serve_tls(&cert, &key, |_req| async {
+        let mut response = http::Response::new(full("ok"));
+        for i in 0..10 {
+            response.headers_mut().insert(
+                http::HeaderName::from_bytes(format!("x-big-{i}").as_bytes()).unwrap(),
+                http::HeaderValue::from_str(&"v".repeat(4000)).unwrap(),
+            );
+        }
+        response
+    })
+    .await;
+    let proxy = on.proxy(&https_route(&tokens, addr.port(), &ca)).await;
+    proxy.ready().await;
+    let client = on.client();
+    for i in 0..3 {
+        let r = client
+            .get(on.url(&proxy, &format!("/big-head/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.headers()["x-big-9"].len(), 4000);
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+}
+
+on_every_transport!(a_large_response_head_passes_from_an_h2_upstream);
+
 /// On every transport, an upstream body that stops coming ends once the upstream has sent
 /// nothing for the route's `timeout`: the client's transfer ends as broken, and the upstream
 /// stream is reset (its body dropped), so neither side is held for good. Twice: through

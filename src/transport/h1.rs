@@ -60,7 +60,7 @@ use response::{read_response_head, write_error};
 /// More header fields than this is a 431, as on every transport.
 const MAX_HEADERS: usize = crate::http::MAX_FIELDS;
 /// Response heads larger than this are a protocol error (502).
-const MAX_RESPONSE_HEAD: usize = 256 * 1024;
+const MAX_RESPONSE_HEAD: usize = crate::upstream::MAX_RESPONSE_HEAD;
 /// Read-buffer size for either side.
 const READ_CHUNK: usize = 16 * 1024;
 /// The read buffer's limit while a relayed response streams: the current request (head and a

@@ -64,8 +64,9 @@ use crate::{BoxError, ProxyBody};
 /// Go's transport's (1 GiB), so streams whose clients stopped reading never use it up.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 1 << 30;
-/// The largest response head taken (as hyper's client).
-const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The largest response head taken, as from an HTTP/1.1 upstream (hyper's client takes 16 KiB:
+/// a larger head was a 502 over h2 that HTTP/1.1 passed).
+const MAX_HEADER_LIST: u32 = crate::upstream::MAX_RESPONSE_HEAD as u32;
 /// The longest a connection with requests waiting on it may stay silent before it is sent a
 /// PING, and the longest it then has to answer (`patience`).
 pub const MAX_PATIENCE: Duration = Duration::from_secs(10);

@@ -243,10 +243,15 @@ impl On {
                 headers.insert("expect", http::HeaderValue::from_static("100-continue"));
                 builder.http1_only().default_headers(headers)
             }
-            Transport::H2c => builder.http2_prior_knowledge(),
+            // Response heads up to the proxy's own limit (hyper's client takes 16 KiB).
+            Transport::H2c => builder
+                .http2_prior_knowledge()
+                .http2_max_header_list_size(256 * 1024),
             Transport::TlsH2 => {
                 let ca = reqwest::Certificate::from_pem(self.ca.ca.pem().as_bytes()).unwrap();
-                builder.add_root_certificate(ca)
+                builder
+                    .add_root_certificate(ca)
+                    .http2_max_header_list_size(256 * 1024)
             }
         }
     }

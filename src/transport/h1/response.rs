@@ -64,6 +64,11 @@ pub(super) async fn read_response_head(
                     return Err(UpstreamError::Protocol("response head too large"));
                 }
                 Ok(httparse::Status::Partial) => {}
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(UpstreamError::Protocol(
+                        "more than 100 header fields in the response head",
+                    ))
+                }
                 Err(_) => return Err(UpstreamError::Protocol("malformed response head")),
             }
         }
