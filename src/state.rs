@@ -53,7 +53,7 @@ impl Generation {
             )),
         };
         if token_cache.is_some() {
-            metrics.prepare_token_cache();
+            metrics.prepare_token_cache(config.profiles.keys().map(String::as_str));
         }
         // A listener is TLS or not for the life of the process: a config that drops
         // `[server.tls]` keeps the running certificate (and `restart_needed` says so).

@@ -167,6 +167,18 @@ async fn three_replicas_share_one_token_and_redis_reveals_nothing() {
         2,
         "{sources:?}"
     );
+    // The hits counter reads 0 on the replica that fetched (not nothing), 1 on the others.
+    let mut hits = Vec::new();
+    for p in &replicas {
+        let metrics = p.metrics_text().await;
+        let line = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("egain_proxy_token_cache_hits_total{profile=\"portal\"} "))
+            .map(str::to_owned);
+        hits.push(line);
+    }
+    hits.sort();
+    assert_eq!(hits, [Some("0".into()), Some("1".into()), Some("1".into())]);
     for p in replicas {
         p.stop().await;
     }
