@@ -59,6 +59,10 @@ async fn every_response_framing_passes_through_on_one_kept_alive_connection() {
     let (head, body) = client.get("/length").await;
     assert!(head.starts_with("HTTP/1.1 201 Made It\r\n"), "{head}");
     assert_eq!(body, b"length");
+    // The upstream sent no Date: the proxy adds one (RFC 9110 §6.6.1), once.
+    let date = header_value(&head, "date").expect("a Date");
+    assert!(httpdate::parse_http_date(&date).is_ok(), "{date}");
+    assert_eq!(head.to_ascii_lowercase().matches("\r\ndate:").count(), 1);
     let (_, body) = client.get("/chunked").await;
     assert_eq!(body, b"hello world");
 

@@ -118,8 +118,10 @@ fn write_client_head(
     let has_connection = headers
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case("connection"));
+    let mut has_date = false;
     for h in headers {
         let name = h.name.as_bytes();
+        has_date |= name.eq_ignore_ascii_case(b"date");
         let named = || has_connection && has_token(headers, "connection", name);
         if !response_field_passes(name, named) {
             continue;
@@ -130,6 +132,15 @@ fn write_client_head(
             continue;
         }
         write_field(out, name, h.value);
+    }
+    // A proxy with a clock adds the `Date` an upstream left out (RFC 9110 §6.6.1), as
+    // hyper's server does on the other transports.
+    if !has_date {
+        write_field(
+            out,
+            b"date",
+            httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes(),
+        );
     }
     body::end_head(out, framing, close);
 }
