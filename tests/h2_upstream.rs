@@ -386,7 +386,7 @@ async fn a_client_leaving_a_stalled_body_frees_the_upstream_stream() {
 
 /// An h2 upstream written with the `h2` crate's server, which lets it do what hyper's
 /// server will not: `/nocontent` answers 204 and then sends DATA, as every answer does, to
-/// HEAD too; `/hugehead` answers with 60 KB of fields, over the proxy's limit for a response
+/// HEAD too; `/hugehead` answers with 300 KB of fields, over the proxy's limit for a response
 /// head (a connection error for the proxy's h2 client); `/slow` answers after 500 ms;
 /// `/early` answers 413 before the request body and then holds the stream, giving no window
 /// (counting the resets it sees); `/refused` answers 200,
@@ -443,7 +443,7 @@ async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop, Arc<AtomicUsize>) {
                         match path.as_str() {
                             "/slow" => tokio::time::sleep(Duration::from_millis(500)).await,
                             "/hugehead" => {
-                                for i in 0..60 {
+                                for i in 0..300 {
                                     response =
                                         response.header(format!("x-huge-{i}"), "h".repeat(1000));
                                 }
