@@ -719,11 +719,14 @@ async fn a_changed_profile_keeps_serving_its_token_until_the_new_one_is_in() {
     proxy.ready().await;
     assert_eq!(status(client().get(proxy.url("/before"))).await, 200);
     let first = upstream.last().header("authorization").unwrap().to_owned();
-    tokens.set_behaviour(|_| Reply::Raw {
-        status: 503,
-        headers: vec![],
-        body: "down".into(),
-    });
+    fn down(_: usize) -> Reply {
+        Reply::Raw {
+            status: 503,
+            headers: vec![],
+            body: "down".into(),
+        }
+    }
+    tokens.set_behaviour(down);
     std::fs::write(
         &path,
         config("scopes = [\"knowledge.portalmgr.manage\", \"core.aiservices.read\"]"),
@@ -761,11 +764,7 @@ async fn a_changed_profile_keeps_serving_its_token_until_the_new_one_is_in() {
     assert!(asked.contains("core.aiservices.read"), "{asked}");
 
     // Another client: its requests wait for its own token.
-    tokens.set_behaviour(|_| Reply::Raw {
-        status: 503,
-        headers: vec![],
-        body: "down".into(),
-    });
+    tokens.set_behaviour(down);
     std::fs::write(
         &path,
         config("scopes = [\"knowledge.portalmgr.manage\"]").replace("id-portal", "id-other"),
