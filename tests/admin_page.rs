@@ -78,6 +78,10 @@ fn attribute<'a>(tag: &'a str, name: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_tokens_routes_and_failures_in_a_browser() {
     let (proxy, good, _broken, upstream) = scene().await;
+    // A reload whose file asks for a restart: the page says so.
+    let mut config = (*proxy.shared.load().config).clone();
+    config.server.max_connections += 1;
+    proxy.shared.install(config).await.unwrap();
     let url = proxy.admin_url("/");
     let dom = tokio::task::spawn_blocking({
         let url = url.clone();
@@ -114,8 +118,12 @@ async fn the_page_shows_tokens_routes_and_failures_in_a_browser() {
     assert_eq!(attribute(tag, "data-requests-total"), "20");
     let (tag, _) = row(&dom, "data-route=\"conversations\"");
     assert_eq!(attribute(tag, "data-requests-total"), "3");
-    // The config generation is shown.
-    assert!(dom.contains("data-generation=\"1\""));
+    // The config generation is shown, and what needs a restart.
+    assert!(dom.contains("data-generation=\"2\""));
+    assert!(
+        dom.contains("data-restart-needed=\"server.max_connections\""),
+        "{dom}"
+    );
 
     // No token and no secret, neither in the page nor in what its script built.
     let html = client()

@@ -131,7 +131,7 @@
   // Any further object in /status (token cache, egress proxy...) as a definition list.
   function extras(status) {
     const known = new Set(["version", "generation", "ready", "profiles", "routes", "reload",
-      "uptime_seconds"]);
+      "uptime_seconds", "restart_needed"]);
     const out = [];
     for (const [key, value] of Object.entries(status)) {
       if (known.has(key) || value === null || typeof value !== "object") continue;
@@ -157,6 +157,10 @@
       h("span", {}, "up ", duration(s.uptime_seconds)), " · ",
       s.ready ? h("span", { class: "badge s-ok" }, "ready") : h("span", { class: "badge s-failed" }, "not ready"),
       s.reload && s.reload.error ? h("div", { class: "err" }, s.reload.error) : null,
+      (s.restart_needed || []).length
+        ? h("div", { class: "err", "data-restart-needed": s.restart_needed.join(",") },
+          "restart to apply: " + s.restart_needed.join(", "))
+        : null,
     ].filter(x => x !== null);
   }
 
