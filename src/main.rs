@@ -16,24 +16,42 @@ use egain_proxy::{Proxy, StartError};
     about = "Reverse proxy that injects eGain OAuth2 client-credentials tokens"
 )]
 struct Cli {
-    /// Config file [default: $EGAIN_PROXY_CONFIG, then ./proxy.toml]
-    #[arg(long, global = true, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// With `run`: also reload when the config file changes (polled every second)
-    #[arg(long, global = true)]
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Also reload when the config file changes (polled every second)
+    #[arg(long)]
     watch: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+/// `--config`, on the commands that read a config file.
+#[derive(clap::Args, Clone)]
+struct ConfigArg {
+    /// Config file [default: $EGAIN_PROXY_CONFIG, then ./proxy.toml]
+    #[arg(long = "config", value_name = "PATH")]
+    path: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve (the default when no command is given)
-    Run,
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also reload when the config file changes (polled every second)
+        #[arg(long)]
+        watch: bool,
+    },
     /// Validate the config fully and print a summary
-    Check,
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Fetch one token for a profile and describe it
     Token {
+        #[command(flatten)]
+        config: ConfigArg,
         #[arg(long)]
         profile: String,
         /// Also print the token itself
@@ -73,11 +91,24 @@ fn main() -> ExitCode {
             return ExitCode::from(FAILURE);
         }
     };
-    let config_path = cli.config.unwrap_or_else(Config::default_path);
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => runtime.block_on(run(config_path, cli.watch)),
-        Command::Check => check(&config_path),
-        Command::Token { profile, show } => runtime.block_on(token(&config_path, &profile, show)),
+    // `--config` after the command, or before it (`egain-proxy --config x check`).
+    let path = |own: ConfigArg| {
+        own.path
+            .or_else(|| cli.config.path.clone())
+            .unwrap_or_else(Config::default_path)
+    };
+    let command = cli.command.unwrap_or(Command::Run {
+        config: ConfigArg { path: None },
+        watch: false,
+    });
+    match command {
+        Command::Run { config, watch } => runtime.block_on(run(path(config), watch || cli.watch)),
+        Command::Check { config } => check(&path(config)),
+        Command::Token {
+            config,
+            profile,
+            show,
+        } => runtime.block_on(token(&path(config), &profile, show)),
         Command::Demo { port } => runtime.block_on(demo(port)),
         Command::MockEgain {
             listen,

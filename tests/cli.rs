@@ -136,6 +136,28 @@ fn check_rejects_a_missing_file() {
     assert!(text(&out.stderr).contains("/nonexistent/proxy.toml"));
 }
 
+/// `--config` goes after the command or before it; commands that read no config file do
+/// not offer it.
+#[test]
+fn config_is_offered_where_it_is_read() {
+    for args in [
+        ["check", "--config", "/nonexistent/proxy.toml"],
+        ["--config", "/nonexistent/proxy.toml", "check"],
+    ] {
+        let out = bin().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&out.stderr).contains("/nonexistent/proxy.toml"),
+            "{args:?}"
+        );
+    }
+    for command in ["demo", "mock-egain"] {
+        let out = bin().args([command, "--help"]).output().unwrap();
+        assert!(!text(&out.stdout).contains("--config"), "{command}");
+        assert!(!text(&out.stdout).contains("--watch"), "{command}");
+    }
+}
+
 #[test]
 fn token_command_fetches_and_hides_the_token_unless_asked() {
     let rt = tokio::runtime::Runtime::new().unwrap();
