@@ -852,14 +852,21 @@ async fn browser_requests_for_other_sites_are_refused(on: On) {
         "{}{}{}{}",
         on.head_with("allowed_origins = [\"https://tool.corp\"]\n"),
         client_app_profile("portal", &tokens, ""),
-        route("r", "/", &upstream.url(), "portal", ""),
+        // GET and POST only: a PATCH matches no route.
+        route(
+            "r",
+            "/",
+            &upstream.url(),
+            "portal",
+            "methods = [\"GET\", \"POST\"]"
+        ),
         // Never taken (the route above takes every path), but its host is the proxy's name.
         route(
             "named",
             "/",
             &upstream.url(),
             "portal",
-            "host = \"portal.test\""
+            "host = \"portal.test\"\nmethods = [\"GET\", \"POST\"]"
         )
     ))
     .await;
@@ -870,8 +877,20 @@ async fn browser_requests_for_other_sites_are_refused(on: On) {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, u16);
     let chrome = ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/156");
     let language = ("accept-language", "en-US");
-    let cases: [Case; 16] = [
+    let cases: [Case; 18] = [
         ("GET", &[], "plain", 200),
+        // No route for a program: 404. For a page of another site: 403 all the same, so it
+        // cannot tell routed paths from others.
+        ("PATCH", &[], "unrouted", 404),
+        (
+            "PATCH",
+            &[
+                ("host", "rebind.example"),
+                ("sec-fetch-site", "same-origin"),
+            ],
+            "unrouted-rebound",
+            403,
+        ),
         ("GET", &[("sec-fetch-site", "none")], "address-bar", 200),
         (
             "GET",

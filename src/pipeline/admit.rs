@@ -127,6 +127,13 @@ pub(crate) fn admit<'g>(
     let host = head
         .authority
         .or_else(|| head.host.and_then(|h| std::str::from_utf8(h).ok()));
+    // Before the route: a page of another site learns nothing of which paths are routed.
+    super::browser::check(
+        &head.provenance,
+        &generation.config.server.allowed_origins,
+        host,
+        super::browser::HostRule::Own(&|h| generation.routes.names_host(h)),
+    )?;
     let (index, route) = generation
         .routes
         .find(head.method, host, head.path)
@@ -136,12 +143,6 @@ pub(crate) fn admit<'g>(
         })?;
     log.route = Some(route.config.name.clone());
     log.profile = route.config.profile.clone();
-    super::browser::check(
-        &head.provenance,
-        &generation.config.server.allowed_origins,
-        host,
-        super::browser::HostRule::Own(&|h| generation.routes.names_host(h)),
-    )?;
     let holder = match &route.config.profile {
         Some(profile) => match generation.tokens.get(profile) {
             Some(holder) => Some((profile.as_str(), holder)),
