@@ -29,15 +29,13 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("server.tls: {0}")]
-    Tls(String),
 }
 
 impl StartError {
     /// Exit code per contract §1: 2 for configuration problems, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Config(_) | StartError::Tls(_) => 2,
+            StartError::Config(_) => 2,
             StartError::Bind { .. } => 1,
         }
     }
@@ -49,19 +47,15 @@ pub struct Proxy {
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
-    tls: Option<TlsAcceptor>,
+    /// Whether the listeners speak TLS (the certificate is each generation's).
+    tls: bool,
 }
 
 impl Proxy {
     /// Binds every listener and starts fetching tokens. Start-up does not wait for tokens:
     /// an unreachable token endpoint shows in `/readyz`, not as a failed start.
     pub async fn bind(config: Config, config_path: Option<PathBuf>) -> Result<Proxy, StartError> {
-        let tls = match &config.server.tls {
-            Some(files) => Some(TlsAcceptor::from(
-                crate::tls::server_config(&files.cert, &files.key).map_err(StartError::Tls)?,
-            )),
-            None => None,
-        };
+        let tls = config.server.tls.is_some();
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
             listeners.push(bind(*addr).await?);
@@ -117,11 +111,11 @@ impl Proxy {
 
         for listener in self.listeners {
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, tls = self.tls.is_some(), "proxy listening");
+                tracing::info!(%addr, tls = self.tls, "proxy listening");
             }
             let ctx = AcceptContext {
                 shared: Arc::clone(&self.shared),
-                tls: self.tls.is_some(),
+                tls: self.tls,
                 builder: Arc::clone(&builder),
                 connections: Arc::clone(&connections),
                 stop: stop_rx.clone(),
