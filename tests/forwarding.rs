@@ -944,22 +944,81 @@ on_every_transport!(
     upstream_failures_map_to_502_and_504,
 );
 
-/// Sends `len` bytes on an h2 request stream as its windows allow, then ends it.
-async fn send_h2_body(mut stream: h2::SendStream<Bytes>, len: usize) {
+/// Sends `len` bytes on an h2 request stream as its windows allow, then ends it. Whether
+/// all of it went (the stream was not reset on the way).
+async fn send_h2_body(mut stream: h2::SendStream<Bytes>, len: usize) -> bool {
     let mut left = len;
     while left > 0 {
         stream.reserve_capacity(left.min(64 * 1024));
         let granted = match futures_util::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
             Some(Ok(n)) => n,
-            _ => return,
+            _ => return false,
         };
         let n = granted.min(left);
         if stream.send_data(Bytes::from(vec![b'x'; n]), false).is_err() {
-            return;
+            return false;
         }
         left -= n;
     }
-    let _ = stream.send_data(Bytes::new(), true);
+    stream.send_data(Bytes::new(), true).is_ok()
+}
+
+/// An h2 upload the proxy answers before reading it (here: its upstream cannot be reached)
+/// is read to its end after the answer, so the client finishes its upload and keeps the
+/// answer (curl and httpx drop an answer whose stream is reset, though RFC 9113 §8.1 allows
+/// the reset); one larger than the proxy drains (8 MiB) still gets its answer, then a reset.
+async fn an_h2_upload_answered_before_it_is_read_is_read_to_its_end(on: On) {
+    let tokens = TokenServer::healthy(3600).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = TestProxy::start(&format!(
+        "{}{}{}",
+        on.head(),
+        client_app_profile("p", &tokens, ""),
+        route("dead", "/dead", &format!("http://{dead}"), "p", ""),
+    ))
+    .await;
+    proxy.ready().await;
+    let conn = on.connect(&proxy).await;
+    let support::transport::Conn::H2 { send, .. } = &conn else {
+        unreachable!()
+    };
+    for (len, read_whole) in [(2 << 20, true), (9 << 20, false)] {
+        let mut send = send.clone().ready().await.unwrap();
+        let post = http::Request::post("http://app/dead/upload")
+            .body(())
+            .unwrap();
+        let (response, body) = send.send_request(post, false).unwrap();
+        let upload = tokio::spawn(send_h2_body(body, len));
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 502);
+        let mut answer = response.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = answer.data().await {
+            text.extend_from_slice(&chunk.unwrap());
+        }
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains("upstream_unreachable"), "{text}");
+        let finished = tokio::time::timeout(Duration::from_secs(10), upload)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(finished, read_whole, "a {len}-byte upload");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upload_answered_before_it_is_read_is_read_to_its_end() {
+    let on = On::new(support::transport::Transport::H2c);
+    an_h2_upload_answered_before_it_is_read_is_read_to_its_end(on).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_h2_upload_answered_before_it_is_read_is_read_to_its_end() {
+    let on = On::new(support::transport::Transport::TlsH2);
+    an_h2_upload_answered_before_it_is_read_is_read_to_its_end(on).await;
 }
 
 /// h2 flow control: an upload the proxy is not taking yet (its token is on the way) holds

@@ -213,6 +213,7 @@ async fn forward(
     }
     let stall = generation.config.server.body_read_timeout;
     let upload = parts.extensions.remove::<pipeline::UnderWay>();
+    let incoming = Unread::new(incoming, parts.version, upload.clone());
     let incoming = pipeline::stall::StallGuard::new(incoming, stall)
         .holding(upload)
         .boxed();
@@ -280,6 +281,94 @@ async fn forward(
     .await?;
     let response = pipeline::egain::inspect(shared, &admitted, again).await;
     Ok(bodiless(response, framing))
+}
+
+/// How much of an h2 request body left unread is read and thrown away, at most, and for how
+/// long (`Unread`).
+const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An h2 client's request body, read on after the proxy is done with it. The proxy may
+/// answer before it has read a body (refused, an upstream that cannot be reached or that
+/// answered early): hyper then ends the stream with RST_STREAM(NO_ERROR) behind the answer,
+/// as RFC 9113 §8.1 allows, but curl and httpx then drop the answer they have received and
+/// report a broken stream. What is left is read and discarded instead (up to `DRAIN_LIMIT`
+/// and `DRAIN_TIME`), so a client that finishes its upload reads the answer; a longer upload
+/// still gets the reset. HTTP/1.x bodies are not drained: their answer closes the connection.
+struct Unread {
+    inner: Option<Incoming>,
+    h2: bool,
+    ended: bool,
+    held: Option<pipeline::UnderWay>,
+}
+
+impl Unread {
+    fn new(inner: Incoming, version: Version, held: Option<pipeline::UnderWay>) -> Self {
+        Unread {
+            inner: Some(inner),
+            h2: version == Version::HTTP_2,
+            ended: false,
+            held,
+        }
+    }
+}
+
+impl http_body::Body for Unread {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let polled = std::pin::Pin::new(inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None | Some(Err(_))) = polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().map_or(true, |b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        let Some(mut body) = self.inner.take() else {
+            return;
+        };
+        if !self.h2 || self.ended || http_body::Body::is_end_stream(&body) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let held = self.held.take();
+        runtime.spawn(async move {
+            let _held = held;
+            let mut left = DRAIN_LIMIT;
+            let read = async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    let n = frame.data_ref().map_or(0, Bytes::len);
+                    left = left.saturating_sub(n);
+                    if left == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+        });
+    }
 }
 
 /// An HTTP/1.0 client cannot be sent chunks: an answer of unknown length reaches it
