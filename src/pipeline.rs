@@ -115,7 +115,7 @@ pub(crate) async fn send(
     let mut unprocessed_retries = 0;
     let mut fell_back = false;
     // The failure a retry was for: reported if the request cannot be sent again (a streamed
-    // body over REPLAY_LIMIT is sent once).
+    // body that had sent more than `body::RETRY_LIMIT` is sent once).
     let mut last: Option<String> = None;
     loop {
         let Some(mut request) = make() else {

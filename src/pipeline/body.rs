@@ -2,6 +2,9 @@
 //! arriving (`stall`), the proxy frames what it forwards, and bodies small enough are kept
 //! for a replay after a 401.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use bytes::{Bytes, BytesMut};
 use http::header::HeaderValue;
 use http::Method;
@@ -78,4 +81,268 @@ pub(crate) async fn prepare(
     let rest = BodyStream::new(body);
     let stream = futures_util::StreamExt::chain(head_frames, rest);
     Ok(Prepared::Stream(StreamBody::new(stream).boxed()))
+}
+
+/// How much of a streamed request body is kept while it is sent, so the request can go
+/// again when its upstream did not process it (an h2 GOAWAY or REFUSED_STREAM, an HTTP/1.1
+/// connection found closed before the request was written) or lost it before answering an
+/// idempotent request (`pipeline::send`).
+pub const RETRY_LIMIT: usize = 1024 * 1024;
+
+/// A streamed request body that keeps what it has given, up to `RETRY_LIMIT`, until the
+/// answer's head is in (`settle`): `again` then makes a body that gives the kept bytes once
+/// more and goes on with the rest. One attempt holds the body at a time; `again` answers
+/// only once the previous attempt has let go of it (an attempt that failed has).
+pub(crate) struct Retained {
+    /// What the attempt that is sending holds (`None` until it is first polled, and for the
+    /// handle that makes attempts).
+    state: Option<Kept>,
+    shared: Arc<RetainedShared>,
+    /// The next kept chunk to give again (`usize::MAX`: none, the first attempt).
+    replay: usize,
+    replay_trailers: bool,
+}
+
+struct RetainedShared {
+    /// The body while no attempt holds it.
+    idle: Mutex<Option<Kept>>,
+    /// The answer's head is in: no attempt follows, nothing more is kept.
+    settled: AtomicBool,
+    hint: http_body::SizeHint,
+}
+
+struct Kept {
+    chunks: Vec<Bytes>,
+    kept: usize,
+    /// More than `RETRY_LIMIT` went, or the exchange settled: it cannot be sent again.
+    spent: bool,
+    trailers: Option<http::HeaderMap>,
+    ended: bool,
+    rest: ProxyBody,
+}
+
+/// A retry found the body still held by the attempt before it.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is still held by an earlier attempt")]
+struct StillHeld;
+
+impl Retained {
+    /// The handle that makes the attempts' bodies (`again`) of `body`.
+    pub(crate) fn new(body: ProxyBody) -> Retained {
+        let hint = body.size_hint();
+        let kept = Kept {
+            chunks: Vec::new(),
+            kept: 0,
+            spent: false,
+            trailers: None,
+            ended: false,
+            rest: body,
+        };
+        Retained {
+            state: None,
+            shared: Arc::new(RetainedShared {
+                idle: Mutex::new(Some(kept)),
+                settled: AtomicBool::new(false),
+                hint,
+            }),
+            replay: usize::MAX,
+            replay_trailers: false,
+        }
+    }
+
+    /// The body for the next attempt: the first, or one that gives again all the previous
+    /// attempt gave. `None` when that is no longer possible (more than `RETRY_LIMIT` went,
+    /// the exchange settled, or the previous attempt still holds the body).
+    pub(crate) fn again(&self, first: bool) -> Option<ProxyBody> {
+        let idle = lock(&self.shared.idle);
+        let kept = idle.as_ref()?;
+        if kept.spent {
+            return None;
+        }
+        let replays = !first && (kept.kept > 0 || kept.trailers.is_some());
+        Some(
+            Retained {
+                state: None,
+                shared: Arc::clone(&self.shared),
+                replay: if replays { 0 } else { usize::MAX },
+                replay_trailers: replays,
+            }
+            .boxed(),
+        )
+    }
+
+    /// The answer's head is in: nothing more is kept, and what was is let go.
+    pub(crate) fn settle(&self) {
+        self.shared.settled.store(true, Ordering::Relaxed);
+        if let Some(kept) = lock(&self.shared.idle).as_mut() {
+            kept.spend();
+        }
+    }
+}
+
+impl Kept {
+    fn spend(&mut self) {
+        self.spent = true;
+        self.chunks = Vec::new();
+        self.kept = 0;
+    }
+}
+
+impl http_body::Body for Retained {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.state.is_none() {
+            this.state = lock(&this.shared.idle).take();
+        }
+        let Some(kept) = this.state.as_mut() else {
+            return Poll::Ready(Some(Err(Box::new(StillHeld))));
+        };
+        if let Some(chunk) = kept.chunks.get(this.replay) {
+            this.replay += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+        }
+        this.replay = usize::MAX;
+        if kept.ended {
+            let trailers = kept.trailers.as_ref().filter(|_| this.replay_trailers);
+            let frame = trailers.map(|t| Ok(Frame::trailers(t.clone())));
+            this.replay_trailers = false;
+            return Poll::Ready(frame);
+        }
+        this.replay_trailers = false;
+        if this.shared.settled.load(Ordering::Relaxed) && !kept.spent {
+            kept.spend();
+        }
+        let frame = match std::pin::Pin::new(&mut kept.rest).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                kept.ended = true;
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Ok(frame))) => frame,
+        };
+        if let Some(trailers) = frame.trailers_ref() {
+            kept.ended = true;
+            kept.trailers = Some(trailers.clone());
+        } else if let Some(data) = frame.data_ref() {
+            if !kept.spent {
+                kept.kept += data.len();
+                if kept.kept > RETRY_LIMIT {
+                    kept.spend();
+                } else {
+                    kept.chunks.push(data.clone());
+                }
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            Some(kept) => {
+                self.replay >= kept.chunks.len()
+                    && !self.replay_trailers
+                    && (kept.ended || kept.rest.is_end_stream())
+            }
+            None => false,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.shared.hint
+    }
+}
+
+impl Drop for Retained {
+    fn drop(&mut self) {
+        if let Some(kept) = self.state.take() {
+            *lock(&self.shared.idle) = Some(kept);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A streamed body of `chunks`, then `trailers` if any.
+    fn streamed(chunks: &[&'static [u8]], trailers: Option<http::HeaderMap>) -> ProxyBody {
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        frames.extend(trailers.map(|t| Ok(Frame::trailers(t))));
+        StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    }
+
+    async fn read(body: &mut ProxyBody, frames: usize) -> (Vec<u8>, Option<http::HeaderMap>) {
+        let (mut data, mut trailers) = (Vec::new(), None);
+        for _ in 0..frames {
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            match frame.unwrap().into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        (data, trailers)
+    }
+
+    #[tokio::test]
+    async fn an_attempt_after_a_failed_one_sends_the_whole_body_again() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-sum", "1".parse().unwrap());
+        let retained = Retained::new(streamed(&[b"ab", b"cd", b"ef"], Some(trailers)));
+        let mut first = retained.again(true).unwrap();
+        assert_eq!(read(&mut first, 2).await.0, b"abcd");
+        // Held by the first attempt: no second one yet.
+        assert!(retained.again(false).is_none());
+        drop(first);
+        let mut second = retained.again(false).unwrap();
+        let (data, trailers) = read(&mut second, 10).await;
+        assert_eq!(data, b"abcdef");
+        assert_eq!(trailers.unwrap()["x-sum"], "1");
+        drop(second);
+        // And once more, all of it from what was kept.
+        let (data, trailers) = read(&mut retained.again(false).unwrap(), 10).await;
+        assert_eq!(
+            (data.as_slice(), trailers.is_some()),
+            (&b"abcdef"[..], true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_or_settled_is_not_sent_again() {
+        let big: &'static [u8] = Box::leak(vec![b'x'; RETRY_LIMIT].into_boxed_slice());
+        let retained = Retained::new(streamed(&[big, b"y"], None));
+        let mut first = retained.again(true).unwrap();
+        assert_eq!(read(&mut first, 1).await.0.len(), RETRY_LIMIT);
+        drop(first);
+        let mut second = retained.again(false).unwrap();
+        assert_eq!(read(&mut second, 10).await.0.len(), RETRY_LIMIT + 1);
+        drop(second);
+        assert!(
+            retained.again(false).is_none(),
+            "more than RETRY_LIMIT went"
+        );
+
+        let retained = Retained::new(streamed(&[b"ab"], None));
+        let mut first = retained.again(true).unwrap();
+        assert_eq!(read(&mut first, 1).await.0, b"ab");
+        drop(first);
+        retained.settle();
+        assert!(retained.again(false).is_none(), "settled");
+    }
 }

@@ -221,15 +221,16 @@ async fn forward(
     body::frame(&mut head, &parts.method, &incoming);
 
     // Bodies up to REPLAY_LIMIT are kept whole, so a 401 replay, a retry of an idempotent
-    // request, or of one an h2 upstream did not process, can send them again.
+    // request, or of one its upstream did not process, can send them again; larger ones keep
+    // what they send up to RETRY_LIMIT, for the retries.
     let prepared = body::prepare(incoming, declared).await?;
-    let (mut stream, copy) = match prepared {
+    let (retained, copy) = match prepared {
         Prepared::Replayable(bytes) => {
             // Read to its end: the connection can go on whatever the answer.
             *body_unread = false;
             (None, Some(bytes))
         }
-        Prepared::Stream(body) => (Some(body), None),
+        Prepared::Stream(body) => (Some(body::Retained::new(body)), None),
     };
     let build = |token: Option<&crate::token::AccessToken>, body: ProxyBody| {
         let mut request = Request::new(body);
@@ -243,11 +244,13 @@ async fn forward(
         }
         request
     };
-    // A body kept whole can be sent again (a retry, a replay); a streamed one only once.
+    // A body kept whole can be sent again (a retry, a replay); a streamed one can be retried
+    // while what went of it is kept (`body::Retained`), never replayed after a 401.
+    let mut first = true;
     let mut next_body = |copy: &Option<Bytes>| -> Option<ProxyBody> {
         match copy {
             Some(bytes) => Some(crate::error::full(bytes.clone())),
-            None => stream.take(),
+            None => retained.as_ref()?.again(std::mem::take(&mut first)),
         }
     };
     let (response, framing) = pipeline::send(
@@ -257,6 +260,9 @@ async fn forward(
         log,
     )
     .await?;
+    if let Some(retained) = &retained {
+        retained.settle();
+    }
     let status = response.status().as_u16();
     let fresh = pipeline::replay::after_answer(
         shared,
