@@ -431,6 +431,10 @@ async fn malformed_and_escaping_requests_are_refused_before_routing() {
         (b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n".to_vec(), "400", "bad_request"),
         (b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n".to_vec(), "400", "bad_request"),
         (b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-A: 1\r2\r\n\r\n".to_vec(), "400", "bad_request"),
+        // Framing no one can trust (RFC 9112 §6.3).
+        (b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\nx".to_vec(), "400", "bad_request"),
+        (b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\nx".to_vec(), "400", "bad_request"),
+        (b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx".to_vec(), "400", "bad_request"),
     ];
     for (request, status, code) in cases {
         let response = raw_request(proxy.addr, &request).await;
