@@ -985,28 +985,86 @@ async fn an_h2_upload_answered_before_it_is_read_is_read_to_its_end(on: On) {
     let support::transport::Conn::H2 { send, .. } = &conn else {
         unreachable!()
     };
-    for (len, read_whole) in [(2 << 20, true), (9 << 20, false)] {
+    // Refused once routed (its upstream cannot be reached), and before (no route).
+    for (path, status, len, read_whole) in [
+        ("/dead/upload", 502, 2 << 20, true),
+        ("/elsewhere", 404, 2 << 20, true),
+        ("/dead/upload", 502, 9 << 20, false),
+    ] {
         let mut send = send.clone().ready().await.unwrap();
-        let post = http::Request::post("http://app/dead/upload")
+        let post = http::Request::post(format!("http://app{path}"))
             .body(())
             .unwrap();
         let (response, body) = send.send_request(post, false).unwrap();
         let upload = tokio::spawn(send_h2_body(body, len));
         let response = response.await.unwrap();
-        assert_eq!(response.status(), 502);
+        assert_eq!(response.status(), status);
         let mut answer = response.into_body();
         let mut text = Vec::new();
         while let Some(chunk) = answer.data().await {
             text.extend_from_slice(&chunk.unwrap());
         }
         let text = String::from_utf8(text).unwrap();
-        assert!(text.contains("upstream_unreachable"), "{text}");
+        assert!(text.contains("\"error\""), "{text}");
         let finished = tokio::time::timeout(Duration::from_secs(10), upload)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(finished, read_whole, "a {len}-byte upload");
+        assert_eq!(finished, read_whole, "a {len}-byte upload to {path}");
     }
+}
+
+/// HTTP/1.1 uploads refused before their body was read (here: no route), on the fast path
+/// (60 KB) and on hyper's (300 KB): the rest of the body is read and thrown away before the
+/// connection closes, so a client still sending reads the answer and a clean end, where
+/// closing on unread bytes makes the kernel reset the connection (nginx's lingering close),
+/// and bytes that come after the close are answered with a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h1_upload_refused_before_it_is_read_ends_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let on = On::new(support::transport::Transport::FastH1);
+    let tokens = TokenServer::healthy(3600).await;
+    let upstream = Upstream::start().await;
+    let proxy = TestProxy::start(&format!(
+        "{}{}{}",
+        on.head(),
+        client_app_profile("p", &tokens, ""),
+        route("api", "/api", &upstream.url(), "p", ""),
+    ))
+    .await;
+    for len in [60_000usize, 300_000] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!("POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&vec![b'x'; 1000]).await.unwrap();
+        // The answer comes before the rest of the body is sent.
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"}\n") {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{len}: no answer"))
+                .unwrap();
+            assert!(n > 0, "{len}: closed before the answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        let sent = s.write_all(&vec![b'x'; len - 1000]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A reset is what the client's kernel noted (Linux still hands over what came
+        // before it; other systems drop it).
+        let reset = s.take_error().unwrap();
+        let mut rest = Vec::new();
+        let end = s.read_to_end(&mut rest).await;
+        assert!(
+            sent.is_ok() && reset.is_none() && end.is_ok() && rest.is_empty(),
+            "{len} bytes: the rest of the body {sent:?}, reset {reset:?}, then {end:?} ({} more bytes)",
+            rest.len()
+        );
+    }
+    assert!(upstream.seen().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -642,8 +642,9 @@ async fn access_is_decided_on_the_head_and_stalled_bodies_time_out() {
     proxy.ready().await;
     let keyed = format!("x-proxy-key: {key}\r\n");
     for inbound in INBOUND {
-        // Unkeyed clients that never finish their bodies are answered at once and cut off,
-        // so they hold no connection slot.
+        // Unkeyed clients that never finish their bodies are answered at once and cut off
+        // once the rest of their body (read and thrown away) stalls for body_read_timeout,
+        // so they do not hold a connection slot.
         let mut stalled = Vec::new();
         for _ in 0..3 {
             let mut client = Client::connect(&proxy).await;

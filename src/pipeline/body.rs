@@ -83,6 +83,16 @@ pub(crate) async fn prepare(
     Ok(Prepared::Stream(StreamBody::new(stream).boxed()))
 }
 
+/// How much of a request body the proxy answered before reading is read on and thrown away
+/// after the answer, at most, and for how long: a client still sending then finishes and
+/// reads the answer, where a reset of its stream or connection can cost it the answer (the
+/// transports drain; nginx's lingering close does the same for HTTP/1.1).
+pub const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+pub const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest wait for each next piece of a body being drained (or `body_read_timeout`, if
+/// shorter): a client that is not sending, but waits, is let go soon.
+pub const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How much of a streamed request body is kept while it is sent, so the request can go
 /// again when its upstream did not process it (an h2 GOAWAY or REFUSED_STREAM, an HTTP/1.1
 /// connection found closed before the request was written) or lost it before answering an

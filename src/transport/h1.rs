@@ -269,6 +269,26 @@ where
         Ok(())
     }
 
+    /// Reads the rest of a refused request's body (at most REPLAY_LIMIT on this path) and
+    /// throws it away, within `body::DRAIN_TIME` and each piece within `idle`, before the
+    /// connection closes: closing on unread bytes makes the kernel reset the connection,
+    /// which can cost a client still sending its body the answer it was sent (nginx's
+    /// lingering close). The answer's end is signalled first (FIN).
+    async fn discard_body(&mut self, head: &Head, idle: std::time::Duration) {
+        let _ = self.io.shutdown().await;
+        let total = head.head_len + head.body_len;
+        let read = async {
+            while self.read.len() < total {
+                self.read.reserve(total - self.read.len());
+                match tokio::time::timeout(idle, self.io.read_buf(&mut self.read)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(crate::pipeline::body::DRAIN_TIME, read).await;
+    }
+
     /// Serves one request whose head is in the read buffer.
     async fn request(&mut self, generation: &Generation, head: &Head) -> Result<(), End> {
         let started = Instant::now();
@@ -281,18 +301,22 @@ where
 
         let outcome = self.forward(generation, head, &request_id, &mut log).await;
         let path = text(&self.read[head.path.clone()]);
-        let mut close = false;
+        let (mut close, mut discard) = (false, false);
         let (status, body) = match outcome {
             Outcome::Forwarded(status, body) => (status, Some(body)),
             Outcome::Failed(e) => {
                 log.error = Some(e.to_string());
                 // Refused before its body was read (access, route, token, a stalled body):
-                // the connection closes after the answer rather than read what is left.
+                // the connection closes after the answer. What is left of the body is read
+                // and thrown away first (`body::DRAIN_TIME`), but for a body that stalled.
                 let unread = self.read.len() < head.head_len + head.body_len;
+                let stalled = matches!(e, ProxyError::RequestTimeout(_));
                 let closing = head.close || unread;
                 let head_request = head.method == Method::HEAD;
                 let status = write_error(&mut self.out, e, &request_id, closing, head_request);
-                close = self.io.write_all(&self.out).await.is_err() || unread;
+                let written = self.io.write_all(&self.out).await.is_ok();
+                discard = written && unread && !stalled;
+                close = !written || unread;
                 (status, None)
             }
             Outcome::ClientGone => return Err(End::Close),
@@ -308,6 +332,11 @@ where
             &log,
         );
         drop(inflight);
+        if discard {
+            let idle = generation.config.server.body_read_timeout;
+            let idle = idle.min(crate::pipeline::body::DRAIN_IDLE);
+            self.discard_body(head, idle).await;
+        }
         if close {
             return Err(self.close().await);
         }

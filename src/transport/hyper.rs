@@ -148,6 +148,12 @@ async fn forward(
     log: &mut RequestLog,
     body_unread: &mut bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // From here on, a body the proxy leaves unread, whatever refuses it, is drained.
+    let stall = generation.config.server.body_read_timeout;
+    let upload = req.extensions_mut().remove::<pipeline::UnderWay>();
+    let drain = !req.headers().contains_key(http::header::EXPECT);
+    let idle = stall.min(body::DRAIN_IDLE);
+    let mut req = req.map(|body| Unread::new(body, drain, idle, upload.clone()));
     let mut hosts = req.headers().get_all(HOST).iter();
     let key_header = generation.access.as_ref().map(|a| a.header());
     let facts = HeadFacts {
@@ -211,9 +217,6 @@ async fn forward(
         };
         return pipeline::upgrade::forward(shared, &admitted, request, token, log).await;
     }
-    let stall = generation.config.server.body_read_timeout;
-    let upload = parts.extensions.remove::<pipeline::UnderWay>();
-    let incoming = Unread::new(incoming, parts.version, upload.clone());
     let incoming = pipeline::stall::StallGuard::new(incoming, stall)
         .holding(upload)
         .boxed();
@@ -289,31 +292,37 @@ async fn forward(
     Ok(bodiless(response, framing))
 }
 
-/// How much of an h2 request body left unread is read and thrown away, at most, and for how
-/// long (`Unread`).
-const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
-const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// An h2 client's request body, read on after the proxy is done with it. The proxy may
-/// answer before it has read a body (refused, an upstream that cannot be reached or that
-/// answered early): hyper then ends the stream with RST_STREAM(NO_ERROR) behind the answer,
-/// as RFC 9113 §8.1 allows, but curl and httpx then drop the answer they have received and
-/// report a broken stream. What is left is read and discarded instead (up to `DRAIN_LIMIT`
-/// and `DRAIN_TIME`), so a client that finishes its upload reads the answer; a longer upload
-/// still gets the reset. HTTP/1.x bodies are not drained: their answer closes the connection.
+/// A client's request body, read on after the proxy is done with it (`body::DRAIN_LIMIT`,
+/// `body::DRAIN_TIME`, `body::DRAIN_IDLE`). The proxy may answer before it
+/// has read a body (refused, an upstream that cannot be reached or that answered early):
+/// - h2: hyper then ends the stream with RST_STREAM(NO_ERROR) behind the answer, as RFC 9113
+///   §8.1 allows, but curl and httpx then drop the answer they have received and report a
+///   broken stream;
+/// - HTTP/1.x: the answer says `Connection: close`, and closing on bytes still unread makes
+///   the kernel reset the connection, which can cost a client still sending the answer.
+///
+/// A client that finishes its upload within the limits reads the answer whole. A request
+/// that waits for `100 Continue` is not drained: it has not sent its body, and need not.
 struct Unread {
     inner: Option<Incoming>,
-    h2: bool,
+    drain: bool,
     ended: bool,
+    idle: std::time::Duration,
     held: Option<pipeline::UnderWay>,
 }
 
 impl Unread {
-    fn new(inner: Incoming, version: Version, held: Option<pipeline::UnderWay>) -> Self {
+    fn new(
+        inner: Incoming,
+        drain: bool,
+        idle: std::time::Duration,
+        held: Option<pipeline::UnderWay>,
+    ) -> Self {
         Unread {
             inner: Some(inner),
-            h2: version == Version::HTTP_2,
+            drain,
             ended: false,
+            idle,
             held,
         }
     }
@@ -353,18 +362,18 @@ impl Drop for Unread {
         let Some(mut body) = self.inner.take() else {
             return;
         };
-        if !self.h2 || self.ended || http_body::Body::is_end_stream(&body) {
+        if !self.drain || self.ended || http_body::Body::is_end_stream(&body) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let held = self.held.take();
+        let (held, idle) = (self.held.take(), self.idle);
         runtime.spawn(async move {
             let _held = held;
-            let mut left = DRAIN_LIMIT;
+            let mut left = body::DRAIN_LIMIT;
             let read = async {
-                while let Some(Ok(frame)) = body.frame().await {
+                while let Ok(Some(Ok(frame))) = tokio::time::timeout(idle, body.frame()).await {
                     let n = frame.data_ref().map_or(0, Bytes::len);
                     left = left.saturating_sub(n);
                     if left == 0 {
@@ -372,7 +381,7 @@ impl Drop for Unread {
                     }
                 }
             };
-            let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+            let _ = tokio::time::timeout(body::DRAIN_TIME, read).await;
         });
     }
 }
@@ -429,7 +438,7 @@ fn upstream_uri(route: &crate::routes::Route, original: &Uri) -> Result<Uri, Pro
 /// The request's header fields as HTTP/1.1 would count them: h2's `:authority` stands for
 /// the `Host` line, and an h2 client's `Cookie` fields (one per cookie, as browsers send
 /// them) are the one line they become (RFC 9113 §8.2.3).
-fn field_count(req: &Request<Incoming>) -> usize {
+fn field_count<B>(req: &Request<B>) -> usize {
     let headers = req.headers();
     if req.version() != Version::HTTP_2 {
         return headers.len();
