@@ -245,14 +245,6 @@ pub fn parse_length(text: &[u8]) -> Option<u64> {
     Some(text.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
-/// A `Content-Length` value that is one length, or a list of one length repeated (RFC 9110
-/// §8.6 lets a recipient take "5, 5" as 5, as hyper does); `None` for anything else.
-pub fn agreed_length(value: &[u8]) -> Option<u64> {
-    let mut lengths = list_items(value).map(parse_length);
-    let first = lengths.next()??;
-    lengths.all(|n| n == Some(first)).then_some(first)
-}
-
 /// The items of a comma-separated field value (RFC 9110 §5.6.1), trimmed of spaces and tabs.
 pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(trim)

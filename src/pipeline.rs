@@ -115,11 +115,17 @@ pub(crate) async fn send(
     let mut unprocessed_retries = 0;
     let mut fell_back = false;
     // The failure a retry was for: reported if the request cannot be sent again (a streamed
-    // body that had sent more than `body::RETRY_LIMIT` is sent once).
+    // body that had sent more than `body::RETRY_LIMIT`, or past `body::RETRY_BUDGET`, is
+    // sent once).
     let mut last: Option<String> = None;
     loop {
         let Some(mut request) = make() else {
-            let what = last.unwrap_or_else(|| "the request could not be built".into());
+            let what = match last {
+                Some(failure) => format!(
+                    "{failure}; not sent again: its body had streamed past what is kept for a retry"
+                ),
+                None => "the request could not be built".into(),
+            };
             return Err(upstream_failed(
                 shared,
                 route,

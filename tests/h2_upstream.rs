@@ -390,8 +390,11 @@ async fn a_client_leaving_a_stalled_body_frees_the_upstream_stream() {
 /// head (a connection error for the proxy's h2 client); `/slow` answers after 500 ms;
 /// `/early` answers 413 before the request body and then holds the stream, giving no window
 /// (counting the resets it sees); `/refused` answers 200,
-/// sends part of a body, then resets the stream with REFUSED_STREAM.
+/// sends part of a body, then resets the stream with REFUSED_STREAM; `/refuse-once/…` reads
+/// the request body whole and refuses the stream (REFUSED_STREAM) the first time each path
+/// comes, and answers the body's length after.
 async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop, Arc<AtomicUsize>) {
+    let refused_once = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
     let (cert, key) = ca.leaf("raw-h2-upstream");
     let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -406,6 +409,7 @@ async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop, Arc<AtomicUsize>) {
             };
             let acceptor = acceptor.clone();
             let reset_seen = Arc::clone(&reset_seen);
+            let refused_once = Arc::clone(&refused_once);
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
@@ -416,7 +420,22 @@ async fn raw_h2_upstream(ca: &TestCa) -> (u16, AbortOnDrop, Arc<AtomicUsize>) {
                 while let Some(Ok((request, mut respond))) = connection.accept().await {
                     let path = request.uri().path().to_owned();
                     let reset_seen = Arc::clone(&reset_seen);
+                    let refused_once = Arc::clone(&refused_once);
                     tokio::spawn(async move {
+                        if path.starts_with("/refuse-once/") {
+                            let Ok(body) = read_all(request.into_body()).await else {
+                                return;
+                            };
+                            if refused_once.lock().unwrap().insert(path) {
+                                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                return;
+                            }
+                            let response = http::Response::builder().status(200).body(()).unwrap();
+                            if let Ok(mut out) = respond.send_response(response, false) {
+                                let _ = out.send_data(Bytes::from(body.len().to_string()), true);
+                            }
+                            return;
+                        }
                         if path == "/early" {
                             // 413 at once; the body is read but its window never given back,
                             // and the stream neither reset nor closed by this side.
@@ -516,6 +535,40 @@ async fn an_h2_client_gets_no_body_after_204_and_no_upstream_reset_code() {
     let e = read_all(response.into_body()).await.unwrap_err();
     assert_eq!(e.reason(), Some(h2::Reason::INTERNAL_ERROR), "{e}");
 }
+
+/// On every transport, an upload an h2 upstream refused (REFUSED_STREAM, after reading it) is
+/// sent again whole from what the proxy kept of it; one that had sent more than the proxy
+/// keeps (256 KiB) is a 502 that says why it was not sent again.
+async fn a_refused_upload_is_sent_again_from_what_was_kept(on: On) {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (port, _guard, _) = raw_h2_upstream(&ca).await;
+    let proxy = on.proxy(&https_route(&tokens, port, &ca)).await;
+    proxy.ready().await;
+    let client = on.client();
+    let r = client.get(on.url(&proxy, "/first")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let kept = pattern(200_000);
+    let r = client
+        .post(on.url(&proxy, "/refuse-once/a"))
+        .body(kept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "200000");
+    let r = client
+        .post(on.url(&proxy, "/refuse-once/b"))
+        .body(pattern(400_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("not sent again"), "{text}");
+}
+
+on_every_transport!(a_refused_upload_is_sent_again_from_what_was_kept);
 
 async fn read_all(mut body: h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
     let mut all = Vec::new();

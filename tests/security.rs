@@ -434,6 +434,7 @@ async fn malformed_and_escaping_requests_are_refused_before_routing() {
         // Framing no one can trust (RFC 9112 §6.3).
         (b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\nx".to_vec(), "400", "bad_request"),
         (b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\nx".to_vec(), "400", "bad_request"),
+        (b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1,1\r\n\r\nx".to_vec(), "400", "bad_request"),
         (b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx".to_vec(), "400", "bad_request"),
     ];
     for (request, status, code) in cases {

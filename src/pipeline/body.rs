@@ -97,7 +97,41 @@ pub const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// again when its upstream did not process it (an h2 GOAWAY or REFUSED_STREAM, an HTTP/1.1
 /// connection found closed before the request was written) or lost it before answering an
 /// idempotent request (`pipeline::send`).
-pub const RETRY_LIMIT: usize = 1024 * 1024;
+/// As much as an h2 client stream's window (256 KiB), so the proxy never holds more of an
+/// upload for a retry than it lets the client have waiting.
+pub const RETRY_LIMIT: usize = 256 * 1024;
+/// What all streamed bodies together keep for retries, at most: a body that would go over
+/// keeps nothing more and is sent once (a red-team run held ~128 MiB per h2 connection of
+/// unanswered uploads when the limit was 1 MiB and unshared).
+pub const RETRY_BUDGET: usize = 64 * 1024 * 1024;
+static RETAINED: Budget = Budget::new(RETRY_BUDGET);
+
+/// Bytes kept for retries, shared by the bodies that keep them.
+pub(crate) struct Budget {
+    used: std::sync::atomic::AtomicUsize,
+    cap: usize,
+}
+
+impl Budget {
+    pub(crate) const fn new(cap: usize) -> Budget {
+        Budget {
+            used: std::sync::atomic::AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    fn take(&self, n: usize) -> bool {
+        if self.used.fetch_add(n, Ordering::Relaxed) + n > self.cap {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
 
 /// A streamed request body that keeps what it has given, up to `RETRY_LIMIT`, until the
 /// answer's head is in (`settle`): `again` then makes a body that gives the kept bytes once
@@ -129,6 +163,7 @@ struct Kept {
     trailers: Option<http::HeaderMap>,
     ended: bool,
     rest: ProxyBody,
+    budget: &'static Budget,
 }
 
 /// A retry found the body still held by the attempt before it.
@@ -139,6 +174,10 @@ struct StillHeld;
 impl Retained {
     /// The handle that makes the attempts' bodies (`again`) of `body`.
     pub(crate) fn new(body: ProxyBody) -> Retained {
+        Retained::within(body, &RETAINED)
+    }
+
+    fn within(body: ProxyBody, budget: &'static Budget) -> Retained {
         let hint = body.size_hint();
         let kept = Kept {
             chunks: Vec::new(),
@@ -147,6 +186,7 @@ impl Retained {
             trailers: None,
             ended: false,
             rest: body,
+            budget,
         };
         Retained {
             state: None,
@@ -191,10 +231,34 @@ impl Retained {
 }
 
 impl Kept {
+    /// Keeps `data` for another attempt, within `RETRY_LIMIT` and `RETRY_BUDGET`; past
+    /// either, the body cannot be sent again.
+    fn keep(&mut self, data: &Bytes) {
+        let n = data.len();
+        if self.spent || n == 0 {
+            return;
+        }
+        if self.kept + n > RETRY_LIMIT {
+            return self.spend();
+        }
+        if !self.budget.take(n) {
+            return self.spend();
+        }
+        self.kept += n;
+        self.chunks.push(data.clone());
+    }
+
     fn spend(&mut self) {
         self.spent = true;
+        self.budget.give_back(self.kept);
         self.chunks = Vec::new();
         self.kept = 0;
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.budget.give_back(self.kept);
     }
 }
 
@@ -242,14 +306,7 @@ impl http_body::Body for Retained {
             kept.ended = true;
             kept.trailers = Some(trailers.clone());
         } else if let Some(data) = frame.data_ref() {
-            if !kept.spent {
-                kept.kept += data.len();
-                if kept.kept > RETRY_LIMIT {
-                    kept.spend();
-                } else {
-                    kept.chunks.push(data.clone());
-                }
-            }
+            kept.keep(data);
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -347,6 +404,20 @@ mod tests {
             retained.again(false).is_none(),
             "more than RETRY_LIMIT went"
         );
+
+        // All bodies together keep at most their budget; what one gives back, another can
+        // keep.
+        static BUDGET: Budget = Budget::new(5);
+        let full = Retained::within(streamed(&[b"abc", b"d"], None), &BUDGET);
+        let other = Retained::within(streamed(&[b"xyz"], None), &BUDGET);
+        read(&mut full.again(true).unwrap(), 10).await;
+        read(&mut other.again(true).unwrap(), 10).await;
+        assert!(full.again(false).is_some());
+        assert!(other.again(false).is_none(), "over the budget");
+        drop(full);
+        let after = Retained::within(streamed(&[b"xyz"], None), &BUDGET);
+        read(&mut after.again(true).unwrap(), 10).await;
+        assert!(after.again(false).is_some(), "the budget was given back");
 
         let retained = Retained::new(streamed(&[b"ab"], None));
         let mut first = retained.again(true).unwrap();

@@ -196,10 +196,11 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
         let value = range(h.value);
         match Known::of(name) {
             Some(Known::ContentLength) => {
-                // Anything but one length, or one length repeated ("5, 5", which hyper
-                // takes), is framing no one can trust (RFC 9112 §6.3): the proxy's 400, and
-                // the connection closes.
-                let Some(n) = crate::http::agreed_length(h.value) else {
+                // Anything but one length (a list, even of one length repeated, as hyper
+                // also refuses) is framing no one can trust (RFC 9112 §6.3): the proxy's
+                // 400, and the connection closes. Two equal fields go to hyper, which takes
+                // them.
+                let Some(n) = body::parse_length(h.value) else {
                     return Parsed::Refused(ProxyError::BadRequest(
                         "the Content-Length field is not valid".into(),
                     ));
@@ -209,10 +210,7 @@ pub(super) fn parse_request(buf: &[u8], spans: &mut Vec<Span>) -> Parsed {
                         "the Content-Length fields disagree".into(),
                     ));
                 }
-                if content_length.is_some() || body::parse_length(h.value).is_none() {
-                    return Parsed::HandOver;
-                }
-                if n > REPLAY_LIMIT as u64 {
+                if content_length.is_some() || n > REPLAY_LIMIT as u64 {
                     return Parsed::HandOver;
                 }
                 content_length = Some(n as usize);
@@ -351,7 +349,6 @@ mod tests {
             "GET /a\"b HTTP/1.1\r\nHost: x\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 1\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
@@ -372,6 +369,10 @@ mod tests {
             ),
             (
                 "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\n".to_owned(),
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1,1\r\n\r\n".to_owned(),
                 400,
             ),
             (
