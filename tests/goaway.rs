@@ -221,6 +221,162 @@ async fn goaway_under_streamed_uploads_is_never_a_502() {
     assert!(requests.load(Ordering::SeqCst) >= 240);
 }
 
+/// An h2 (TLS) upstream that retires each connection after `every` requests as nginx's
+/// `keepalive_requests` does, which hyper's and the h2 crate's servers cannot: on the
+/// `every`th HEADERS it sends GOAWAY(NO_ERROR) naming that stream as the last it processes,
+/// ignores every later stream, answers the ones it took and closes. Raw frames (a test
+/// upstream only; its answers use HPACK's static table, so no decoding is needed). Counts
+/// requests answered and connections.
+async fn retiring_upstream(
+    ca: &TestCa,
+    every: usize,
+) -> (
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    AbortOnDrop,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cert, key) = ca.leaf("h2-upstream");
+    let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (a, c) = (Arc::clone(&answered), Arc::clone(&connections));
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, answered) = (acceptor.clone(), Arc::clone(&a));
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut preface = [0u8; 24];
+                if tls.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                let _ = tls.write_all(&frame(4, 0, 0, &[])).await;
+                let (mut taken, mut last, mut open) = (0, None::<u32>, 0usize);
+                loop {
+                    let mut head = [0u8; 9];
+                    if tls.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let (kind, flags) = (head[3], head[4]);
+                    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    let mut payload = vec![0u8; len];
+                    if tls.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let mut out = Vec::new();
+                    let ends = flags & 0x1 != 0;
+                    match kind {
+                        // SETTINGS and PING are acknowledged.
+                        4 if flags & 0x1 == 0 => out = frame(4, 0x1, 0, &[]),
+                        6 if flags & 0x1 == 0 => out = frame(6, 0x1, 0, &payload),
+                        // A new stream: taken while under `every`, the `every`th with GOAWAY.
+                        1 if last.map_or(true, |l| id <= l) => {
+                            taken += 1;
+                            open += 1;
+                            if taken == every {
+                                last = Some(id);
+                                let mut goaway = id.to_be_bytes().to_vec();
+                                goaway.extend_from_slice(&0u32.to_be_bytes());
+                                out = frame(7, 0, 0, &goaway);
+                            }
+                            if ends {
+                                out.extend(frame(1, 0x4, id, &[0x88]));
+                                out.extend(frame(0, 0x1, id, b"{\"ok\":true}"));
+                                open -= 1;
+                                answered.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        0 if ends && last.map_or(true, |l| id <= l) => {
+                            out.extend(frame(1, 0x4, id, &[0x88]));
+                            out.extend(frame(0, 0x1, id, b"{\"ok\":true}"));
+                            open -= 1;
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                    // The connection window, given back for what came.
+                    if kind == 0 && len > 0 {
+                        out.extend(frame(8, 0, 0, &(len as u32).to_be_bytes()));
+                    }
+                    if !out.is_empty() && tls.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    if last.is_some() && open == 0 {
+                        let _ = tls.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, answered, connections, AbortOnDrop(task))
+}
+
+/// An upstream that ends each connection after 3 requests (nginx's `keepalive_requests 3`)
+/// under 16 clients at once: each new connection is sent many streams and processes 3, so a
+/// request can be turned away more often than the three tries allow for an upstream that
+/// refuses it; a GOAWAY from a connection that answered others does not count against them
+/// (a red-team run against nginx saw 13–25% 502s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_retires_connections_every_few_requests_is_never_a_502() {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (addr, answered, connections, _guard) = retiring_upstream(&ca, 3).await;
+    let on = On::new(support::transport::Transport::H2c);
+    let proxy = on.proxy(&https_route(&tokens, addr.port(), &ca)).await;
+    proxy.ready().await;
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let (client, base) = (on.client(), on.url(&proxy, ""));
+        tasks.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for i in 0..10 {
+                let url = format!("{base}/k{worker}/{i}");
+                let r = client.post(url).body("a body").send().await.unwrap();
+                if r.status() != 200 {
+                    failures.push(format!(
+                        "{} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+            }
+            failures
+        }));
+    }
+    let mut failures = Vec::new();
+    for t in tasks {
+        failures.extend(t.await.unwrap());
+    }
+    let connections = connections.load(Ordering::SeqCst);
+    assert!(
+        failures.is_empty(),
+        "{} of 160 requests failed ({connections} upstream connections): {:?}",
+        failures.len(),
+        &failures[..failures.len().min(2)]
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), 160);
+    assert!(connections >= 160 / 3, "{connections} upstream connections");
+}
+
 /// The same upstream closing connections idle for 30 ms, and clients that pause about that
 /// long between requests: requests race the upstream's GOAWAY and close on pooled
 /// connections, and none fails.

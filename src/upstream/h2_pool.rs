@@ -449,6 +449,11 @@ pub enum Failure {
     /// The upstream said it did not process the stream: GOAWAY above its last stream id, or
     /// REFUSED_STREAM (RFC 9113 §6.8, §8.7). Safe to send again, whatever the method.
     Unprocessed(String),
+    /// The upstream retired the connection gracefully (GOAWAY with NO_ERROR) before it
+    /// processed the stream, as nginx does after `keepalive_requests` and load balancers do
+    /// when they rotate connections: as safe to send again, and no sign the upstream turns
+    /// the request away.
+    Retired(String),
     /// The connection broke under the stream (I/O error, reset socket, a connection error
     /// the proxy's h2 client found) before the answer.
     Lost(String),
@@ -839,6 +844,9 @@ impl Live {
     fn failed_before_sending(&self, e: h2::Error) -> Failure {
         if e.is_io() || e.is_go_away() {
             self.state.gone.store(true, Ordering::Relaxed);
+            if retired(&e) {
+                return Failure::Retired(format!("h2: {e}"));
+            }
             return Failure::Unprocessed(format!("h2: {e}"));
         }
         self.failed(e)
@@ -851,6 +859,9 @@ impl Live {
         if e.is_go_away() || e.is_io() {
             self.state.gone.store(true, Ordering::Relaxed);
         }
+        if retired(&e) {
+            return Failure::Retired(what);
+        }
         if e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) {
             return Failure::Unprocessed(what);
         }
@@ -862,6 +873,11 @@ impl Live {
         }
         Failure::Protocol(what)
     }
+}
+
+/// The upstream's graceful GOAWAY (NO_ERROR): it retires the connection, not the request.
+pub(crate) fn retired(e: &h2::Error) -> bool {
+    e.is_remote() && e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR)
 }
 
 enum Pumped {
