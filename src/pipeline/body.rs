@@ -135,24 +135,33 @@ impl Budget {
 
 /// A streamed request body that keeps what it has given, up to `RETRY_LIMIT`, until the
 /// answer's head is in (`settle`): `again` then makes a body that gives the kept bytes once
-/// more and goes on with the rest. One attempt holds the body at a time; `again` answers
-/// only once the previous attempt has let go of it (an attempt that failed has).
+/// more and goes on with the rest. One attempt holds the body at a time: a retry waits, when
+/// first polled, for the attempt before it to let go of the body (hyper's client can still
+/// hold a failed request's body when it reports the failure).
 pub(crate) struct Retained {
     /// What the attempt that is sending holds (`None` until it is first polled, and for the
     /// handle that makes attempts).
     state: Option<Kept>,
     shared: Arc<RetainedShared>,
-    /// The next kept chunk to give again (`usize::MAX`: none, the first attempt).
+    /// An attempt after the first: it gives the kept bytes again before the rest.
+    retry: bool,
+    /// The next kept chunk to give again (`usize::MAX`: none).
     replay: usize,
     replay_trailers: bool,
 }
 
 struct RetainedShared {
-    /// The body while no attempt holds it.
-    idle: Mutex<Option<Kept>>,
-    /// The answer's head is in: no attempt follows, nothing more is kept.
-    settled: AtomicBool,
+    idle: Mutex<Idle>,
+    /// More than could be kept went, or the answer's head is in (`settle`): no attempt
+    /// follows.
+    spent: AtomicBool,
     hint: http_body::SizeHint,
+}
+
+/// The body while no attempt holds it, and the retry waiting for it.
+struct Idle {
+    kept: Option<Kept>,
+    waiter: Option<std::task::Waker>,
 }
 
 struct Kept {
@@ -166,10 +175,10 @@ struct Kept {
     budget: &'static Budget,
 }
 
-/// A retry found the body still held by the attempt before it.
+/// A retry found that more of the body had gone than was kept.
 #[derive(Debug, thiserror::Error)]
-#[error("the request body is still held by an earlier attempt")]
-struct StillHeld;
+#[error("not sent again: its body had streamed past what is kept for a retry")]
+struct NotKept;
 
 impl Retained {
     /// The handle that makes the attempts' bodies (`again`) of `body`.
@@ -191,31 +200,33 @@ impl Retained {
         Retained {
             state: None,
             shared: Arc::new(RetainedShared {
-                idle: Mutex::new(Some(kept)),
-                settled: AtomicBool::new(false),
+                idle: Mutex::new(Idle {
+                    kept: Some(kept),
+                    waiter: None,
+                }),
+                spent: AtomicBool::new(false),
                 hint,
             }),
+            retry: false,
             replay: usize::MAX,
             replay_trailers: false,
         }
     }
 
     /// The body for the next attempt: the first, or one that gives again all the previous
-    /// attempt gave. `None` when that is no longer possible (more than `RETRY_LIMIT` went,
-    /// the exchange settled, or the previous attempt still holds the body).
+    /// attempts gave. `None` when that is no longer possible (more went than was kept, or
+    /// the exchange settled).
     pub(crate) fn again(&self, first: bool) -> Option<ProxyBody> {
-        let idle = lock(&self.shared.idle);
-        let kept = idle.as_ref()?;
-        if kept.spent {
+        if self.shared.spent.load(Ordering::Relaxed) {
             return None;
         }
-        let replays = !first && (kept.kept > 0 || kept.trailers.is_some());
         Some(
             Retained {
                 state: None,
                 shared: Arc::clone(&self.shared),
-                replay: if replays { 0 } else { usize::MAX },
-                replay_trailers: replays,
+                retry: !first,
+                replay: usize::MAX,
+                replay_trailers: false,
             }
             .boxed(),
         )
@@ -223,8 +234,8 @@ impl Retained {
 
     /// The answer's head is in: nothing more is kept, and what was is let go.
     pub(crate) fn settle(&self) {
-        self.shared.settled.store(true, Ordering::Relaxed);
-        if let Some(kept) = lock(&self.shared.idle).as_mut() {
+        self.shared.spent.store(true, Ordering::Relaxed);
+        if let Some(kept) = lock(&self.shared.idle).kept.as_mut() {
             kept.spend();
         }
     }
@@ -273,10 +284,23 @@ impl http_body::Body for Retained {
         use std::task::Poll;
         let this = &mut *self;
         if this.state.is_none() {
-            this.state = lock(&this.shared.idle).take();
+            let mut idle = lock(&this.shared.idle);
+            let Some(kept) = idle.kept.take() else {
+                // The attempt before still holds it: woken when it lets go.
+                idle.waiter = Some(cx.waker().clone());
+                return Poll::Pending;
+            };
+            if this.retry && kept.spent {
+                idle.kept = Some(kept);
+                return Poll::Ready(Some(Err(Box::new(NotKept))));
+            }
+            if this.retry {
+                (this.replay, this.replay_trailers) = (0, true);
+            }
+            this.state = Some(kept);
         }
         let Some(kept) = this.state.as_mut() else {
-            return Poll::Ready(Some(Err(Box::new(StillHeld))));
+            return Poll::Ready(None);
         };
         if let Some(chunk) = kept.chunks.get(this.replay) {
             this.replay += 1;
@@ -290,7 +314,7 @@ impl http_body::Body for Retained {
             return Poll::Ready(frame);
         }
         this.replay_trailers = false;
-        if this.shared.settled.load(Ordering::Relaxed) && !kept.spent {
+        if this.shared.spent.load(Ordering::Relaxed) && !kept.spent {
             kept.spend();
         }
         let frame = match std::pin::Pin::new(&mut kept.rest).poll_frame(cx) {
@@ -307,6 +331,9 @@ impl http_body::Body for Retained {
             kept.trailers = Some(trailers.clone());
         } else if let Some(data) = frame.data_ref() {
             kept.keep(data);
+            if kept.spent {
+                this.shared.spent.store(true, Ordering::Relaxed);
+            }
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -330,7 +357,13 @@ impl http_body::Body for Retained {
 impl Drop for Retained {
     fn drop(&mut self) {
         if let Some(kept) = self.state.take() {
-            *lock(&self.shared.idle) = Some(kept);
+            let mut idle = lock(&self.shared.idle);
+            idle.kept = Some(kept);
+            let waiter = idle.waiter.take();
+            drop(idle);
+            if let Some(waiter) = waiter {
+                waiter.wake();
+            }
         }
     }
 }
@@ -374,10 +407,10 @@ mod tests {
         let retained = Retained::new(streamed(&[b"ab", b"cd", b"ef"], Some(trailers)));
         let mut first = retained.again(true).unwrap();
         assert_eq!(read(&mut first, 2).await.0, b"abcd");
-        // Held by the first attempt: no second one yet.
-        assert!(retained.again(false).is_none());
-        drop(first);
+        // Held by the first attempt: the second waits for it to let go.
         let mut second = retained.again(false).unwrap();
+        assert!(futures_util::FutureExt::now_or_never(second.frame()).is_none());
+        drop(first);
         let (data, trailers) = read(&mut second, 10).await;
         assert_eq!(data, b"abcdef");
         assert_eq!(trailers.unwrap()["x-sum"], "1");
