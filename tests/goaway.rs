@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -18,6 +19,18 @@ use support::tls::{https_route, TestCa};
 use support::transport::On;
 use support::*;
 use tokio::net::TcpListener;
+
+/// A TLS listener on loopback for a test upstream, with a certificate from `ca` (ALPN h2 and
+/// http/1.1).
+async fn tls_listener(
+    ca: &TestCa,
+) -> (tokio_rustls::TlsAcceptor, TcpListener, std::net::SocketAddr) {
+    let (cert, key) = ca.leaf("h2-upstream");
+    let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (tokio_rustls::TlsAcceptor::from(config), listener, addr)
+}
 
 /// An h2 (TLS, ALPN) upstream that, after `every` requests on a connection, or when a
 /// connection has been idle for `idle`, shuts that connection down gracefully (GOAWAY with
@@ -32,13 +45,8 @@ async fn goaway_upstream(
     Arc<AtomicUsize>,
     AbortOnDrop,
 ) {
-    let (cert, key) = ca.leaf("h2-upstream");
-    let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let connections = Arc::new(AtomicUsize::new(0));
+    let (acceptor, listener, addr) = tls_listener(ca).await;
+    let (requests, connections) = (Arc::<AtomicUsize>::default(), Arc::<AtomicUsize>::default());
     let (r, c) = (Arc::clone(&requests), Arc::clone(&connections));
     let task = tokio::spawn(async move {
         loop {
@@ -103,37 +111,40 @@ async fn goaway_upstream(
     (addr, requests, connections, AbortOnDrop(task))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn goaway_from_an_h2_upstream_is_never_a_502() {
-    let ca = TestCa::new();
-    let tokens = TokenServer::healthy(3600).await;
-    let (addr, requests, connections, _guard) =
-        goaway_upstream(&ca, 25, Duration::from_secs(60)).await;
-    let on = On::new(support::transport::Transport::FastH1);
-    let proxy = on.proxy(&https_route(&tokens, addr.port(), &ca)).await;
-    proxy.ready().await;
-    // Both inbound paths (the fast path's relay and hyper's), several methods, at once.
+/// `workers` clients at once, the fast path's and h2c's by turns when `mixed` (else `on`'s),
+/// each sending `each` requests that `request` builds from the client, a URL and the
+/// request's number; what failed, as "label: status body".
+async fn failures_under_load<F>(
+    on: &On,
+    proxy: &TestProxy,
+    workers: usize,
+    each: usize,
+    mixed: bool,
+    request: F,
+) -> Vec<String>
+where
+    F: Fn(&reqwest::Client, String, usize) -> (&'static str, reqwest::RequestBuilder)
+        + Send
+        + Sync
+        + 'static,
+{
+    let request = Arc::new(request);
     let mut tasks = Vec::new();
-    for worker in 0..32 {
-        let client = if worker % 2 == 0 {
-            on.client()
-        } else {
+    for worker in 0..workers {
+        let client = if mixed && worker % 2 == 1 {
             On::new(support::transport::Transport::H2c).client()
+        } else {
+            on.client()
         };
-        let base = on.url(&proxy, "");
+        let (base, request) = (on.url(proxy, ""), Arc::clone(&request));
         tasks.push(tokio::spawn(async move {
             let mut failures = Vec::new();
-            for i in 0..40 {
-                let url = format!("{base}/w{worker}/{i}");
-                let (method, request) = match i % 3 {
-                    0 => ("GET", client.get(url)),
-                    1 => ("POST", client.post(url).body("a body")),
-                    _ => ("PATCH", client.patch(url).body("another")),
-                };
-                let r = request.send().await.unwrap();
+            for i in 0..each {
+                let (label, r) = request(&client, format!("{base}/w{worker}/{i}"), i);
+                let r = r.send().await.unwrap();
                 if r.status() != 200 {
                     failures.push(format!(
-                        "{method}: {} {}",
+                        "{label}: {} {}",
                         r.status(),
                         r.text().await.unwrap_or_default()
                     ));
@@ -146,13 +157,38 @@ async fn goaway_from_an_h2_upstream_is_never_a_502() {
     for t in tasks {
         failures.extend(t.await.unwrap());
     }
-    let connections = connections.load(Ordering::SeqCst);
+    failures
+}
+
+/// No request of `total` failed (`failures_under_load`), with the upstream's connection count
+/// to tell what happened.
+fn assert_none_failed(failures: &[String], total: usize, connections: usize) {
     assert!(
         failures.is_empty(),
-        "{} of 1280 requests failed ({connections} upstream connections): {:?}",
+        "{} of {total} requests failed ({connections} upstream connections): {:?}",
         failures.len(),
         &failures[..failures.len().min(3)]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_from_an_h2_upstream_is_never_a_502() {
+    let ca = TestCa::new();
+    let tokens = TokenServer::healthy(3600).await;
+    let (addr, requests, connections, _guard) =
+        goaway_upstream(&ca, 25, Duration::from_secs(60)).await;
+    let on = On::new(support::transport::Transport::FastH1);
+    let proxy = on.proxy(&https_route(&tokens, addr.port(), &ca)).await;
+    proxy.ready().await;
+    // Both inbound paths (the fast path's relay and hyper's), several methods, at once.
+    let failures = failures_under_load(&on, &proxy, 32, 40, true, |client, url, i| match i % 3 {
+        0 => ("GET", client.get(url)),
+        1 => ("POST", client.post(url).body("a body")),
+        _ => ("PATCH", client.patch(url).body("another")),
+    })
+    .await;
+    let connections = connections.load(Ordering::SeqCst);
+    assert_none_failed(&failures, 1280, connections);
     assert!(
         connections >= 10,
         "the upstream ended only {connections} connections"
@@ -178,42 +214,13 @@ async fn goaway_under_streamed_uploads_is_never_a_502() {
     let on = On::new(support::transport::Transport::FastH1);
     let proxy = on.proxy(&https_route(&tokens, addr.port(), &ca)).await;
     proxy.ready().await;
-    let body = vec![b'u'; 200_000];
-    let mut tasks = Vec::new();
-    for worker in 0..16 {
-        let client = if worker % 2 == 0 {
-            on.client()
-        } else {
-            On::new(support::transport::Transport::H2c).client()
-        };
-        let (base, body) = (on.url(&proxy, ""), body.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            for i in 0..15 {
-                let url = format!("{base}/up{worker}/{i}");
-                let r = client.post(url).body(body.clone()).send().await.unwrap();
-                if r.status() != 200 {
-                    failures.push(format!(
-                        "{} {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    ));
-                }
-            }
-            failures
-        }));
-    }
-    let mut failures = Vec::new();
-    for t in tasks {
-        failures.extend(t.await.unwrap());
-    }
+    let body = Bytes::from(vec![b'u'; 200_000]);
+    let failures = failures_under_load(&on, &proxy, 16, 15, true, move |client, url, _| {
+        ("POST", client.post(url).body(body.clone()))
+    })
+    .await;
     let connections = connections.load(Ordering::SeqCst);
-    assert!(
-        failures.is_empty(),
-        "{} of 240 uploads failed ({connections} upstream connections): {:?}",
-        failures.len(),
-        &failures[..failures.len().min(3)]
-    );
+    assert_none_failed(&failures, 240, connections);
     assert!(
         connections >= 10,
         "the upstream ended only {connections} connections"
@@ -237,13 +244,8 @@ async fn retiring_upstream(
     AbortOnDrop,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (cert, key) = ca.leaf("h2-upstream");
-    let config = egain_proxy::tls::server_config(cert.as_ref(), key.as_ref()).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let answered = Arc::new(AtomicUsize::new(0));
-    let connections = Arc::new(AtomicUsize::new(0));
+    let (acceptor, listener, addr) = tls_listener(ca).await;
+    let (answered, connections) = (Arc::<AtomicUsize>::default(), Arc::<AtomicUsize>::default());
     let (a, c) = (Arc::clone(&answered), Arc::clone(&connections));
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
@@ -343,36 +345,12 @@ async fn an_upstream_that_retires_connections_every_few_requests_is_never_a_502(
     let on = On::new(support::transport::Transport::H2c);
     let proxy = on.proxy(&https_route(&tokens, addr.port(), &ca)).await;
     proxy.ready().await;
-    let mut tasks = Vec::new();
-    for worker in 0..16 {
-        let (client, base) = (on.client(), on.url(&proxy, ""));
-        tasks.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            for i in 0..10 {
-                let url = format!("{base}/k{worker}/{i}");
-                let r = client.post(url).body("a body").send().await.unwrap();
-                if r.status() != 200 {
-                    failures.push(format!(
-                        "{} {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    ));
-                }
-            }
-            failures
-        }));
-    }
-    let mut failures = Vec::new();
-    for t in tasks {
-        failures.extend(t.await.unwrap());
-    }
+    let failures = failures_under_load(&on, &proxy, 16, 10, false, |client, url, _| {
+        ("POST", client.post(url).body("a body"))
+    })
+    .await;
     let connections = connections.load(Ordering::SeqCst);
-    assert!(
-        failures.is_empty(),
-        "{} of 160 requests failed ({connections} upstream connections): {:?}",
-        failures.len(),
-        &failures[..failures.len().min(2)]
-    );
+    assert_none_failed(&failures, 160, connections);
     assert_eq!(answered.load(Ordering::SeqCst), 160);
     assert!(connections >= 160 / 3, "{connections} upstream connections");
 }
@@ -416,12 +394,7 @@ async fn an_h2_upstream_closing_idle_connections_is_never_a_502() {
         failures.extend(t.await.unwrap());
     }
     let connections = connections.load(Ordering::SeqCst);
-    assert!(
-        failures.is_empty(),
-        "{} of 200 requests failed ({connections} upstream connections): {:?}",
-        failures.len(),
-        &failures[..failures.len().min(3)]
-    );
+    assert_none_failed(&failures, 200, connections);
     assert!(
         connections >= 3,
         "the upstream closed only {} idle connections",
