@@ -1,6 +1,7 @@
 //! Request bodies on their way upstream (the rules, whatever carried them): a body must keep
-//! arriving (`stall`), the proxy frames what it forwards, and bodies small enough are kept
-//! for a replay after a 401.
+//! arriving (`stall`), the proxy frames what it forwards, bodies small enough are kept for a
+//! replay after a 401, larger ones keep what they sent for a retry (`Retained`), and what the
+//! proxy answers before reading is drained within limits (`DRAIN_*`, by the transports).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,9 +97,8 @@ pub const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// How much of a streamed request body is kept while it is sent, so the request can go
 /// again when its upstream did not process it (an h2 GOAWAY or REFUSED_STREAM, an HTTP/1.1
 /// connection found closed before the request was written) or lost it before answering an
-/// idempotent request (`pipeline::send`).
-/// As much as an h2 client stream's window (256 KiB), so the proxy never holds more of an
-/// upload for a retry than it lets the client have waiting.
+/// idempotent request (`pipeline::send`): as much as an h2 client stream's window, so the
+/// proxy never holds more of an upload for a retry than it lets the client have waiting.
 pub const RETRY_LIMIT: usize = 256 * 1024;
 /// What all streamed bodies together keep for retries, at most: a body that would go over
 /// keeps nothing more and is sent once (a red-team run held ~128 MiB per h2 connection of
