@@ -234,9 +234,9 @@ impl Metrics {
         }
     }
 
-    /// With `[token_cache]`: every error series at 0, so the first failure shows as an increase.
-    /// The shared cache's series at 0: its errors by operation, and per profile its hits (a
-    /// replica that never takes a token from Redis shows 0, not nothing).
+    /// With `[token_cache]`: the shared cache's series at 0, so the first failure shows as an
+    /// increase: its errors by operation, and per profile its hits (a replica that never takes
+    /// a token from Redis shows 0, not nothing).
     pub fn prepare_token_cache<'a>(&self, profiles: impl Iterator<Item = &'a str>) {
         for op in TOKEN_CACHE_OPS {
             let _ = self.token_cache_errors.get_or_create(&OpLabels { op });

@@ -286,9 +286,10 @@ impl Failed {
             return Failed::Connect(finish::connect_cause(e));
         }
         let what = crate::error::chain(e);
-        if h2_cause(e).is_some_and(crate::upstream::h2_pool::retired) {
+        let h2 = h2_cause(e);
+        if h2.is_some_and(crate::upstream::h2_pool::retired) {
             Failed::Retired(what)
-        } else if unprocessed(e) {
+        } else if h2.is_some_and(crate::upstream::h2_pool::unprocessed) {
             Failed::Unprocessed(what)
         } else if closed_before_answer(e) || h2_connection_lost(e) {
             Failed::Lost(what)
@@ -296,14 +297,6 @@ impl Failed {
             Failed::Other(what)
         }
     }
-}
-
-/// Whether an h2 upstream told us it did not process the request: a GOAWAY whose last
-/// stream id is below the stream, or a REFUSED_STREAM reset (RFC 9113 §6.8, §8.7).
-fn unprocessed(e: &hyper_util::client::legacy::Error) -> bool {
-    h2_cause(e).is_some_and(|h2| {
-        h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
-    })
 }
 
 /// The h2 error under one of hyper's client, if any.

@@ -25,8 +25,6 @@ pin_project_lite::pin_project! {
         #[pin]
         sleep: Sleep,
         idle: Duration,
-        // Kept while the body is read (`holding`).
-        held: Option<super::UnderWay>,
     }
 }
 
@@ -36,14 +34,7 @@ impl<B> StallGuard<B> {
             inner,
             sleep: tokio::time::sleep(idle),
             idle,
-            held: None,
         }
-    }
-
-    /// Keeps `held` until the body is dropped: the connection counts the upload as under way.
-    pub fn holding(mut self, held: Option<super::UnderWay>) -> Self {
-        self.held = held;
-        self
     }
 }
 

@@ -153,7 +153,7 @@ async fn forward(
     let upload = req.extensions_mut().remove::<pipeline::UnderWay>();
     let drain = !req.headers().contains_key(http::header::EXPECT);
     let idle = stall.min(body::DRAIN_IDLE);
-    let mut req = req.map(|body| Unread::new(body, drain, idle, upload.clone()));
+    let mut req = req.map(|body| Unread::new(body, drain, idle, upload));
     let mut hosts = req.headers().get_all(HOST).iter();
     let key_header = generation.access.as_ref().map(|a| a.header());
     let facts = HeadFacts {
@@ -217,9 +217,7 @@ async fn forward(
         };
         return pipeline::upgrade::forward(shared, &admitted, request, token, log).await;
     }
-    let incoming = pipeline::stall::StallGuard::new(incoming, stall)
-        .holding(upload)
-        .boxed();
+    let incoming = pipeline::stall::StallGuard::new(incoming, stall).boxed();
     let mut head = plan.encode_headers(&parts.headers, client_host.as_ref(), None);
     body::frame(&mut head, &parts.method, &incoming);
 
@@ -308,6 +306,8 @@ struct Unread {
     drain: bool,
     ended: bool,
     idle: std::time::Duration,
+    /// Kept while the body is read, drained included: the connection counts the upload as
+    /// under way, so it is not taken for idle.
     held: Option<pipeline::UnderWay>,
 }
 

@@ -862,7 +862,7 @@ impl Live {
         if retired(&e) {
             return Failure::Retired(what);
         }
-        if e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) {
+        if unprocessed(&e) {
             return Failure::Unprocessed(what);
         }
         // The connection broke, or the proxy's h2 client ended it on an error it found (a
@@ -878,6 +878,12 @@ impl Live {
 /// The upstream's graceful GOAWAY (NO_ERROR): it retires the connection, not the request.
 pub(crate) fn retired(e: &h2::Error) -> bool {
     e.is_remote() && e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR)
+}
+
+/// The upstream said it did not process the stream: a GOAWAY whose last stream id is below
+/// it, or a REFUSED_STREAM reset (RFC 9113 §6.8, §8.7).
+pub(crate) fn unprocessed(e: &h2::Error) -> bool {
+    e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 enum Pumped {
