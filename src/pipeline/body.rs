@@ -167,8 +167,6 @@ struct Idle {
 struct Kept {
     chunks: Vec<Bytes>,
     kept: usize,
-    /// More than `RETRY_LIMIT` went, or the exchange settled: it cannot be sent again.
-    spent: bool,
     trailers: Option<http::HeaderMap>,
     ended: bool,
     rest: ProxyBody,
@@ -191,7 +189,6 @@ impl Retained {
         let kept = Kept {
             chunks: Vec::new(),
             kept: 0,
-            spent: false,
             trailers: None,
             ended: false,
             rest: body,
@@ -236,31 +233,29 @@ impl Retained {
     pub(crate) fn settle(&self) {
         self.shared.spent.store(true, Ordering::Relaxed);
         if let Some(kept) = lock(&self.shared.idle).kept.as_mut() {
-            kept.spend();
+            kept.release();
         }
     }
 }
 
 impl Kept {
-    /// Keeps `data` for another attempt, within `RETRY_LIMIT` and `RETRY_BUDGET`; past
-    /// either, the body cannot be sent again.
-    fn keep(&mut self, data: &Bytes) {
+    /// Keeps `data` for another attempt, within `RETRY_LIMIT` and `RETRY_BUDGET`; `false`
+    /// past either (the body cannot be sent again).
+    fn keep(&mut self, data: &Bytes) -> bool {
         let n = data.len();
-        if self.spent || n == 0 {
-            return;
+        if n == 0 {
+            return true;
         }
-        if self.kept + n > RETRY_LIMIT {
-            return self.spend();
-        }
-        if !self.budget.take(n) {
-            return self.spend();
+        if self.kept + n > RETRY_LIMIT || !self.budget.take(n) {
+            return false;
         }
         self.kept += n;
         self.chunks.push(data.clone());
+        true
     }
 
-    fn spend(&mut self) {
-        self.spent = true;
+    /// Lets go of what was kept.
+    fn release(&mut self) {
         self.budget.give_back(self.kept);
         self.chunks = Vec::new();
         self.kept = 0;
@@ -290,7 +285,7 @@ impl http_body::Body for Retained {
                 idle.waiter = Some(cx.waker().clone());
                 return Poll::Pending;
             };
-            if this.retry && kept.spent {
+            if this.retry && this.shared.spent.load(Ordering::Relaxed) {
                 idle.kept = Some(kept);
                 return Poll::Ready(Some(Err(Box::new(NotKept))));
             }
@@ -314,8 +309,10 @@ impl http_body::Body for Retained {
             return Poll::Ready(frame);
         }
         this.replay_trailers = false;
-        if this.shared.spent.load(Ordering::Relaxed) && !kept.spent {
-            kept.spend();
+        // Spent (more went than could be kept, or the answer's head is in): nothing is kept.
+        let spent = this.shared.spent.load(Ordering::Relaxed);
+        if spent && !kept.chunks.is_empty() {
+            kept.release();
         }
         let frame = match std::pin::Pin::new(&mut kept.rest).poll_frame(cx) {
             Poll::Pending => return Poll::Pending,
@@ -330,9 +327,9 @@ impl http_body::Body for Retained {
             kept.ended = true;
             kept.trailers = Some(trailers.clone());
         } else if let Some(data) = frame.data_ref() {
-            kept.keep(data);
-            if kept.spent {
+            if !spent && !kept.keep(data) {
                 this.shared.spent.store(true, Ordering::Relaxed);
+                kept.release();
             }
         }
         Poll::Ready(Some(Ok(frame)))
